@@ -2,5 +2,25 @@
 
 A small, modern, importable implementation that loads the released SeMask FPN checkpoints and reproduces
 their outputs, with datasets, metrics, inference and visualisation around it.
+
+    import semask
+    model = semask.create_model("semask_tiny_fpn", num_classes=150)
+    model = semask.load_checkpoint("semask_tiny_fpn_ade20k.pth")
 """
+from semask.checkpoint import load_checkpoint, load_pretrained_backbone, save_checkpoint
+from semask.models import ModelConfig, create_model, list_models
+from semask.segmentor import SegmentationOutput, SeMaskFPN
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "ModelConfig",
+    "SeMaskFPN",
+    "SegmentationOutput",
+    "create_model",
+    "list_models",
+    "load_checkpoint",
+    "load_pretrained_backbone",
+    "save_checkpoint",
+    "__version__",
+]

@@ -1,0 +1,100 @@
+"""SeMask FPN segmentor: wires the SeMask Swin backbone to the Semantic-FPN decoder (arXiv 2112.12782).
+
+Wiring only: the parts live in `semask.swin`, `semask.semantic` and `semask.decoder`; the loss in
+`semask.losses`; building by name in `semask.models`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from semask.decoder import SemanticFPNHead
+from semask.semantic import SemanticAttentionMap
+from semask.swin import SeMaskSwin
+
+__all__ = ["SegmentationOutput", "SeMaskFPN", "check_input"]
+
+
+@dataclass
+class SegmentationOutput:
+    """What the segmentor returns.
+
+    Attributes:
+        logits: (B, K, H, W) class scores at the input size.
+        prior_logits: (B, K, H/4, W/4) the decoder's summed semantic prior before any upsampling (None for the
+            plain-Swin baseline).
+        decoder_logits: (B, K, H/4, W/4) the decoder's class scores before upsampling.
+        stage_priors: per backbone stage (B, K, H_i, W_i) semantic priors (empty for the baseline).
+        attentions: per stage semantic attention weights, when requested with `return_attention=True`.
+    """
+
+    logits: torch.Tensor
+    prior_logits: Optional[torch.Tensor]
+    decoder_logits: torch.Tensor
+    stage_priors: list[torch.Tensor] = field(default_factory=list)
+    attentions: list[SemanticAttentionMap] = field(default_factory=list)
+
+
+def check_input(x: torch.Tensor, in_chans: int = 3) -> None:
+    """Fail early, with a message that says what to do, on inputs the model cannot take."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor of shape (B, {in_chans}, H, W), got {type(x).__name__}")
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"expected a normalised image batch of shape (B, {in_chans}, H, W), got {tuple(x.shape)}"
+                         + (" (add a batch dimension with x[None])" if x.ndim == 3 else ""))
+    if not x.is_floating_point():
+        raise ValueError(f"expected a floating-point batch (normalised with the ImageNet mean/std), got {x.dtype}; "
+                         "use semask.inference.preprocess() to prepare uint8 images")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"expected a non-empty image, got spatial size {tuple(x.shape[2:])}")
+
+
+class SeMaskFPN(nn.Module):
+    """SeMask Swin backbone + Semantic-FPN decoder (or the plain-Swin FPN baseline).
+
+    Args:
+        backbone: a `SeMaskSwin` (with or without semantic layers).
+        decode_head: a `SemanticFPNHead` whose `prior_branch` matches the backbone.
+        name: registry name (kept for checkpoints and reports).
+        class_names, palette: dataset metadata carried by the model (None when unknown).
+    """
+
+    def __init__(self, backbone: SeMaskSwin, decode_head: SemanticFPNHead, name: str = "semask",
+                 class_names: Optional[Sequence[str]] = None,
+                 palette: Optional[Sequence[Sequence[int]]] = None):
+        super().__init__()
+        if decode_head.prior_branch and not backbone.has_semantic_layers:
+            raise ValueError("the decoder's prior branch needs a backbone with semantic layers")
+        self.backbone = backbone
+        self.decode_head = decode_head
+        self.name = name
+        self.config: Optional[object] = None  # the resolved `ModelConfig`, set by `semask.models.create_model`
+        self.class_names = tuple(class_names) if class_names else None
+        self.palette = [list(map(int, c)) for c in palette] if palette else None
+
+    @property
+    def num_classes(self) -> int:
+        return self.decode_head.num_classes
+
+    def set_grad_checkpointing(self, enable: bool = True, stages: Optional[Sequence[int]] = None) -> None:
+        """Recompute the backbone stages in the backward pass (all, or the listed ones) to save memory."""
+        self.backbone.set_grad_checkpointing(enable, stages)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> SegmentationOutput:
+        """Args:
+            x: (B, 3, H, W) images normalised with the ImageNet mean/std; any H and W.
+            return_attention: also return every semantic layer's attention weights (for visualisation).
+
+        Returns:
+            `SegmentationOutput`; `.logits` is (B, K, H, W), `.prior_logits` (B, K, ceil(H/4), ceil(W/4)).
+        """
+        check_input(x)
+        feats = self.backbone(x, return_attention=return_attention)
+        decoder_logits, prior = self.decode_head(feats.features, feats.priors)
+        logits = F.interpolate(decoder_logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return SegmentationOutput(logits=logits, prior_logits=prior, decoder_logits=decoder_logits,
+                                  stage_priors=feats.priors, attentions=feats.attentions)
