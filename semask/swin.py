@@ -213,8 +213,8 @@ class PatchMerging(nn.Module):
 
     def __init__(self, dim: int, norm_layer: type[nn.Module] = nn.LayerNorm):
         super().__init__()
-        self.norm = norm_layer(4 * dim)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = norm_layer(4 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)."""
@@ -348,7 +348,7 @@ class SeMaskSwin(nn.Module):
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm_layer)
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
             first = sum(depths[:i])

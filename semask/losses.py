@@ -1,0 +1,122 @@
+"""Training loss of SeMask FPN (arXiv 2112.12782, Sec. 3.3).
+
+    loss = CE(decoder logits, labels) + 0.4 * CE(summed semantic prior, labels)
+
+Both maps are resized bilinearly from 1/4 resolution to the label size; label 255 is ignored. As in the
+reference, each per-pixel loss is averaged over ALL label pixels, ignored ones included (they contribute 0).
+Optionally, OHEM (online hard example mining) keeps only the hardest pixels of the decoder loss: the
+`min_kept` x batch-size valid pixels with the highest loss get weight 1, the others 0 (no threshold), as in
+mmsegmentation's `OHEMPixelSampler` used by the released base/large ADE20K and all COCO-Stuff recipes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from semask.segmentor import SegmentationOutput
+
+__all__ = ["LossOutput", "SeMaskLoss", "semask_loss", "ohem_weights"]
+
+
+@dataclass
+class LossOutput:
+    """Scalar losses: `total` (to back-propagate), and its parts `decode` and `prior` (already weighted)."""
+
+    total: torch.Tensor
+    decode: torch.Tensor
+    prior: Optional[torch.Tensor]
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain floats for logging."""
+        out = {"loss": self.total.item(), "loss_decode": self.decode.item()}
+        if self.prior is not None:
+            out["loss_prior"] = self.prior.item()
+        return out
+
+
+def _check_labels(labels: torch.Tensor, logits: torch.Tensor, ignore_index: int) -> None:
+    if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels must be (B, H, W) with B={logits.shape[0]}, got {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    num_classes = logits.shape[1]
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        values = torch.unique(labels[bad])[:10].tolist()
+        raise ValueError(f"labels hold values {values} outside 0..{num_classes - 1} (and not the ignore "
+                         f"index {ignore_index}); check the dataset's label mapping (reduce_zero_label?)")
+
+
+def _resize(x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    if x.shape[-2:] == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def ohem_weights(pixel_loss: torch.Tensor, labels: torch.Tensor, min_kept: int, ignore_index: int = 255
+                 ) -> torch.Tensor:
+    """OHEM pixel weights without a threshold.
+
+    Args:
+        pixel_loss: (B, H, W) per-pixel decoder loss.
+        labels: (B, H, W) labels.
+        min_kept: pixels kept per image; the batch keeps its `min_kept * B` hardest valid pixels.
+        ignore_index: label of ignored pixels (always weight 0).
+
+    Returns:
+        (B, H, W) float weights in {0, 1}.
+    """
+    valid = (labels != ignore_index).flatten()
+    weights = torch.zeros_like(pixel_loss).flatten()
+    valid_loss = pixel_loss.flatten()[valid]
+    keep = min(min_kept * labels.shape[0], valid_loss.numel())
+    valid_weights = torch.zeros_like(valid_loss)
+    valid_weights[torch.topk(valid_loss, keep, sorted=False).indices] = 1.0
+    weights[valid] = valid_weights
+    return weights.view_as(pixel_loss)
+
+
+def semask_loss(output: SegmentationOutput, labels: torch.Tensor, prior_weight: float = 0.4,
+                ignore_index: int = 255, ohem_min_kept: Optional[int] = None) -> LossOutput:
+    """The SeMask FPN training loss.
+
+    Args:
+        output: the model's output (its 1/4-resolution `decoder_logits` and `prior_logits` are used).
+        labels: (B, H, W) integer labels, `ignore_index` for unlabelled pixels.
+        prior_weight: weight of the semantic-prior loss (0.4 in every recipe).
+        ignore_index: ignored label.
+        ohem_min_kept: enable OHEM on the decoder loss with this many pixels per image (100000 in the recipes).
+
+    Returns:
+        `LossOutput` with `total = decode + prior`.
+    """
+    logits = output.decoder_logits
+    _check_labels(labels, logits, ignore_index)
+    labels = labels.long()
+    size = labels.shape[-2:]
+    decode = F.cross_entropy(_resize(logits, size).float(), labels, ignore_index=ignore_index, reduction="none")
+    if ohem_min_kept is not None:
+        decode = decode * ohem_weights(decode.detach(), labels, ohem_min_kept, ignore_index)
+    decode = decode.mean()
+    prior = None
+    if output.prior_logits is not None and prior_weight > 0:
+        prior = F.cross_entropy(_resize(output.prior_logits, size).float(), labels, ignore_index=ignore_index,
+                                reduction="none").mean() * prior_weight
+    total = decode + prior if prior is not None else decode
+    return LossOutput(total=total, decode=decode, prior=prior)
+
+
+class SeMaskLoss(nn.Module):
+    """`semask_loss` as a module with its settings fixed (see there for the arguments)."""
+
+    def __init__(self, prior_weight: float = 0.4, ignore_index: int = 255, ohem_min_kept: Optional[int] = None):
+        super().__init__()
+        self.prior_weight, self.ignore_index, self.ohem_min_kept = prior_weight, ignore_index, ohem_min_kept
+
+    def forward(self, output: SegmentationOutput, labels: torch.Tensor) -> LossOutput:
+        return semask_loss(output, labels, self.prior_weight, self.ignore_index, self.ohem_min_kept)
