@@ -1,0 +1,220 @@
+"""Converters from datasets as downloaded to the layouts semask reads (SeMask, arXiv 2112.12782, SPEC §5).
+
+- Cityscapes: ``gtFine/**/*_gtFine_labelIds.png`` -> ``*_gtFine_labelTrainIds.png`` beside them (the official
+  19 train ids, 255 elsewhere).
+- COCO-Stuff 10k: ``images/*.jpg``, ``annotations/*.mat`` (array ``S``, ids 0..182, 0 = unlabelled) and
+  ``imageLists/{train,test}.txt`` -> ``images/{train2014,test2014}/<name>.jpg`` and
+  ``annotations/{train2014,test2014}/<name>_labelTrainIds.png`` with the 171 classes numbered 1..171
+  (0 = unlabelled, so ``reduce_zero_label`` gives 0..170).
+
+Every output is written to a temporary file in the target folder and renamed into place, so an interrupted run
+never leaves a half-written file under the final name. Existing outputs are kept unless ``overwrite``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+from PIL import Image
+
+from semask.data.datasets import DatasetError, _list, read_label
+
+__all__ = [
+    "CITYSCAPES_ID_TO_TRAIN_ID",
+    "COCO_STUFF_UNUSED_THING_IDS",
+    "cityscapes_lut",
+    "coco_stuff10k_lut",
+    "convert_cityscapes",
+    "convert_coco_stuff10k",
+    "CITYSCAPES_DOWNLOAD_LAYOUT",
+    "COCO_STUFF10K_DOWNLOAD_LAYOUT",
+]
+
+# The official Cityscapes label table: labelId -> trainId for the 19 evaluated classes (255 for the rest).
+CITYSCAPES_ID_TO_TRAIN_ID: dict[int, int] = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14,
+    28: 15, 31: 16, 32: 17, 33: 18,
+}
+# COCO thing ids (1..90) that no annotation uses; with them (and 91) removed 171 classes remain.
+COCO_STUFF_UNUSED_THING_IDS: tuple[int, ...] = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
+COCO_STUFF_MAX_ID = 182
+
+CITYSCAPES_DOWNLOAD_LAYOUT = """\
+cityscapes/                         <- root
+|-- leftImg8bit/{train,val,test}/<city>/*_leftImg8bit.png
+`-- gtFine/{train,val,test}/<city>/*_gtFine_labelIds.png   (from gtFine_trainvaltest.zip)"""
+
+COCO_STUFF10K_DOWNLOAD_LAYOUT = """\
+coco_stuff10k/                      <- root (cocostuff-10k-v1.1.zip unpacked)
+|-- images/        COCO_train2014_000000000077.jpg ...
+|-- annotations/   COCO_train2014_000000000077.mat ...   (array S, ids 0..182)
+`-- imageLists/
+    |-- train.txt  9000 names, one per line
+    `-- test.txt   1000 names"""
+
+
+# --------------------------------------------------------------------------------------------- id tables
+def cityscapes_lut() -> np.ndarray:
+    """``(256,)`` uint8 table labelId -> trainId (255 for ids without a train id)."""
+    lut = np.full(256, 255, dtype=np.uint8)
+    for label_id, train_id in CITYSCAPES_ID_TO_TRAIN_ID.items():
+        lut[label_id] = train_id
+    return lut
+
+
+def coco_stuff10k_lut() -> np.ndarray:
+    """``(183,)`` uint8 table COCO-Stuff id -> semask id: 0 stays 0, the 171 used ids become 1..171.
+
+    Thing ids 1..90 minus the unused ones become 1..80 and stuff ids 92..182 become 81..171; the unused thing
+    ids and 91 (never present in valid files) map to 0 = unlabelled.
+    """
+    lut = np.zeros(COCO_STUFF_MAX_ID + 1, dtype=np.uint8)
+    used = [i for i in range(1, 91) if i not in COCO_STUFF_UNUSED_THING_IDS] + list(range(92, COCO_STUFF_MAX_ID + 1))
+    lut[used] = np.arange(1, len(used) + 1)
+    return lut
+
+
+# --------------------------------------------------------------------------------------------- writing
+def _atomic(target: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` on a temporary file beside ``target``, then rename it to ``target``."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp{target.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _save_png(array: np.ndarray, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _atomic(target, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+def _run(jobs: Sequence[Callable[[], bool]], num_workers: int | None) -> int:
+    """Run the jobs (PIL releases the GIL while coding images, so threads scale); returns how many wrote."""
+    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+    if workers <= 1 or len(jobs) <= 1:
+        return sum(job() for job in jobs)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return sum(pool.map(lambda job: job(), jobs))
+
+
+# --------------------------------------------------------------------------------------------- Cityscapes
+def convert_cityscapes(root: str | Path, overwrite: bool = False, num_workers: int | None = None) -> int:
+    """Write ``*_gtFine_labelTrainIds.png`` next to every ``*_gtFine_labelIds.png`` under ``root/gtFine``.
+
+    Args:
+        root: the Cityscapes folder holding ``gtFine/``.
+        overwrite: rewrite train-id files that already exist (otherwise they are kept).
+        num_workers: threads (None: up to 8).
+
+    Returns:
+        The number of label files written.
+    """
+    gt_dir = Path(root) / "gtFine"
+    if not gt_dir.is_dir():
+        raise FileNotFoundError(f"convert_cityscapes: {gt_dir} does not exist. Expected layout:\n"
+                                f"{CITYSCAPES_DOWNLOAD_LAYOUT}")
+    sources = sorted(gt_dir.rglob("*_gtFine_labelIds.png"))
+    if not sources:
+        raise FileNotFoundError(f"convert_cityscapes: no *_gtFine_labelIds.png under {gt_dir}. Expected layout:\n"
+                                f"{CITYSCAPES_DOWNLOAD_LAYOUT}")
+    lut = cityscapes_lut()
+
+    def job(src: Path) -> Callable[[], bool]:
+        def run() -> bool:
+            target = src.with_name(src.name.replace("_gtFine_labelIds.png", "_gtFine_labelTrainIds.png"))
+            if target.exists() and not overwrite:
+                return False
+            label_ids = read_label(src)
+            if label_ids.min() < 0 or label_ids.max() > 255:
+                raise DatasetError(f"convert_cityscapes: {src} holds ids outside 0..255 "
+                                   f"({label_ids.min()}..{label_ids.max()}); expected Cityscapes labelIds")
+            _save_png(lut[label_ids], target)
+            return True
+        return run
+
+    return _run([job(s) for s in sources], num_workers)
+
+
+# --------------------------------------------------------------------------------------------- COCO-Stuff 10k
+def _read_names(list_file: Path) -> list[str]:
+    names = [Path(line.strip()).stem if line.strip().endswith(".jpg") else line.strip()
+             for line in list_file.read_text().splitlines()]
+    return [n for n in names if n]
+
+
+def _load_mat_labels(path: Path) -> np.ndarray:
+    """The ``S`` array of a COCO-Stuff 10k annotation file."""
+    try:
+        mat = scipy.io.loadmat(path)
+    except (ValueError, OSError, NotImplementedError, TypeError) as exc:
+        raise DatasetError(f"COCO-Stuff annotation {path} cannot be read by scipy.io.loadmat: {exc}") from exc
+    if "S" not in mat:
+        keys = sorted(k for k in mat if not k.startswith("__"))
+        raise DatasetError(f"COCO-Stuff annotation {path} has no array 'S' (the label map); found {keys}")
+    labels = np.asarray(mat["S"])
+    if labels.ndim != 2:
+        raise DatasetError(f"COCO-Stuff annotation {path}: 'S' has shape {labels.shape}; expected (H, W)")
+    if labels.size and (labels.min() < 0 or labels.max() > COCO_STUFF_MAX_ID):
+        raise DatasetError(f"COCO-Stuff annotation {path}: ids {labels.min()}..{labels.max()} outside "
+                           f"0..{COCO_STUFF_MAX_ID}")
+    return labels.astype(np.int64)
+
+
+def convert_coco_stuff10k(root: str | Path, overwrite: bool = False, num_workers: int | None = None) -> int:
+    """Arrange COCO-Stuff 10k as downloaded into semask's layout with 171-class train ids.
+
+    Args:
+        root: the unpacked ``cocostuff-10k-v1.1`` folder (``images/``, ``annotations/``, ``imageLists/``).
+        overwrite: rewrite outputs that already exist (otherwise they are kept).
+        num_workers: threads (None: up to 8).
+
+    Returns:
+        The number of label files written (both splits).
+    """
+    root = Path(root)
+    lists = {"train2014": root / "imageLists" / "train.txt", "test2014": root / "imageLists" / "test.txt"}
+    missing = [str(p) for p in (root / "images", root / "annotations", *lists.values()) if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"convert_coco_stuff10k: missing {', '.join(missing)}. Expected layout:\n"
+                                f"{COCO_STUFF10K_DOWNLOAD_LAYOUT}")
+    lut = coco_stuff10k_lut()
+    jobs: list[Callable[[], bool]] = []
+    for folder, list_file in lists.items():
+        names = _read_names(list_file)
+        absent = [f"{n}.jpg" for n in names if not (root / "images" / f"{n}.jpg").is_file()]
+        absent += [f"{n}.mat" for n in names if not (root / "annotations" / f"{n}.mat").is_file()]
+        if absent:
+            raise DatasetError(f"convert_coco_stuff10k: {list_file} names {len(absent)} file(s) missing from "
+                               f"images/ or annotations/: {_list(absent)}")
+        for name in names:
+            jobs.append(_coco_job(root, folder, name, lut, overwrite))
+    return _run(jobs, num_workers)
+
+
+def _coco_job(root: Path, folder: str, name: str, lut: np.ndarray, overwrite: bool) -> Callable[[], bool]:
+    def run() -> bool:
+        src_image, src_mat = root / "images" / f"{name}.jpg", root / "annotations" / f"{name}.mat"
+        dst_image = root / "images" / folder / f"{name}.jpg"
+        dst_label = root / "annotations" / folder / f"{name}_labelTrainIds.png"
+        if overwrite or not dst_image.exists():
+            dst_image.parent.mkdir(parents=True, exist_ok=True)
+            _atomic(dst_image, lambda tmp: shutil.copyfile(src_image, tmp))
+        if dst_label.exists() and not overwrite:
+            return False
+        labels = _load_mat_labels(src_mat)
+        with Image.open(src_image) as img:
+            width, height = img.size
+        if labels.shape != (height, width):
+            raise DatasetError(f"COCO-Stuff annotation {src_mat} is {labels.shape[1]}x{labels.shape[0]} (WxH) but "
+                               f"its image {src_image} is {width}x{height}")
+        _save_png(lut[labels], dst_label)
+        return True
+    return run
