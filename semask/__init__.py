@@ -6,8 +6,11 @@ their outputs, with datasets, metrics, inference and visualisation around it.
     import semask
     model = semask.create_model("semask_tiny_fpn", num_classes=150)
     model = semask.load_checkpoint("semask_tiny_fpn_ade20k.pth")
+    labels = semask.predict(model, "image.jpg", mode="msflip")
 """
 from semask.checkpoint import load_checkpoint, load_pretrained_backbone, save_checkpoint
+from semask.inference import Predictor, predict
+from semask.losses import SeMaskLoss, semask_loss
 from semask.models import ModelConfig, create_model, list_models
 from semask.segmentor import SegmentationOutput, SeMaskFPN
 
@@ -15,12 +18,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ModelConfig",
+    "Predictor",
     "SeMaskFPN",
+    "SeMaskLoss",
     "SegmentationOutput",
     "create_model",
     "list_models",
     "load_checkpoint",
     "load_pretrained_backbone",
+    "predict",
     "save_checkpoint",
+    "semask_loss",
     "__version__",
 ]

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from semask.models import ModelConfig, build_model, released_global_stages
+from semask.models import _SWIN, ModelConfig, build_model, model_config, released_global_stages
 from semask.segmentor import SeMaskFPN
 
 __all__ = [
@@ -102,7 +102,8 @@ def infer_model_config(sd: Mapping[str, torch.Tensor], source: str = "checkpoint
 
     Returns:
         (registry-style name, `ModelConfig`). Whether stages 3-4 use global semantic attention cannot be
-        seen in the weights; it follows the released models' rule (`released_global_stages`).
+        seen in the weights: a registered size keeps its registry entry's choice (for the released sizes,
+        the released models' rule `released_global_stages`), any other size follows that rule.
     """
     need = ["backbone.patch_embed.proj.weight", "decode_head.conv_seg.weight"]
     absent = [k for k in need if k not in sd]
@@ -130,13 +131,16 @@ def infer_model_config(sd: Mapping[str, torch.Tensor], source: str = "checkpoint
     config = ModelConfig(
         embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(heads), window_size=window,
         num_classes=num_classes, backbone_classes=backbone_classes if backbone_classes != num_classes else None,
-        semantic=semantic, num_sem_blocks=sem_blocks, mlp_ratio=mlp_ratio, decoder_channels=channels,
-        semantic_global_stages=released_global_stages(embed_dim, backbone_classes) if semantic else None)
-    from semask.models import _SWIN  # the named sizes, to give the model its registry name
-
+        semantic=semantic, num_sem_blocks=sem_blocks, mlp_ratio=mlp_ratio, decoder_channels=channels)
+    # a registered size keeps that entry's semantic regions (for the released sizes: the released rule)
     size = next((s for s, a in _SWIN.items() if (a["embed_dim"], tuple(a["depths"]), tuple(a["num_heads"]))
-                 == (embed_dim, tuple(depths), tuple(heads))), "custom")
-    return f"{'semask' if semantic else 'swin'}_{size}_fpn", config
+                 == (embed_dim, tuple(depths), tuple(heads))), None)
+    name = f"{'semask' if semantic else 'swin'}_{size or 'custom'}_fpn"
+    if semantic:
+        stages = (model_config(name, num_classes=num_classes, backbone_classes=config.backbone_classes)
+                  .resolved_global_stages() if size else released_global_stages(embed_dim, backbone_classes))
+        config = dataclasses.replace(config, semantic_global_stages=stages)
+    return name, config
 
 
 # ----------------------------------------------------------------------------------------------- loading
