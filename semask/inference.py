@@ -46,11 +46,11 @@ def load_image(image: ImageInput) -> np.ndarray:
             raise FileNotFoundError(f"image {str(path)!r} does not exist")
         try:
             with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"))
+                return np.array(im.convert("RGB"))
         except OSError as exc:
             raise ValueError(f"image {str(path)!r} cannot be read: {exc}") from exc
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))
     if isinstance(image, torch.Tensor):
         if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
             image = image.permute(1, 2, 0)  # H, W, 3

@@ -1,0 +1,89 @@
+"""The SeMask training loss: decoder CE + 0.4 x prior CE, the reference's averaging, OHEM."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from semask.losses import SeMaskLoss, ohem_weights, semask_loss
+from semask.segmentor import SegmentationOutput
+
+
+def _output(k: int = 4, b: int = 2, h: int = 6, w: int = 8, seed: int = 0) -> SegmentationOutput:
+    g = torch.Generator().manual_seed(seed)
+    dec = torch.randn(b, k, h, w, generator=g)
+    prior = torch.randn(b, k, h, w, generator=g)
+    return SegmentationOutput(logits=F.interpolate(dec, scale_factor=4, mode="bilinear"), prior_logits=prior,
+                              decoder_logits=dec)
+
+
+def _labels(b: int = 2, h: int = 24, w: int = 32, k: int = 4, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (b, h, w), generator=g)
+    y[:, :5] = 255
+    return y
+
+
+def _pixel_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    up = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+    logp = up.log_softmax(1)
+    valid = y != 255
+    picked = logp.gather(1, y.clamp(max=logits.shape[1] - 1)[:, None])[:, 0]
+    return torch.where(valid, -picked, torch.zeros_like(picked))
+
+
+def test_decode_plus_weighted_prior_averaged_over_all_pixels() -> None:
+    out, y = _output(), _labels()
+    loss = semask_loss(out, y)
+    decode = _pixel_ce(out.decoder_logits, y).mean()  # ignored pixels count in the denominator
+    prior = _pixel_ce(out.prior_logits, y).mean() * 0.4
+    torch.testing.assert_close(loss.decode, decode)
+    torch.testing.assert_close(loss.prior, prior)
+    torch.testing.assert_close(loss.total, decode + prior)
+    # this is not the "mean over valid pixels" of a plain F.cross_entropy
+    up = F.interpolate(out.decoder_logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+    assert abs(F.cross_entropy(up, y, ignore_index=255).item() - loss.decode.item()) > 1e-3
+    assert set(loss.as_dict()) == {"loss", "loss_decode", "loss_prior"}
+
+
+def test_without_prior_branch_only_the_decoder_loss() -> None:
+    out = _output()
+    out.prior_logits = None
+    loss = semask_loss(out, _labels())
+    assert loss.prior is None and torch.equal(loss.total, loss.decode)
+
+
+def test_ohem_keeps_the_hardest_pixels_of_the_batch() -> None:
+    out, y = _output(), _labels()
+    pix = _pixel_ce(out.decoder_logits, y)
+    kept = 50
+    loss = semask_loss(out, y, ohem_min_kept=kept)
+    valid_losses = pix[y != 255]
+    top = valid_losses.topk(kept * y.shape[0]).values
+    torch.testing.assert_close(loss.decode, top.sum() / y.numel())
+    w = ohem_weights(pix, y, kept)
+    assert w.sum() == kept * 2 and (w[y == 255] == 0).all()
+    # more pixels requested than valid ones: every valid pixel is kept
+    torch.testing.assert_close(semask_loss(out, y, ohem_min_kept=10**6).decode, semask_loss(out, y).decode)
+    # the prior loss is not mined
+    torch.testing.assert_close(loss.prior, semask_loss(out, y).prior)
+
+
+def test_loss_module_and_gradients() -> None:
+    out, y = _output(), _labels()
+    out.decoder_logits.requires_grad_(True)
+    crit = SeMaskLoss(prior_weight=0.4, ohem_min_kept=20)
+    crit(out, y).total.backward()
+    assert out.decoder_logits.grad is not None and out.decoder_logits.grad.abs().sum() > 0
+
+
+def test_bad_labels_are_explained() -> None:
+    out = _output()
+    y = _labels()
+    y[0, 10, 10] = 7
+    with pytest.raises(ValueError, match=r"values \[7\] outside 0..3.*reduce_zero_label"):
+        semask_loss(out, y)
+    with pytest.raises(ValueError, match=r"\(B, H, W\) with B=2"):
+        semask_loss(out, y[0])
+    with pytest.raises(ValueError, match="integer"):
+        semask_loss(out, y.float())
