@@ -110,7 +110,7 @@ def test_memory_does_not_grow_and_counts_stay_exact_beyond_float32():
     for _ in range(50):
         metric.update(torch.zeros(8, 8, dtype=torch.long), torch.zeros(8, 8, dtype=torch.long))
     assert metric.areas.numel() == 12  # four (K,) vectors whatever the number of images
-    assert metric.areas[0, 0].item() == 2**40 + 50 * 64  # exact: float32 or float64 steps would lose this
+    assert metric.areas[0, 0].item() == 2**40 + 50 * 64  # exact (float32 accumulation would have lost it)
     assert metric.areas[3, 0].item() == 2**40 + 50 * 64
 
 
