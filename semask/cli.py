@@ -68,8 +68,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_toy_data(args: argparse.Namespace) -> int:
     from semask.data.toy import make_toy_dataset
 
-    root = make_toy_dataset(args.root, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
-                            size=args.size, overwrite=args.overwrite)
+    try:
+        root = make_toy_dataset(args.root, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
+                                size=args.size, overwrite=args.overwrite)
+    except FileExistsError as exc:  # an existing dataset is kept unless --overwrite: say so, no traceback
+        print(f"semask toy-data: error: {exc}", file=sys.stderr)
+        return 2
     print(f"toy dataset written to {root}")
     return 0
 

@@ -154,7 +154,7 @@ def _load_mat_labels(path: Path) -> np.ndarray:
     """The ``S`` array of a COCO-Stuff 10k annotation file."""
     try:
         mat = scipy.io.loadmat(path)
-    except (ValueError, OSError, NotImplementedError, TypeError) as exc:
+    except (scipy.io.matlab.MatReadError, ValueError, OSError, NotImplementedError, TypeError) as exc:
         raise DatasetError(f"COCO-Stuff annotation {path} cannot be read by scipy.io.loadmat: {exc}") from exc
     if "S" not in mat:
         keys = sorted(k for k in mat if not k.startswith("__"))
