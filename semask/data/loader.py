@@ -33,7 +33,8 @@ def seed_worker(worker_id: int) -> None:
 def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool = True, num_workers: int = 0,
                      seed: int = 0, distributed: bool = False, drop_last: bool | None = None,
                      pin_memory: bool = False, persistent_workers: bool | None = None,
-                     prefetch_factor: int | None = None) -> DataLoader:
+                     prefetch_factor: int | None = None, rank: int | None = None,
+                     world_size: int | None = None) -> DataLoader:
     """A DataLoader with seeded shuffling and workers, and a DistributedSampler when ``distributed``.
 
     Args:
@@ -48,6 +49,8 @@ def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool = True, nu
         pin_memory: page-locked batches for faster host-to-GPU copies.
         persistent_workers: keep workers alive between epochs (default: on when ``num_workers > 0``).
         prefetch_factor: batches loaded ahead per worker (PyTorch's default when None).
+        rank: this process's rank for the DistributedSampler (default: from the process group).
+        world_size: number of processes for the DistributedSampler (default: from the process group).
 
     Returns:
         The DataLoader.
@@ -59,7 +62,8 @@ def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool = True, nu
     generator = torch.Generator().manual_seed(seed)
     sampler = None
     if distributed:
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                                     drop_last=drop_last)
     extra: dict[str, Any] = {}
     if num_workers > 0 and prefetch_factor is not None:
         extra["prefetch_factor"] = prefetch_factor
