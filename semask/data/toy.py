@@ -124,7 +124,7 @@ def _shape_mask(shape: str, h: int, w: int, mirror: bool) -> tuple[np.ndarray, n
 
 
 def _texture(stuff: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-    """A full-size ``(size, size, 3)`` float32 base texture of one stuff class and its colour-noise level."""
+    """A float32 base texture of one stuff class (broadcastable to ``(size, size, 3)``) and its noise level."""
     y = (np.arange(size, dtype=np.float32) / size)[:, None, None]  # size, 1, 1
     x = (np.arange(size, dtype=np.float32) / size)[None, :, None]  # 1, size, 1
     phase = np.float32(rng.uniform(0, 2 * np.pi))
@@ -135,10 +135,10 @@ def _texture(stuff: str, size: int, rng: np.random.Generator) -> tuple[np.ndarra
         ripples = np.sin(2 * np.pi * (size / 10.0) * y + 2.0 * np.sin(2 * np.pi * 3 * x + phase))
         return colour + ripples * np.float32([15, 25, 35]), 6.0
     if stuff == "grass":  # vertical blades and strong noise
-        return colour + np.sin(2 * np.pi * (size / 3.0) * x + phase) * np.float32([10, 22, 8]) + 0 * y, 22.0
+        return colour + np.sin(2 * np.pi * (size / 3.0) * x + phase) * np.float32([10, 22, 8]), 22.0
     if stuff == "road":  # flat grey with a dashed lane marking
         dashes = (np.abs(y - 0.5 - 0.3 * np.sin(phase)) < 0.008) & (np.sin(2 * np.pi * 8 * x + phase) > 0.3)
-        return np.where(dashes, np.float32([235, 235, 225]), colour + 0 * x + 0 * y), 9.0
+        return np.where(dashes, np.float32([235, 235, 225]), colour), 9.0
     dunes = np.sin(2 * np.pi * (4 * x + 2.5 * y) + phase) + 0.5 * np.sin(2 * np.pi * 11 * y)  # sand
     return colour + dunes * np.float32([14, 12, 10]), 14.0
 

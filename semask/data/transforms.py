@@ -122,7 +122,7 @@ def _resize_window(image: np.ndarray, size: tuple[int, int], box: tuple[int, int
         lo, hi, wx = lo.flip(0), hi.flip(0), wx.flip(0)
     left = torch.from_numpy(np.take(rows_np, lo.numpy(), axis=2))  # 3, h, w
     right = torch.from_numpy(np.take(rows_np, hi.numpy(), axis=2))  # 3, h, w
-    return left.add_(right.sub_(left).mul_(wx.view(1, 1, -1))).round_().clamp_(0.0, 255.0)
+    return left.add_(right.sub_(left).mul_(wx.view(1, 1, -1))).round_().clamp_(0.0, 255.0)  # 3, h, w
 
 
 def resize_image(image: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray | torch.Tensor:
@@ -141,7 +141,7 @@ def resize_image(image: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.
         if image.ndim != 3:
             raise ValueError(f"resize_image: expected an (H, W, C) array, got shape {image.shape}")
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # C, H, W
-        return resize_image(tensor, size).permute(1, 2, 0).numpy()  # type: ignore[union-attr]
+        return resize_image(tensor, size).permute(1, 2, 0).numpy()  # type: ignore[union-attr]  # h, w, C
     if image.ndim not in (3, 4):
         raise ValueError(f"resize_image: expected a (C, H, W) or (B, C, H, W) tensor, got {tuple(image.shape)}")
     batch = image if image.ndim == 4 else image.unsqueeze(0)  # B, C, H, W
