@@ -104,7 +104,8 @@ def test_normalize_and_pad():
 
 # --------------------------------------------------------------------------------------------- presets
 def test_presets_follow_the_spec_recipe_table():
-    ade_t, ade_s, ade_l = tf.train_preset("ade20k_tiny"), tf.train_preset("ade20k_small"), tf.train_preset("ade20k_large")
+    ade_t, ade_s = tf.train_preset("ade20k_tiny"), tf.train_preset("ade20k_small")
+    ade_l = tf.train_preset("ade20k_large")
     assert ade_t.crop_size == (512, 512) and ade_t.scale == (2048, 512) and ade_t.cat_max_ratio == 0.75
     assert ade_t.ratios == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) and ade_t.ratio_range is None
     assert ade_s.cat_max_ratio == 1.0 and tf.train_preset("ade20k_base").cat_max_ratio == 1.0

@@ -93,6 +93,8 @@ def _open(path: Path, what: str) -> Image.Image:
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image as RGB.
 
+    EXIF orientation is not applied: label maps have none, so the stored pixel grid is what they align with.
+
     Args:
         path: any format PIL reads; grey, palette, CMYK and RGBA images are converted to RGB.
 
