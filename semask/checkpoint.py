@@ -17,7 +17,6 @@ import dataclasses
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 from semask.models import _SWIN, ModelConfig, build_model, model_config, released_global_stages
 from semask.segmentor import SeMaskFPN
+from semask.utils import atomic_path
 
 __all__ = [
     "CheckpointError",
@@ -209,20 +209,9 @@ def to_official_checkpoint(model: SeMaskFPN) -> dict:
 
 # ----------------------------------------------------------------------------------------------- own format
 def _atomic_save(obj: Any, path: PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def _rng_state() -> dict:

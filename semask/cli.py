@@ -92,7 +92,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from semask.benchmark import main as benchmark_main
 
-    return benchmark_main(args.rest)
+    return benchmark_main(args.benchmark_args)
 
 
 # --------------------------------------------------------------------------------------------- parser
@@ -137,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="rewrite label files that already exist")
     p.set_defaults(func=_cmd_convert)
 
+    # the benchmark has its own parser (semask.benchmark.build_parser); main() hands it the remaining words
     p = sub.add_parser("benchmark", help="measure speed and memory (see `semask benchmark --help`)",
                        add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_benchmark)
     return parser
 
@@ -147,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["benchmark"]:
+        args = argparse.Namespace(command="benchmark", func=_cmd_benchmark, benchmark_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError, KeyError) as exc:

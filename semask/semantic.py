@@ -97,9 +97,12 @@ class SemanticAttention(nn.Module):
         q = self.mlp_cls_q(x)  # G, N, K
         k = self.mlp_cls_k(x)  # G, N, K
         v = self.mlp_v(x)  # G, N, C
-        if return_attention:
+        if return_attention or not x.is_cuda:
+            # explicit on the CPU too: there PyTorch's SDPA has no fused kernel for a value width (C) that
+            # differs from the query width (K) and falls back to a slower unfused path
             attn = torch.softmax(q @ k.transpose(-2, -1), dim=-1)  # G, N, N
-            f = attn @ v
+            f = attn @ v  # G, N, C
+            attn = attn if return_attention else None
         else:
             attn = None
             f = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=1.0)

@@ -93,8 +93,9 @@ class Mlp(nn.Module):
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside w x w windows with a learned relative-position bias.
 
-    Uses `scaled_dot_product_attention` with the bias (and the shift mask) as an additive float mask.
-    In inference (no autograd), the gathered bias is cached and rebuilt only when the table changes.
+    Uses PyTorch's fused `scaled_dot_product_attention` with the bias (plus, on shifted blocks, the shift
+    mask) as one additive float mask of shape (nW, heads, N, N). In inference (no autograd) that mask is
+    cached per feature size and dtype, and rebuilt only when the bias table changes.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True,
@@ -110,27 +111,37 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self._bias_cache: tuple[tuple, torch.Tensor] | None = None
+        self._cache: dict[tuple, torch.Tensor] = {}
 
     def relative_position_bias(self) -> torch.Tensor:
         """The bias of every head for every token pair: (heads, w*w, w*w)."""
+        n = self.window_size * self.window_size
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)  # N, N, heads
+        return bias.permute(2, 0, 1).contiguous()  # heads, N, N
+
+    def attention_mask(self, shift_mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The additive mask for SDPA: (1, heads, N, N) bias, or (nW, heads, N, N) bias + shift mask."""
         table = self.relative_position_bias_table
         caching = not (torch.is_grad_enabled() and table.requires_grad)
-        key = (table._version, table.data_ptr(), table.device, table.dtype)
-        if caching and self._bias_cache is not None and self._bias_cache[0] == key:
-            return self._bias_cache[1]
-        n = self.window_size * self.window_size
-        bias = table[self.relative_position_index.view(-1)].view(n, n, -1)  # N, N, heads
-        bias = bias.permute(2, 0, 1).contiguous()  # heads, N, N
+        key = (table._version, table.data_ptr(), dtype,
+               None if shift_mask is None else (shift_mask.data_ptr(), tuple(shift_mask.shape)))
+        if caching and key in self._cache:
+            return self._cache[key]
+        bias = self.relative_position_bias().unsqueeze(0)  # 1, heads, N, N
+        if shift_mask is not None:
+            bias = bias + shift_mask.unsqueeze(1)  # nW, heads, N, N
+        bias = bias.to(dtype)
         if caching:
-            self._bias_cache = (key, bias)
+            if len(self._cache) > 8:  # many feature sizes seen (e.g. multi-scale testing): keep the newest
+                self._cache.clear()
+            self._cache[key] = bias
         return bias
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attend inside windows.
 
         Args:
-            x: (B * nW, N, C) window tokens, N = w*w.
+            x: (B * nW, N, C) window tokens, N = w*w, windows of one image consecutive.
             mask: optional (nW, N, N) additive shift mask shared by every image of the batch.
 
         Returns:
@@ -139,15 +150,13 @@ class WindowAttention(nn.Module):
         Bw, N, C = x.shape
         qkv = self.qkv(x).view(Bw, N, 3, self.num_heads, C // self.num_heads)  # B*nW, N, 3, heads, d
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B*nW, heads, N, d
-        bias = self.relative_position_bias().to(q.dtype)  # heads, N, N
-        if mask is not None:
-            nw = mask.shape[0]
-            # group the windows of one image so that the (nW, heads, N, N) mask broadcasts over the batch
-            q, k, v = (t.reshape(Bw // nw, nw, self.num_heads, N, -1) for t in (q, k, v))  # B, nW, heads, N, d
-            bias = bias.unsqueeze(0) + mask.to(q.dtype).unsqueeze(1)  # nW, heads, N, N
+        attn_mask = self.attention_mask(mask, q.dtype)  # 1 or nW, heads, N, N
+        if attn_mask.shape[0] not in (1, Bw):
+            # the fused kernels take 4-D inputs: repeat the per-window mask for every image of the batch
+            attn_mask = attn_mask.expand(Bw // attn_mask.shape[0], *attn_mask.shape).reshape(Bw, *attn_mask.shape[1:])
         drop = self.attn_drop if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
-        out = out.reshape(Bw, self.num_heads, N, -1).transpose(1, 2).reshape(Bw, N, C)  # B*nW, N, C
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)  # B*nW, heads, N, d
+        out = out.transpose(1, 2).reshape(Bw, N, C)  # B*nW, N, C
         return self.proj_drop(self.proj(out))
 
 

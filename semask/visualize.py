@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
+
+from semask.utils import atomic_path
 
 __all__ = ["default_palette", "colorize", "overlay", "save_label_map"]
 
@@ -70,14 +71,6 @@ def save_label_map(label: np.ndarray, path: Union[str, os.PathLike],
         pal = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)[:256]
         flat[: len(pal)] = pal
         img.putpalette(flat.flatten().tolist())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)

@@ -240,14 +240,31 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_bias_cache_follows_parameter_updates() -> None:
+def test_attention_mask_cache_follows_parameter_updates() -> None:
     attn = WindowAttention(8, 2, 3).eval()
+    shift = shift_window_mask(6, 6, 3, 1)  # 4 windows
     with torch.no_grad():
-        first = attn.relative_position_bias()
-        assert attn.relative_position_bias() is first  # cached in inference
+        first = attn.attention_mask(shift, torch.float32)
+        assert first.shape == (4, 2, 9, 9)
+        assert attn.attention_mask(shift, torch.float32) is first  # cached in inference
+        torch.testing.assert_close(first, attn.relative_position_bias()[None] + shift[:, None])
         attn.relative_position_bias_table.add_(1.0)
-        second = attn.relative_position_bias()
+        second = attn.attention_mask(shift, torch.float32)
+        assert attn.attention_mask(None, torch.float32).shape == (1, 2, 9, 9)
     torch.testing.assert_close(second, first + 1.0)
+    # with autograd the mask is rebuilt every time (the table is being trained)
+    assert attn.attention_mask(shift, torch.float32) is not attn.attention_mask(shift, torch.float32)
+
+
+def test_window_attention_batches_share_the_shift_mask() -> None:
+    torch.manual_seed(0)
+    attn = WindowAttention(16, 2, 7).eval()
+    shift = shift_window_mask(14, 21, 7, 3)  # 6 windows
+    x = torch.randn(3 * 6, 49, 16)
+    with torch.no_grad():
+        batched = attn(x, shift)
+        single = torch.cat([attn(x[i * 6:(i + 1) * 6], shift) for i in range(3)])
+    torch.testing.assert_close(batched, single)
 
 
 def test_bad_inputs_get_clear_errors(toy_model) -> None:

@@ -1,0 +1,419 @@
+"""Speed and memory of SeMask FPN (arXiv 2112.12782): `semask benchmark`.
+
+Measures, for a variant, resolution, batch size, precision and device:
+  - inference latency / throughput of the model's forward pass (eval, no autograd);
+  - training-step time / throughput (forward + loss + backward + optimizer step);
+  - peak memory of each (CUDA max allocated on a GPU, peak RSS on the CPU);
+  - FLOPs per image from PyTorch's own FLOP counter (`torch.utils.flop_counter`) and the achieved FLOP/s as
+    a fraction of the machine's matrix-multiply peak in the same precision, measured in the same run;
+  - optionally the data pipeline (images/s per worker core), the test protocols (images/s through
+    whole-image and multi-scale + flip inference on ADE20K-sized images), and evaluation memory for a
+    growing number of images.
+Every timing has warm-up runs and repeated measurements; the report gives median, min, max and IQR.
+
+    semask benchmark --model semask_tiny_fpn --size 512 --precision bf16 --tasks inference train
+    semask benchmark --tasks data protocols --json results.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+import semask
+from semask.losses import semask_loss
+from semask.utils import atomic_path
+
+__all__ = ["BenchmarkConfig", "run_benchmark", "matmul_peak", "count_flops", "time_it", "main", "TASKS"]
+
+TASKS = ("inference", "train", "data", "protocols", "eval_memory")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class BenchmarkConfig:
+    """What to measure."""
+
+    model: str = "semask_tiny_fpn"  # registry name
+    num_classes: int = 150  # decoder classes (150 = ADE20K)
+    size: tuple[int, int] = (512, 512)  # input height, width of the model benchmarks
+    batch_size: int = 1  # images per inference batch
+    train_batch_size: int = 2  # images per training step
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for the last two)
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    tasks: tuple[str, ...] = ("inference", "train")  # any of TASKS
+    warmup: int = 2  # untimed runs before measuring
+    repeats: int = 5  # timed runs
+    compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False  # recompute backbone blocks in backward (training)
+    channels_last: bool = True  # channels-last memory for the images (and the conv head)
+    threads: Optional[int] = None  # torch.set_num_threads (CPU); None = PyTorch's default
+    matmul_size: int = 4096  # side of the square matmul that measures the peak (CPU; GPU uses 8192)
+    protocol_size: tuple[int, int] = (512, 683)  # ADE20K-sized image for the inference protocols
+    protocol_repeats: int = 2  # images timed per protocol
+    data_images: int = 64  # JPEGs through the training pipeline
+    eval_images: tuple[int, ...] = (4, 16)  # image counts for the evaluation-memory check
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device) -> dict[str, Any]:
+    """Run `fn` `warmup` times untimed, then `repeats` times timed (seconds): median, min, max, IQR, all."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "iqr_s": q[2] - q[0], "times_s": times}
+
+
+class PeakMemory:
+    """Peak memory over a block: CUDA max allocated on a GPU, peak resident set size (VmHWM) on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes: Optional[int] = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            _reset_peak_rss()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.peak_bytes = _peak_rss()
+
+
+def _reset_peak_rss() -> None:
+    with contextlib.suppress(OSError):  # not Linux, or not allowed: the peak then covers the process lifetime
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def _peak_rss() -> Optional[int]:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    match = re.search(r"VmHWM:\s+(\d+) kB", status)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                             **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def _flop_counter() -> FlopCounterMode:
+    # PyTorch's counter knows the CUDA attention kernels; give the CPU flash-attention kernel the same formula
+    mapping = {}
+    for name, fn in (("_scaled_dot_product_flash_attention_for_cpu", _cpu_sdpa_flops),
+                     ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_sdpa_backward_flops)):
+        if hasattr(torch.ops.aten, name):
+            mapping[getattr(torch.ops.aten, name)] = fn
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of `fn`, from PyTorch's FLOP counter (matrix products, convolutions, attention)."""
+    counter = _flop_counter()
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int, repeats: int = 5) -> dict[str, float]:
+    """The machine's matrix-multiply throughput in `dtype`: best and median FLOP/s of an n x n x n product."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    stats = time_it(lambda: torch.mm(a, b), warmup=2, repeats=repeats, device=device)
+    flops = 2.0 * n ** 3
+    return {"n": n, "best_flops": flops / stats["min_s"], "median_flops": flops / stats["median_s"]}
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Machine and versions, for the record."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(), "torch": torch.__version__, "semask": semask.__version__,
+        "platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+# ----------------------------------------------------------------------------------------------- tasks
+def _build(cfg: BenchmarkConfig, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = semask.create_model(cfg.model, num_classes=cfg.num_classes, grad_checkpointing=cfg.grad_checkpointing)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _images(cfg: BenchmarkConfig, batch: int, device: torch.device) -> torch.Tensor:
+    x = torch.randn(batch, 3, *cfg.size, generator=torch.Generator().manual_seed(0)).to(device)
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+
+
+def bench_inference(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.device,
+                    forward: Callable) -> dict[str, Any]:
+    model.eval()
+    x = _images(cfg, cfg.batch_size, device)
+
+    def step() -> None:
+        with torch.inference_mode(), _autocast(device, cfg.precision):
+            forward(x)
+
+    with torch.inference_mode(), _autocast(device, cfg.precision):
+        flops = count_flops(lambda: model(x)) / cfg.batch_size
+    with PeakMemory(device) as mem:
+        stats = time_it(step, cfg.warmup, cfg.repeats, device)
+    return {"batch_size": cfg.batch_size, "latency": stats, "images_per_s": cfg.batch_size / stats["median_s"],
+            "flops_per_image": flops, "achieved_flops": flops * cfg.batch_size / stats["median_s"],
+            "peak_memory_bytes": mem.peak_bytes}
+
+
+def bench_train(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.device,
+                forward: Callable) -> dict[str, Any]:
+    model.train()
+    x = _images(cfg, cfg.train_batch_size, device)
+    y = torch.randint(0, cfg.num_classes, (cfg.train_batch_size, *cfg.size), device=device)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4, fused=fused, foreach=not fused)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with _autocast(device, cfg.precision):
+            loss = semask_loss(forward(x), y).total
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    def fwd_bwd() -> None:
+        with _autocast(device, cfg.precision):
+            loss = semask_loss(model(x), y).total
+        loss.backward()
+
+    flops = count_flops(fwd_bwd) / cfg.train_batch_size
+    opt.zero_grad(set_to_none=True)
+    with PeakMemory(device) as mem:
+        stats = time_it(step, cfg.warmup, cfg.repeats, device)
+    return {"batch_size": cfg.train_batch_size, "step": stats,
+            "images_per_s": cfg.train_batch_size / stats["median_s"], "flops_per_image": flops,
+            "achieved_flops": flops * cfg.train_batch_size / stats["median_s"], "peak_memory_bytes": mem.peak_bytes,
+            "optimizer": "AdamW (fused)" if fused else "AdamW (foreach)",
+            "grad_checkpointing": cfg.grad_checkpointing}
+
+
+def bench_protocols(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+    from semask.inference import Predictor
+
+    model.eval()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(*cfg.protocol_size, 3), dtype=np.uint8)
+    amp = DTYPES[cfg.precision] if cfg.precision != "fp32" else None
+    out = {"image_size": list(cfg.protocol_size)}
+    for mode in ("whole", "msflip"):
+        predictor = Predictor(model, mode=mode, device=device, amp_dtype=amp)
+        stats = time_it(lambda: predictor(image), warmup=1, repeats=cfg.protocol_repeats, device=device)
+        out[mode] = {"latency": stats, "images_per_s": 1.0 / stats["median_s"]}
+    return out
+
+
+def bench_eval_memory(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+    """Peak memory of whole-image inference + metric accumulation over growing numbers of images."""
+    from semask.inference import Predictor
+    from semask.metrics import SegmentationMetric
+
+    model.eval()
+    predictor = Predictor(model, mode="whole", device=device, scale=(2048, min(cfg.size)))
+    rng = np.random.default_rng(0)
+    out = {}
+    for count in cfg.eval_images:
+        metric = SegmentationMetric(cfg.num_classes, device=device)
+        with PeakMemory(device) as mem:
+            for _ in range(count):
+                image = rng.integers(0, 256, size=(*cfg.size, 3), dtype=np.uint8)
+                label = rng.integers(0, cfg.num_classes, size=cfg.size)
+                pred = predictor(image)
+                metric.update(torch.from_numpy(pred), torch.from_numpy(label))
+            metric.compute()
+        out[str(count)] = mem.peak_bytes
+    return {"peak_memory_bytes_by_images": out}
+
+
+def bench_data(cfg: BenchmarkConfig) -> dict[str, Any]:
+    from semask.data.loader import measure_pipeline_throughput
+
+    return measure_pipeline_throughput(num_images=cfg.data_images, size=cfg.protocol_size)
+
+
+def run_benchmark(cfg: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
+    """Run the configured measurements and return them as a JSON-ready dict."""
+    unknown = sorted(set(cfg.tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown benchmark task(s) {unknown}; choose from {list(TASKS)}")
+    if cfg.precision not in DTYPES:
+        raise ValueError(f"precision must be one of {list(DTYPES)}, got {cfg.precision!r}")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r} requested but CUDA is not available on this machine")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    result: dict[str, Any] = {"config": dataclasses.asdict(cfg), "environment": environment(device)}
+    needs_model = {"inference", "train", "protocols", "eval_memory"} & set(cfg.tasks)
+    if {"inference", "train"} & set(cfg.tasks):
+        n = cfg.matmul_size if device.type == "cpu" else 8192
+        log(f"matmul peak ({cfg.precision}, {n}^3) ...")
+        peak = matmul_peak(DTYPES[cfg.precision], device, n)
+        result["matmul_peak"] = peak
+    if needs_model:
+        model = _build(cfg, device)
+        result["parameters"] = sum(p.numel() for p in model.parameters())
+        forward = torch.compile(model) if cfg.compile else model
+        for task, fn in (("inference", bench_inference), ("train", bench_train)):
+            if task in cfg.tasks:
+                log(f"{task} ...")
+                r = fn(cfg, model, device, forward)
+                r["fraction_of_matmul_peak"] = r["achieved_flops"] / result["matmul_peak"]["best_flops"]
+                result[task] = r
+        if "protocols" in cfg.tasks:
+            log("protocols (whole, msflip) ...")
+            result["protocols"] = bench_protocols(cfg, model, device)
+        if "eval_memory" in cfg.tasks:
+            log("evaluation memory ...")
+            result["eval_memory"] = bench_eval_memory(cfg, model, device)
+    if "data" in cfg.tasks:
+        log("data pipeline ...")
+        result["data"] = bench_data(cfg)
+    return result
+
+
+def summary(result: dict[str, Any]) -> str:
+    """A few human-readable lines of a `run_benchmark` result."""
+    cfg = result["config"]
+    lines = [f"{cfg['model']} {cfg['size'][0]}x{cfg['size'][1]} {cfg['precision']} on {cfg['device']} "
+             f"({result['environment']['cpu'] if cfg['device'] == 'cpu' else result['environment'].get('gpu')})"]
+    if "matmul_peak" in result:
+        lines.append(f"  matmul peak: {result['matmul_peak']['best_flops'] / 1e9:.1f} GFLOP/s")
+    for task, key in (("inference", "latency"), ("train", "step")):
+        if task in result:
+            r = result[task]
+            mem = r["peak_memory_bytes"]
+            lines.append(f"  {task}: batch {r['batch_size']}, {r[key]['median_s'] * 1e3:.1f} ms "
+                         f"(IQR {r[key]['iqr_s'] * 1e3:.1f}), {r['images_per_s']:.2f} img/s, "
+                         f"{r['flops_per_image'] / 1e9:.1f} GFLOP/img, {r['fraction_of_matmul_peak']:.1%} of peak, "
+                         f"peak mem {mem / 2**20:.0f} MiB" if mem else "")
+    if "protocols" in result:
+        p = result["protocols"]
+        lines.append(f"  protocols on {p['image_size'][0]}x{p['image_size'][1]}: whole {p['whole']['images_per_s']:.2f} "
+                     f"img/s, msflip {p['msflip']['images_per_s']:.3f} img/s")
+    if "eval_memory" in result:
+        lines.append("  eval peak memory by images: " + ", ".join(
+            f"{k}: {v / 2**20:.0f} MiB" for k, v in result["eval_memory"]["peak_memory_bytes_by_images"].items()))
+    if "data" in result:
+        lines.append(f"  data pipeline: {result['data']['images_per_s_per_core']:.1f} img/s per core")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    d = BenchmarkConfig()
+    p = argparse.ArgumentParser(prog="semask benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=d.model, help=f"registry name (default {d.model})")
+    p.add_argument("--num-classes", type=int, default=d.num_classes)
+    p.add_argument("--size", type=int, nargs="+", default=list(d.size), metavar="PX",
+                   help="input side, or height and width (default 512)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="inference batch")
+    p.add_argument("--train-batch-size", type=int, default=d.train_batch_size, help="training batch")
+    p.add_argument("--precision", choices=list(DTYPES), default=d.precision)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--tasks", nargs="+", choices=list(TASKS) + ["all"], default=list(d.tasks))
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--repeats", type=int, default=d.repeats)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--matmul-size", type=int, default=d.matmul_size)
+    p.add_argument("--protocol-repeats", type=int, default=d.protocol_repeats)
+    p.add_argument("--data-images", type=int, default=d.data_images)
+    p.add_argument("--json", default=None, help="also write the full result to this file")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`semask benchmark ...`: print a summary to stderr and the JSON result to stdout."""
+    args = build_parser().parse_args(argv)
+    if len(args.size) not in (1, 2):
+        raise ValueError(f"--size takes one or two numbers, got {args.size}")
+    cfg = BenchmarkConfig(
+        model=args.model, num_classes=args.num_classes, size=(args.size[0], args.size[-1]),
+        batch_size=args.batch_size, train_batch_size=args.train_batch_size, precision=args.precision,
+        device=args.device, tasks=tuple(TASKS if "all" in args.tasks else args.tasks), warmup=args.warmup,
+        repeats=args.repeats, compile=args.compile, grad_checkpointing=args.grad_checkpointing,
+        channels_last=not args.no_channels_last, threads=args.threads, matmul_size=args.matmul_size,
+        protocol_repeats=args.protocol_repeats, data_images=args.data_images)
+    result = run_benchmark(cfg)
+    print(summary(result), file=sys.stderr)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(text)
+    print(text)
+    return 0
