@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from semask.segmentor import SegmentationOutput
 
-__all__ = ["LossOutput", "SeMaskLoss", "semask_loss", "ohem_weights"]
+__all__ = ["LossOutput", "SeMaskLoss", "semask_loss", "ohem_weights", "pixel_cross_entropy"]
 
 
 @dataclass
@@ -57,6 +57,51 @@ def _resize(x: torch.Tensor, size: torch.Size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+class _PixelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of (N, K) scores with a fused backward: d loss / d x = (softmax(x) - onehot) * grad.
+
+    Saves the log-probabilities and computes the gradient in place from them, instead of autograd's
+    zero-filled NLL gradient followed by a separate log-softmax backward over the same N x K elements.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        logp = torch.log_softmax(scores.float(), dim=1)  # N, K
+        valid = labels != ignore_index
+        target = torch.where(valid, labels, 0)
+        loss = -logp.gather(1, target[:, None])[:, 0] * valid  # N
+        ctx.save_for_backward(logp, target, valid)
+        ctx.input_dtype = scores.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        logp, target, valid = ctx.saved_tensors
+        g = (grad * valid)[:, None]  # N, 1
+        dx = logp.exp_().mul_(g)  # softmax * g, in the saved buffer (it is not needed again)
+        dx.scatter_add_(1, target[:, None], -g)  # - onehot * g
+        return dx.to(ctx.input_dtype), None, None
+
+
+def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Per-pixel cross-entropy, 0 at ignored pixels.
+
+    Args:
+        logits: (B, K, H, W) class scores.
+        labels: (B, H, W) int64 labels.
+
+    Returns:
+        (B, H, W) float32 losses, equal to `F.cross_entropy(logits, labels, ignore_index=..., reduction="none")`.
+
+    Computed over a (B*H*W, K) view of the channels-last scores: the softmax then runs along contiguous
+    memory (the model's outputs are channels-last already, so no copy is made), which on the CPU is several
+    times faster than the strided channel softmax of an NCHW tensor; the backward pass is fused.
+    """
+    B, K, H, W = logits.shape
+    flat = logits.permute(0, 2, 3, 1).reshape(B * H * W, K)  # B*H*W, K
+    return _PixelCrossEntropy.apply(flat, labels.reshape(-1), ignore_index).view(B, H, W)
+
+
 @torch.no_grad()
 def ohem_weights(pixel_loss: torch.Tensor, labels: torch.Tensor, min_kept: int, ignore_index: int = 255
                  ) -> torch.Tensor:
@@ -86,7 +131,8 @@ def semask_loss(output: SegmentationOutput, labels: torch.Tensor, prior_weight: 
     """The SeMask FPN training loss.
 
     Args:
-        output: the model's output (its 1/4-resolution `decoder_logits` and `prior_logits` are used).
+        output: the model's output: its `logits` (or, when the labels have another size, its 1/4-resolution
+            `decoder_logits`) and its `prior_logits`, resized bilinearly to the label size.
         labels: (B, H, W) integer labels, `ignore_index` for unlabelled pixels.
         prior_weight: weight of the semantic-prior loss (0.4 in every recipe).
         ignore_index: ignored label.
@@ -95,18 +141,18 @@ def semask_loss(output: SegmentationOutput, labels: torch.Tensor, prior_weight: 
     Returns:
         `LossOutput` with `total = decode + prior`.
     """
-    logits = output.decoder_logits
-    _check_labels(labels, logits, ignore_index)
+    _check_labels(labels, output.decoder_logits, ignore_index)
     labels = labels.long()
     size = labels.shape[-2:]
-    decode = F.cross_entropy(_resize(logits, size).float(), labels, ignore_index=ignore_index, reduction="none")
+    # the model's logits are already the decoder logits resized to the input size: reuse them when it matches
+    logits = output.logits if output.logits.shape[-2:] == size else _resize(output.decoder_logits, size)
+    decode = pixel_cross_entropy(logits, labels, ignore_index)
     if ohem_min_kept is not None:
         decode = decode * ohem_weights(decode.detach(), labels, ohem_min_kept, ignore_index)
     decode = decode.mean()
     prior = None
     if output.prior_logits is not None and prior_weight > 0:
-        prior = F.cross_entropy(_resize(output.prior_logits, size).float(), labels, ignore_index=ignore_index,
-                                reduction="none").mean() * prior_weight
+        prior = pixel_cross_entropy(_resize(output.prior_logits, size), labels, ignore_index).mean() * prior_weight
     total = decode + prior if prior is not None else decode
     return LossOutput(total=total, decode=decode, prior=prior)
 

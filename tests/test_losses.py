@@ -5,13 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semask.losses import SeMaskLoss, ohem_weights, semask_loss
+from semask.losses import SeMaskLoss, ohem_weights, pixel_cross_entropy, semask_loss
 from semask.segmentor import SegmentationOutput
 
 
-def _output(k: int = 4, b: int = 2, h: int = 6, w: int = 8, seed: int = 0) -> SegmentationOutput:
+def _output(k: int = 4, b: int = 2, h: int = 6, w: int = 8, seed: int = 0, grad: bool = False
+            ) -> SegmentationOutput:
+    """Like a model's output: `logits` are the decoder logits resized x4 (to the labels' size below)."""
     g = torch.Generator().manual_seed(seed)
-    dec = torch.randn(b, k, h, w, generator=g)
+    dec = torch.randn(b, k, h, w, generator=g).requires_grad_(grad)
     prior = torch.randn(b, k, h, w, generator=g)
     return SegmentationOutput(logits=F.interpolate(dec, scale_factor=4, mode="bilinear"), prior_logits=prior,
                               decoder_logits=dec)
@@ -46,6 +48,30 @@ def test_decode_plus_weighted_prior_averaged_over_all_pixels() -> None:
     assert set(loss.as_dict()) == {"loss", "loss_decode", "loss_prior"}
 
 
+def test_labels_of_another_size_resize_the_decoder_logits() -> None:
+    out = _output()
+    y = _labels(h=20, w=30)
+    torch.testing.assert_close(semask_loss(out, y).decode, _pixel_ce(out.decoder_logits, y).mean())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pixel_cross_entropy_values_and_gradients_equal_torch(channels_last: bool) -> None:
+    out, y = _output(), _labels()
+    logits = out.logits.detach()
+    if channels_last:
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    weights = torch.rand(y.shape, generator=torch.Generator().manual_seed(3))  # a non-uniform upstream gradient
+    ours_in = logits.clone().requires_grad_(True)
+    ref_in = logits.clone().requires_grad_(True)
+    ours = pixel_cross_entropy(ours_in, y)
+    ref = F.cross_entropy(ref_in, y, ignore_index=255, reduction="none")
+    torch.testing.assert_close(ours, ref)
+    (ours * weights).sum().backward()
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(ours_in.grad, ref_in.grad)
+    assert (ours[y == 255] == 0).all()
+
+
 def test_without_prior_branch_only_the_decoder_loss() -> None:
     out = _output()
     out.prior_logits = None
@@ -70,8 +96,7 @@ def test_ohem_keeps_the_hardest_pixels_of_the_batch() -> None:
 
 
 def test_loss_module_and_gradients() -> None:
-    out, y = _output(), _labels()
-    out.decoder_logits.requires_grad_(True)
+    out, y = _output(grad=True), _labels()
     crit = SeMaskLoss(prior_weight=0.4, ohem_min_kept=20)
     crit(out, y).total.backward()
     assert out.decoder_logits.grad is not None and out.decoder_logits.grad.abs().sum() > 0
