@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 import semask
 from semask.losses import semask_loss
-from semask.utils import atomic_path
+from semask.utils import atomic_path, keep_freed_memory
 
 __all__ = ["BenchmarkConfig", "run_benchmark", "matmul_peak", "count_flops", "time_it", "main", "TASKS"]
 
@@ -49,6 +49,7 @@ class BenchmarkConfig:
     """What to measure."""
 
     model: str = "semask_tiny_fpn"  # registry name
+    checkpoint: Optional[str] = None  # weights to load (official or semask); overrides model/num_classes
     num_classes: int = 150  # decoder classes (150 = ADE20K)
     size: tuple[int, int] = (512, 512)  # input height, width of the model benchmarks
     batch_size: int = 1  # images per inference batch
@@ -62,11 +63,13 @@ class BenchmarkConfig:
     grad_checkpointing: bool = False  # recompute backbone blocks in backward (training)
     channels_last: bool = True  # channels-last memory for the images (and the conv head)
     threads: Optional[int] = None  # torch.set_num_threads (CPU); None = PyTorch's default
+    keep_freed_memory: bool = True  # CPU: reuse freed heap memory instead of fresh mmaps (semask.utils)
     matmul_size: int = 4096  # side of the square matmul that measures the peak (CPU; GPU uses 8192)
     protocol_size: tuple[int, int] = (512, 683)  # ADE20K-sized image for the inference protocols
     protocol_repeats: int = 2  # images timed per protocol
     data_images: int = 64  # JPEGs through the training pipeline
     eval_images: tuple[int, ...] = (4, 16)  # image counts for the evaluation-memory check
+    agreement_images: int = 4  # toy scenes on which bf16/fp16 predictions are compared with fp32
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -97,12 +100,15 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
         self.peak_bytes: Optional[int] = None
+        self.baseline_bytes: Optional[int] = None  # allocated / resident when the block started
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_bytes = torch.cuda.memory_allocated(self.device)
         else:
             _reset_peak_rss()
+            self.baseline_bytes = _peak_rss()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -196,7 +202,12 @@ def _cpu_name() -> str:
 # ----------------------------------------------------------------------------------------------- tasks
 def _build(cfg: BenchmarkConfig, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = semask.create_model(cfg.model, num_classes=cfg.num_classes, grad_checkpointing=cfg.grad_checkpointing)
+    if cfg.checkpoint:
+        model = semask.load_checkpoint(cfg.checkpoint)
+        model.set_grad_checkpointing(cfg.grad_checkpointing)
+    else:
+        model = semask.create_model(cfg.model, num_classes=cfg.num_classes,
+                                    grad_checkpointing=cfg.grad_checkpointing)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -217,13 +228,56 @@ def bench_inference(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.
         with torch.inference_mode(), _autocast(device, cfg.precision):
             forward(x)
 
-    with torch.inference_mode(), _autocast(device, cfg.precision):
-        flops = count_flops(lambda: model(x)) / cfg.batch_size
     with PeakMemory(device) as mem:
         stats = time_it(step, cfg.warmup, cfg.repeats, device)
-    return {"batch_size": cfg.batch_size, "latency": stats, "images_per_s": cfg.batch_size / stats["median_s"],
-            "flops_per_image": flops, "achieved_flops": flops * cfg.batch_size / stats["median_s"],
-            "peak_memory_bytes": mem.peak_bytes}
+    with torch.inference_mode(), _autocast(device, cfg.precision):  # after timing: its memory is not the model's
+        flops = count_flops(lambda: model(x)) / cfg.batch_size
+    out = {"batch_size": cfg.batch_size, "latency": stats, "images_per_s": cfg.batch_size / stats["median_s"],
+           "flops_per_image": flops, "achieved_flops": flops * cfg.batch_size / stats["median_s"],
+           "peak_memory_bytes": mem.peak_bytes, "baseline_memory_bytes": mem.baseline_bytes}
+    if cfg.precision != "fp32":
+        out["agreement_with_fp32"] = prediction_agreement(model, device, cfg.precision, cfg.size,
+                                                          cfg.agreement_images)
+    return out
+
+
+def prediction_agreement(model: torch.nn.Module, device: torch.device, precision: str, size: tuple[int, int],
+                         images: int) -> dict[str, float]:
+    """How far `precision` autocast changes the predictions of `model`, on built-in toy scenes at `size`.
+
+    Returns:
+        `pixel_agreement`: fraction of pixels with the same predicted class as in fp32;
+        `mean_abs_logit_error`: mean |logit difference| from fp32;
+        `near_tie_fraction`: fraction of pixels whose fp32 top-2 logit margin is below 4x that error (where a
+        prediction can flip by rounding alone); `disagreement_in_near_ties`: the share of all disagreeing
+        pixels that are near-ties. Untrained or synthetic weights have many near-ties; trained ones few.
+    """
+    from semask.data.toy import render_scene
+    from semask.inference import normalize
+
+    rng = np.random.default_rng(0)
+    same = total = near = disagree = disagree_near = 0
+    err_sum = 0.0
+    for _ in range(images):
+        scene = render_scene(rng, size=max(size))[0][: size[0], : size[1]]
+        x = normalize(torch.from_numpy(scene).permute(2, 0, 1)[None].float().to(device))
+        with torch.inference_mode():
+            ref = model(x).logits.float()
+            with _autocast(device, precision):
+                low = model(x).logits.float()
+        err = (ref - low).abs().mean()
+        top2 = ref.topk(2, dim=1).values
+        tie = (top2[:, 0] - top2[:, 1]) < 4 * err
+        diff = ref.argmax(1) != low.argmax(1)
+        same += (~diff).sum().item()
+        total += diff.numel()
+        near += tie.sum().item()
+        disagree += diff.sum().item()
+        disagree_near += (diff & tie).sum().item()
+        err_sum += err.item()
+    return {"pixel_agreement": same / total, "mean_abs_logit_error": err_sum / images,
+            "near_tie_fraction": near / total,
+            "disagreement_in_near_ties": disagree_near / disagree if disagree else 1.0}
 
 
 def bench_train(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.device,
@@ -248,13 +302,14 @@ def bench_train(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.devi
             loss = semask_loss(model(x), y).total
         loss.backward()
 
-    flops = count_flops(fwd_bwd) / cfg.train_batch_size
-    opt.zero_grad(set_to_none=True)
     with PeakMemory(device) as mem:
         stats = time_it(step, cfg.warmup, cfg.repeats, device)
+    opt.zero_grad(set_to_none=True)
+    flops = count_flops(fwd_bwd) / cfg.train_batch_size  # after timing: its memory is not the model's
     return {"batch_size": cfg.train_batch_size, "step": stats,
             "images_per_s": cfg.train_batch_size / stats["median_s"], "flops_per_image": flops,
             "achieved_flops": flops * cfg.train_batch_size / stats["median_s"], "peak_memory_bytes": mem.peak_bytes,
+            "baseline_memory_bytes": mem.baseline_bytes,
             "optimizer": "AdamW (fused)" if fused else "AdamW (foreach)",
             "grad_checkpointing": cfg.grad_checkpointing}
 
@@ -274,26 +329,24 @@ def bench_protocols(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.
     return out
 
 
-def bench_eval_memory(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
-    """Peak memory of whole-image inference + metric accumulation over growing numbers of images."""
+def bench_eval_memory(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.device,
+                      count: int) -> dict[str, Any]:
+    """Peak memory of whole-image inference + metric accumulation over `count` images (run once per count
+    in a fresh process: equal peaks for different counts show memory independent of the split size)."""
     from semask.inference import Predictor
     from semask.metrics import SegmentationMetric
 
     model.eval()
     predictor = Predictor(model, mode="whole", device=device, scale=(2048, min(cfg.size)))
     rng = np.random.default_rng(0)
-    out = {}
-    for count in cfg.eval_images:
-        metric = SegmentationMetric(cfg.num_classes, device=device)
-        with PeakMemory(device) as mem:
-            for _ in range(count):
-                image = rng.integers(0, 256, size=(*cfg.size, 3), dtype=np.uint8)
-                label = rng.integers(0, cfg.num_classes, size=cfg.size)
-                pred = predictor(image)
-                metric.update(torch.from_numpy(pred), torch.from_numpy(label))
-            metric.compute()
-        out[str(count)] = mem.peak_bytes
-    return {"peak_memory_bytes_by_images": out}
+    metric = SegmentationMetric(cfg.num_classes, device=device)
+    with PeakMemory(device) as mem:
+        for _ in range(count):
+            image = rng.integers(0, 256, size=(*cfg.size, 3), dtype=np.uint8)
+            label = rng.integers(0, cfg.num_classes, size=cfg.size)
+            metric.update(torch.from_numpy(predictor(image)), torch.from_numpy(label))
+        metric.compute()
+    return {"images": count, "peak_memory_bytes": mem.peak_bytes, "baseline_memory_bytes": mem.baseline_bytes}
 
 
 def bench_data(cfg: BenchmarkConfig) -> dict[str, Any]:
@@ -302,42 +355,81 @@ def bench_data(cfg: BenchmarkConfig) -> dict[str, Any]:
     return measure_pipeline_throughput(num_images=cfg.data_images, size=cfg.protocol_size)
 
 
+def _run_task(task: str, cfg: BenchmarkConfig, count: Optional[int] = None) -> dict[str, Any]:
+    """One measurement, in the calling process (used inside the spawned child of `_isolated`)."""
+    device = torch.device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if device.type == "cpu" and cfg.keep_freed_memory:
+        keep_freed_memory()
+    model = _build(cfg, device)
+    forward = torch.compile(model) if cfg.compile else model
+    if task == "inference":
+        return bench_inference(cfg, model, device, forward)
+    if task == "train":
+        return bench_train(cfg, model, device, forward)
+    if task == "protocols":
+        return bench_protocols(cfg, model, device)
+    if task == "eval_memory":
+        return bench_eval_memory(cfg, model, device, count or 1)
+    raise ValueError(f"unknown task {task!r}")
+
+
+def _isolated(task: str, cfg: BenchmarkConfig, count: Optional[int] = None) -> dict[str, Any]:
+    """Run a measurement in a fresh process, so that its peak memory is its own and no earlier task's
+    allocations, caches or threads affect its timing."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_run_task, (task, cfg, count))
+
+
 def run_benchmark(cfg: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the configured measurements and return them as a JSON-ready dict."""
+    """Run the configured measurements and return them as a JSON-ready dict.
+
+    Each model measurement runs in its own spawned process (see `_isolated`); the matrix-multiply peak
+    is measured first, in this process, with the same thread count.
+    """
     unknown = sorted(set(cfg.tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown benchmark task(s) {unknown}; choose from {list(TASKS)}")
     if cfg.precision not in DTYPES:
         raise ValueError(f"precision must be one of {list(DTYPES)}, got {cfg.precision!r}")
+    if cfg.checkpoint:  # the file decides the architecture and the class count
+        loaded = semask.load_checkpoint(cfg.checkpoint)
+        cfg = dataclasses.replace(cfg, model=loaded.name, num_classes=loaded.num_classes)
+        del loaded
+    if cfg.model not in semask.list_models():
+        raise ValueError(f"unknown model {cfg.model!r}; valid names: {', '.join(semask.list_models())}")
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {cfg.device!r} requested but CUDA is not available on this machine")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-    result: dict[str, Any] = {"config": dataclasses.asdict(cfg), "environment": environment(device)}
-    needs_model = {"inference", "train", "protocols", "eval_memory"} & set(cfg.tasks)
+    allocator = "glibc malloc, freed memory kept" if device.type == "cpu" and cfg.keep_freed_memory else "default"
+    result: dict[str, Any] = {"config": dataclasses.asdict(cfg),
+                              "environment": {**environment(device), "cpu_allocator": allocator}}
+    with torch.device("meta"):
+        result["parameters"] = sum(p.numel() for p in
+                                   semask.create_model(cfg.model, num_classes=cfg.num_classes).parameters())
     if {"inference", "train"} & set(cfg.tasks):
         n = cfg.matmul_size if device.type == "cpu" else 8192
         log(f"matmul peak ({cfg.precision}, {n}^3) ...")
-        peak = matmul_peak(DTYPES[cfg.precision], device, n)
-        result["matmul_peak"] = peak
-    if needs_model:
-        model = _build(cfg, device)
-        result["parameters"] = sum(p.numel() for p in model.parameters())
-        forward = torch.compile(model) if cfg.compile else model
-        for task, fn in (("inference", bench_inference), ("train", bench_train)):
-            if task in cfg.tasks:
-                log(f"{task} ...")
-                r = fn(cfg, model, device, forward)
-                r["fraction_of_matmul_peak"] = r["achieved_flops"] / result["matmul_peak"]["best_flops"]
-                result[task] = r
-        if "protocols" in cfg.tasks:
-            log("protocols (whole, msflip) ...")
-            result["protocols"] = bench_protocols(cfg, model, device)
-        if "eval_memory" in cfg.tasks:
-            log("evaluation memory ...")
-            result["eval_memory"] = bench_eval_memory(cfg, model, device)
+        result["matmul_peak"] = matmul_peak(DTYPES[cfg.precision], device, n)
+    for task in ("inference", "train"):
+        if task in cfg.tasks:
+            log(f"{task} ...")
+            r = _isolated(task, cfg)
+            r["fraction_of_matmul_peak"] = r["achieved_flops"] / result["matmul_peak"]["best_flops"]
+            result[task] = r
+    if "protocols" in cfg.tasks:
+        log("protocols (whole, msflip) ...")
+        result["protocols"] = _isolated("protocols", cfg)
+    if "eval_memory" in cfg.tasks:
+        log("evaluation memory ...")
+        result["eval_memory"] = {"peak_memory_bytes_by_images": {
+            str(n): _isolated("eval_memory", cfg, n)["peak_memory_bytes"] for n in cfg.eval_images}}
     if "data" in cfg.tasks:
         log("data pipeline ...")
         result["data"] = bench_data(cfg)
@@ -346,26 +438,31 @@ def run_benchmark(cfg: BenchmarkConfig, progress: bool = True) -> dict[str, Any]
 
 def summary(result: dict[str, Any]) -> str:
     """A few human-readable lines of a `run_benchmark` result."""
-    cfg = result["config"]
+    cfg, env = result["config"], result["environment"]
     lines = [f"{cfg['model']} {cfg['size'][0]}x{cfg['size'][1]} {cfg['precision']} on {cfg['device']} "
-             f"({result['environment']['cpu'] if cfg['device'] == 'cpu' else result['environment'].get('gpu')})"]
+             f"({env['cpu'] if cfg['device'] == 'cpu' else env.get('gpu')}, {env['torch_threads']} threads)"]
     if "matmul_peak" in result:
         lines.append(f"  matmul peak: {result['matmul_peak']['best_flops'] / 1e9:.1f} GFLOP/s")
+    mib = lambda b: f"{b / 2**20:.0f} MiB" if b is not None else "n/a"  # noqa: E731
     for task, key in (("inference", "latency"), ("train", "step")):
         if task in result:
             r = result[task]
-            mem = r["peak_memory_bytes"]
             lines.append(f"  {task}: batch {r['batch_size']}, {r[key]['median_s'] * 1e3:.1f} ms "
                          f"(IQR {r[key]['iqr_s'] * 1e3:.1f}), {r['images_per_s']:.2f} img/s, "
                          f"{r['flops_per_image'] / 1e9:.1f} GFLOP/img, {r['fraction_of_matmul_peak']:.1%} of peak, "
-                         f"peak mem {mem / 2**20:.0f} MiB" if mem else "")
+                         f"peak mem {mib(r['peak_memory_bytes'])} ({mib(r['baseline_memory_bytes'])} at start)")
+            if "agreement_with_fp32" in r:
+                a = r["agreement_with_fp32"]
+                lines.append(f"  {cfg['precision']} vs fp32: pixel agreement {a['pixel_agreement']:.3%}, mean |dlogit| "
+                             f"{a['mean_abs_logit_error']:.4f}, near-ties {a['near_tie_fraction']:.2%} of pixels "
+                             f"holding {a['disagreement_in_near_ties']:.1%} of the disagreements")
     if "protocols" in result:
         p = result["protocols"]
         lines.append(f"  protocols on {p['image_size'][0]}x{p['image_size'][1]}: whole {p['whole']['images_per_s']:.2f} "
                      f"img/s, msflip {p['msflip']['images_per_s']:.3f} img/s")
     if "eval_memory" in result:
         lines.append("  eval peak memory by images: " + ", ".join(
-            f"{k}: {v / 2**20:.0f} MiB" for k, v in result["eval_memory"]["peak_memory_bytes_by_images"].items()))
+            f"{k}: {mib(v)}" for k, v in result["eval_memory"]["peak_memory_bytes_by_images"].items()))
     if "data" in result:
         lines.append(f"  data pipeline: {result['data']['images_per_s_per_core']:.1f} img/s per core")
     return "\n".join(lines)
@@ -376,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = BenchmarkConfig()
     p = argparse.ArgumentParser(prog="semask benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=d.model, help=f"registry name (default {d.model})")
+    p.add_argument("--checkpoint", default=None, help="load these weights (official or semask checkpoint)")
     p.add_argument("--num-classes", type=int, default=d.num_classes)
     p.add_argument("--size", type=int, nargs="+", default=list(d.size), metavar="PX",
                    help="input side, or height and width (default 512)")
@@ -390,9 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--default-allocator", action="store_true",
+                   help="do not call semask.utils.keep_freed_memory() (CPU); see docs/benchmarks.md")
     p.add_argument("--matmul-size", type=int, default=d.matmul_size)
     p.add_argument("--protocol-repeats", type=int, default=d.protocol_repeats)
     p.add_argument("--data-images", type=int, default=d.data_images)
+    p.add_argument("--agreement-images", type=int, default=d.agreement_images,
+                   help="toy scenes for the bf16/fp16-vs-fp32 prediction agreement")
     p.add_argument("--json", default=None, help="also write the full result to this file")
     return p
 
@@ -403,12 +505,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(args.size) not in (1, 2):
         raise ValueError(f"--size takes one or two numbers, got {args.size}")
     cfg = BenchmarkConfig(
-        model=args.model, num_classes=args.num_classes, size=(args.size[0], args.size[-1]),
+        model=args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, size=(args.size[0], args.size[-1]),
         batch_size=args.batch_size, train_batch_size=args.train_batch_size, precision=args.precision,
         device=args.device, tasks=tuple(TASKS if "all" in args.tasks else args.tasks), warmup=args.warmup,
         repeats=args.repeats, compile=args.compile, grad_checkpointing=args.grad_checkpointing,
-        channels_last=not args.no_channels_last, threads=args.threads, matmul_size=args.matmul_size,
-        protocol_repeats=args.protocol_repeats, data_images=args.data_images)
+        channels_last=not args.no_channels_last, threads=args.threads,
+        keep_freed_memory=not args.default_allocator, matmul_size=args.matmul_size,
+        protocol_repeats=args.protocol_repeats, data_images=args.data_images,
+        agreement_images=args.agreement_images)
     result = run_benchmark(cfg)
     print(summary(result), file=sys.stderr)
     text = json.dumps(result, indent=2)

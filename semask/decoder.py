@@ -102,8 +102,9 @@ class SemanticFPNHead(nn.Module):
             (B, K, H_1, W_1), the summed semantic prior at stage 1's resolution.
         """
         size = priors[0].shape[-2:]
-        total = priors[0]
+        total = priors[0].float()  # summed in fp32 under autocast too
         for prior, units in zip(priors[1:], self.num_units[1:]):
+            prior = prior.float()
             for _ in range(units):
                 prior = F.interpolate(prior, size=(2 * prior.shape[-2], 2 * prior.shape[-1]),
                                       mode="bilinear", align_corners=False)

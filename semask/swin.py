@@ -150,13 +150,18 @@ class WindowAttention(nn.Module):
         Bw, N, C = x.shape
         qkv = self.qkv(x).view(Bw, N, 3, self.num_heads, C // self.num_heads)  # B*nW, N, 3, heads, d
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B*nW, heads, N, d
+        dtype = q.dtype
+        if q.device.type == "cpu" and dtype != torch.float32:
+            # on the CPU the fused kernel is faster in fp32 than in bf16/fp16 at Swin's small head size (and
+            # the bias keeps its precision); on GPUs the reduced-precision kernels are the fast ones
+            q, k, v = q.float(), k.float(), v.float()
         attn_mask = self.attention_mask(mask, q.dtype)  # 1 or nW, heads, N, N
         if attn_mask.shape[0] not in (1, Bw):
             # the fused kernels take 4-D inputs: repeat the per-window mask for every image of the batch
             attn_mask = attn_mask.expand(Bw // attn_mask.shape[0], *attn_mask.shape).reshape(Bw, *attn_mask.shape[1:])
         drop = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)  # B*nW, heads, N, d
-        out = out.transpose(1, 2).reshape(Bw, N, C)  # B*nW, N, C
+        out = out.transpose(1, 2).reshape(Bw, N, C).to(dtype)  # B*nW, N, C
         return self.proj_drop(self.proj(out))
 
 

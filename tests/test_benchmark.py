@@ -1,0 +1,77 @@
+"""The benchmark command: every task runs and reports consistent figures (no timing is asserted)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from semask.benchmark import BenchmarkConfig, count_flops, main, matmul_peak, run_benchmark, summary, time_it
+from semask.cli import main as cli_main
+
+
+def test_count_flops_counts_matmuls_convs_and_cpu_attention() -> None:
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+    conv = torch.nn.Conv2d(3, 5, 3, bias=False)
+    x = torch.randn(1, 3, 10, 10)
+    assert count_flops(lambda: conv(x)) == 2 * 5 * 3 * 9 * 8 * 8
+    q = torch.randn(2, 3, 49, 32)
+    with torch.no_grad():
+        flops = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    assert flops == 2 * (2 * 2 * 3 * 49 * 49 * 32)  # q k^T and a v
+
+
+def test_time_it_and_matmul_peak() -> None:
+    calls = []
+    stats = time_it(lambda: calls.append(1), warmup=2, repeats=5, device=torch.device("cpu"))
+    assert len(calls) == 7 and len(stats["times_s"]) == 5
+    assert stats["min_s"] <= stats["median_s"] <= stats["max_s"]
+    peak = matmul_peak(torch.float32, torch.device("cpu"), n=256, repeats=2)
+    assert peak["best_flops"] >= peak["median_flops"] > 0
+
+
+@pytest.mark.slow
+def test_every_task_on_the_toy_model(tmp_path: Path) -> None:
+    cfg = BenchmarkConfig(model="semask_toy_fpn", num_classes=6, size=(64, 64), tasks=(
+        "inference", "train", "protocols", "eval_memory", "data"), warmup=1, repeats=2, matmul_size=256,
+        protocol_size=(48, 64), protocol_repeats=1, data_images=4, eval_images=(1, 3), precision="bf16",
+        agreement_images=1)
+    result = run_benchmark(cfg, progress=False)
+    json.dumps(result)  # JSON-ready
+    for task in ("inference", "train"):
+        r = result[task]
+        assert r["flops_per_image"] > 0 and r["images_per_s"] > 0 and r["peak_memory_bytes"] > 0
+        assert r["fraction_of_matmul_peak"] == pytest.approx(r["achieved_flops"] / result["matmul_peak"]["best_flops"])
+    assert result["train"]["flops_per_image"] > 2 * result["inference"]["flops_per_image"]  # backward ~ 2x forward
+    assert 0.0 <= result["inference"]["agreement_with_fp32"]["pixel_agreement"] <= 1.0
+    assert set(result["protocols"]) == {"image_size", "whole", "msflip"}
+    assert set(result["eval_memory"]["peak_memory_bytes_by_images"]) == {"1", "3"}
+    assert result["data"]["images_per_s_per_core"] > 0
+    assert "semask_toy_fpn 64x64 bf16" in summary(result)
+
+
+def test_command_line_writes_json(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    assert cli_main(["benchmark", "--model", "semask_toy_fpn", "--num-classes", "4", "--size", "64", "48",
+                     "--tasks", "inference", "--warmup", "1", "--repeats", "2", "--matmul-size", "128",
+                     "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["size"] == [64, 48] and result["inference"]["latency"]["median_s"] > 0
+    assert json.loads(capsys.readouterr().out) == result
+
+
+def test_bad_options() -> None:
+    with pytest.raises(ValueError, match="unknown benchmark task"):
+        run_benchmark(BenchmarkConfig(tasks=("speed",)), progress=False)
+    with pytest.raises(ValueError, match="unknown model 'semask_huge'"):
+        run_benchmark(BenchmarkConfig(model="semask_huge"), progress=False)
+    with pytest.raises(SystemExit):
+        main(["--precision", "fp8"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA; the error is for machines without")
+def test_cuda_requested_without_cuda() -> None:
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        run_benchmark(BenchmarkConfig(device="cuda"), progress=False)
