@@ -1,0 +1,48 @@
+"""Project consistency: the README's test command is what CI runs; conda and pip list the same packages."""
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_test_command() -> str:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    commands = [b.strip() for b in blocks if "pytest" in b]
+    assert len(commands) == 1, f"expected one bash block running pytest in README.md, found {commands}"
+    return commands[0]
+
+
+def test_ci_runs_the_readme_test_command_verbatim() -> None:
+    command = _readme_test_command()
+    assert command == 'python -m pip install -e ".[dev]" && python -m pytest'
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert command in ci_lines
+
+
+def _normalise(requirement: str) -> str:
+    return re.sub(r"\s+", "", requirement).lower()
+
+
+def test_environment_yml_lists_the_pyproject_dependencies() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    expected = set(map(_normalise, project["dependencies"]))
+    for extra in project["optional-dependencies"].values():
+        expected |= set(map(_normalise, extra))
+    lines = (ROOT / "environment.yml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "- pip:")
+    pip_lines = []
+    for line in lines[start + 1:]:
+        if not line.startswith("      - "):
+            break
+        pip_lines.append(_normalise(line.strip()[2:]))
+    assert set(pip_lines) == expected
+    assert len(pip_lines) == len(set(pip_lines)), "duplicate entries in environment.yml"
+
+
+def test_the_notebooks_extra_is_part_of_dev() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(extras["notebooks"]) <= set(extras["dev"])
