@@ -27,11 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from semask.data.transforms import IMAGENET_MEAN, IMAGENET_STD, rescale_size
+from semask.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TEST_RATIOS, rescale_size, resize_image
 
 __all__ = ["MS_RATIOS", "ImageInput", "load_image", "normalize", "default_test_scale", "Predictor", "predict"]
 
-MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the paper's multi-scale test ratios
+MS_RATIOS = TEST_RATIOS  # the paper's multi-scale test ratios, 0.5 .. 1.75
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
 
@@ -65,7 +65,10 @@ def load_image(image: ImageInput) -> np.ndarray:
 
 
 def normalize(image: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) float RGB in 0..255 -> normalised with the ImageNet mean/std."""
+    """(B, 3, H, W) float RGB in 0..255, on any device -> normalised with the ImageNet mean/std.
+
+    (`semask.data.transforms.normalize` does the same for single CPU images in the data pipeline.)
+    """
     mean = torch.tensor(IMAGENET_MEAN, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
     return (image - mean) / std
@@ -74,13 +77,6 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
 def default_test_scale(model: nn.Module) -> tuple[int, int]:
     """(2048, 1024) for 19-class (Cityscapes) models, (2048, 512) otherwise, as in the released configs."""
     return (2048, 1024) if getattr(model, "num_classes", None) == 19 else (2048, 512)
-
-
-def _rescale(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of a (1, 3, H, W) 0..255 image, rounded like OpenCV's uint8 INTER_LINEAR."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    return F.interpolate(image, size=size, mode="bilinear", align_corners=False).round_().clamp_(0, 255)
 
 
 class Predictor:
@@ -152,11 +148,13 @@ class Predictor:
         """Class probabilities (K, H, W) at the original image size, averaged over scales and flips."""
         array = load_image(image)
         H0, W0 = array.shape[:2]
-        img = torch.from_numpy(np.ascontiguousarray(array)).to(self.device).permute(2, 0, 1)[None].float()
+        img = torch.from_numpy(np.ascontiguousarray(array)).to(self.device).permute(2, 0, 1)[None]  # 1, 3, H, W uint8
         probs = None
         for ratio in self.ratios:
             scale = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
-            batch = normalize(_rescale(img, rescale_size(H0, W0, scale)))  # 1, 3, h, w
+            size = rescale_size(H0, W0, scale)
+            # bilinear without antialiasing, rounded to uint8 like OpenCV's INTER_LINEAR in the reference
+            batch = normalize((resize_image(img, size) if size != (H0, W0) else img).float())  # 1, 3, h, w
             if self.flip:
                 batch = torch.cat([batch, batch.flip(-1)])  # one backbone pass for both
             p = self._logits(batch).softmax(dim=1)
