@@ -276,3 +276,15 @@ def test_bad_inputs_get_clear_errors(toy_model) -> None:
         toy_model(torch.randn(1, 4, 32, 32))
     with pytest.raises(ValueError, match="stages"):
         SeMaskSwin(semantic_global_stages=(4,))
+
+
+def test_sync_bn_variant_shares_the_checkpoint_layout() -> None:
+    torch.manual_seed(0)
+    plain = semask.create_model("semask_toy_fpn", num_classes=3).eval()
+    synced = semask.create_model("semask_toy_fpn", num_classes=3, sync_bn=True).eval()
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in plain.modules())
+    synced.load_state_dict(plain.state_dict())  # same keys and shapes
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(synced(x).logits, plain(x).logits)
