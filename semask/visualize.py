@@ -117,8 +117,11 @@ def _numpy(x: ArrayLike) -> np.ndarray:
 
 def _as_image(image: ImageInput, who: str) -> np.ndarray:
     """An (H, W, 3) uint8 RGB array from an array/tensor/path (see `semask.inference.load_image`)."""
-    if isinstance(image, (np.ndarray, torch.Tensor)) and (image.dtype.is_floating_point if isinstance(
-            image, torch.Tensor) else np.issubdtype(image.dtype, np.floating)):
+    if isinstance(image, torch.Tensor):
+        floating = image.is_floating_point()
+    else:
+        floating = isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating)
+    if floating:
         raise ValueError(f"{who}: expected an (H, W, 3) uint8 RGB image, got a {image.dtype} array of shape "
                          f"{tuple(image.shape)}; bring a normalised (3, H, W) image back with "
                          "semask.visualize.denormalize()")
@@ -158,7 +161,8 @@ def _present(labels: Sequence[np.ndarray], ignore_index: int, palette: Optional[
              class_names: Optional[Sequence[str]], who: str) -> tuple[list[int], np.ndarray]:
     """Sorted classes present in any of the label maps, and the (K, 3) palette (a default one when None).
 
-    Raises if a present class has no colour or no name."""
+    Raises if a present class has no colour or no name.
+    """
     present = sorted({int(k) for lab in labels for k in np.unique(lab) if k != ignore_index})
     if present and present[0] < 0:
         raise ValueError(f"{who}: negative class indices {[k for k in present if k < 0][:10]} in the label maps")
@@ -221,9 +225,9 @@ def denormalize(image: ArrayLike, mean: Sequence[float] = IMAGENET_MEAN,
     """
     array = _numpy(image)
     if array.ndim != 3 or array.shape[0] != 3 or not np.issubdtype(array.dtype, np.floating):
+        hint = " (take one image of the batch)" if array.ndim == 4 else ""
         raise ValueError(f"denormalize: expected a normalised float image of shape (3, H, W), got shape "
-                         f"{array.shape} dtype {array.dtype}" + (" (take one image of the batch)" if array.ndim == 4
-                                                                 else ""))
+                         f"{array.shape} dtype {array.dtype}{hint}")
     rgb = array.transpose(1, 2, 0).astype(np.float64) * np.asarray(std) + np.asarray(mean)  # H, W, 3
     return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
 

@@ -251,7 +251,9 @@ def test_plot_stage_priors_class_scores_from_a_model_output(toy_model):
     fig = plot_stage_priors(out, image=image, class_index=3)
     assert len(fig.axes) == 5
     assert np.array_equal(fig.axes[2].images[0].get_array(), image)
-    assert fig.axes[2].images[1].get_array().shape == (64, 64)
+    upsampled = torch.nn.functional.interpolate(out.stage_priors[2].softmax(1)[:, 3:4], size=(64, 64),
+                                                mode="bilinear", align_corners=False)[0, 0]  # stage 3: 4x4 -> 64x64
+    assert np.allclose(fig.axes[2].images[1].get_array(), upsampled.numpy(), atol=1e-6)
     assert "P(class 3)" in fig.axes[-1].get_ylabel()
 
 
