@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch.nn as nn
 
@@ -70,7 +70,7 @@ _SWIN = {
     "large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12),
     # sized for CPU training on the built-in toy data; global semantic attention in stages 3-4 as in SeMask-T
     "toy": dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7, drop_path_rate=0.1,
-                decoder_channels=64, semantic_global_stages=(2, 3), num_classes=10),
+                decoder_channels=64, semantic_global_stages=(2, 3), num_classes=11),  # the toy set's 11 classes
 }
 
 _REGISTRY: dict[str, ModelConfig] = {}
@@ -122,17 +122,30 @@ def build_model(config: ModelConfig, name: str = "semask") -> SeMaskFPN:
     return model
 
 
-def create_model(name: str, num_classes: Optional[int] = None, **overrides: Any) -> SeMaskFPN:
+def create_model(name: str, num_classes: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
+                 palette: Optional[Sequence[Sequence[int]]] = None, **overrides: Any) -> SeMaskFPN:
     """Build a registered model.
 
     Args:
         name: a name from `list_models()`, e.g. ``"semask_tiny_fpn"`` or ``"swin_tiny_fpn"``.
-        num_classes: decoder (and, unless `backbone_classes` is given, semantic-layer) classes.
+        num_classes: decoder (and, unless `backbone_classes` is given, semantic-layer) classes; defaults to
+            ``len(class_names)`` when class names are given.
+        class_names, palette: dataset metadata the model carries (into checkpoints and visualisations).
         **overrides: any other `ModelConfig` field, e.g. ``drop_path_rate=0.2`` or ``grad_checkpointing=True``.
 
     Returns:
         A `SeMaskFPN` in training mode with freshly initialised weights.
     """
+    if class_names is not None:
+        if num_classes is None:
+            num_classes = len(class_names)
+        elif len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names given for num_classes={num_classes}")
+    if palette is not None and num_classes is not None and len(palette) != num_classes:
+        raise ValueError(f"palette has {len(palette)} colours for {num_classes} classes")
     if num_classes is not None:
         overrides["num_classes"] = num_classes
-    return build_model(model_config(name, **overrides), name=name)
+    model = build_model(model_config(name, **overrides), name=name)
+    model.class_names = tuple(class_names) if class_names is not None else None
+    model.palette = [list(map(int, c)) for c in palette] if palette is not None else None
+    return model

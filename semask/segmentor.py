@@ -48,7 +48,7 @@ def check_input(x: torch.Tensor, in_chans: int = 3) -> None:
                          + (" (add a batch dimension with x[None])" if x.ndim == 3 else ""))
     if not x.is_floating_point():
         raise ValueError(f"expected a floating-point batch (normalised with the ImageNet mean/std), got {x.dtype}; "
-                         "use semask.inference.preprocess() to prepare uint8 images")
+                         "use semask.inference.normalize(uint8_batch.float()), or semask.predict() on images")
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise ValueError(f"expected a non-empty image, got spatial size {tuple(x.shape[2:])}")
 

@@ -69,7 +69,7 @@ def colorize(label: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: 
     if label.ndim != 2:
         raise ValueError(f"expected an (H, W) label map, got shape {label.shape}")
     lut = np.zeros((max(256, int(label.max(initial=0)) + 1), 3), dtype=np.uint8)
-    pal = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    pal = _as_palette(palette, 0, "colorize")
     lut[: len(pal)] = pal
     lut[ignore_index] = ignore_color
     valid = (label < len(pal)) | (label == ignore_index)
@@ -102,7 +102,7 @@ def save_label_map(label: np.ndarray, path: Union[str, os.PathLike],
     img = Image.fromarray(label.astype(np.uint8))  # mode L; putpalette turns it into mode P
     if palette is not None:
         flat = np.zeros((256, 3), dtype=np.uint8)
-        pal = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)[:256]
+        pal = _as_palette(palette, 0, "save_label_map")[:256]
         flat[: len(pal)] = pal
         img.putpalette(flat.flatten().tolist())
     with atomic_path(path) as tmp:

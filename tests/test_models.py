@@ -288,3 +288,13 @@ def test_sync_bn_variant_shares_the_checkpoint_layout() -> None:
     x = torch.randn(1, 3, 48, 48)
     with torch.no_grad():
         torch.testing.assert_close(synced(x).logits, plain(x).logits)
+
+
+def test_create_model_carries_class_names_and_palette() -> None:
+    model = semask.create_model("semask_toy_fpn", class_names=("a", "b", "c"), palette=[[1, 2, 3]] * 3)
+    assert model.num_classes == 3 and model.class_names == ("a", "b", "c") and model.palette == [[1, 2, 3]] * 3
+    assert semask.create_model("semask_toy_fpn").num_classes == 11  # the toy set's classes
+    with pytest.raises(ValueError, match="2 class names given for num_classes=3"):
+        semask.create_model("semask_toy_fpn", num_classes=3, class_names=("a", "b"))
+    with pytest.raises(ValueError, match="palette has 1 colours for 3 classes"):
+        semask.create_model("semask_toy_fpn", num_classes=3, palette=[[0, 0, 0]])

@@ -331,3 +331,14 @@ def test_plot_attention_rejects_bad_inputs():
         plot_attention(amap, 0, 0, batch_index=1)
     with pytest.raises(ValueError, match="expected a uint8 RGB image"):
         plot_attention(amap, 0, 0, image=np.zeros((8, 8, 3), dtype=np.int32))
+
+
+def test_palettes_out_of_range_are_rejected_not_wrapped(tmp_path) -> None:
+    from semask.visualize import colorize, save_label_map
+
+    label = np.zeros((2, 2), dtype=np.int64)
+    with pytest.raises(ValueError, match=r"colorize: palette values must lie in 0..255, got 0..300"):
+        colorize(label, [[300, 0, 0]])
+    with pytest.raises(ValueError, match=r"save_label_map: palette values must lie in 0..255"):
+        save_label_map(label, tmp_path / "x.png", palette=[[0, -1, 0]])
+    assert not (tmp_path / "x.png").exists()
