@@ -68,7 +68,7 @@ class BenchmarkConfig:
     protocol_size: tuple[int, int] = (512, 683)  # ADE20K-sized image for the inference protocols
     protocol_repeats: int = 2  # images timed per protocol
     data_images: int = 64  # JPEGs through the training pipeline
-    eval_images: tuple[int, ...] = (4, 16)  # image counts for the evaluation-memory check
+    eval_images: tuple[int, ...] = (4, 32)  # image counts for the evaluation-memory check
     agreement_images: int = 4  # toy scenes on which bf16/fp16 predictions are compared with fp32
 
 
@@ -236,9 +236,36 @@ def bench_inference(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.
            "flops_per_image": flops, "achieved_flops": flops * cfg.batch_size / stats["median_s"],
            "peak_memory_bytes": mem.peak_bytes, "baseline_memory_bytes": mem.baseline_bytes}
     if cfg.precision != "fp32":
+        out["speedup_vs_fp32"] = interleaved_speedup(forward, x, device, cfg.precision, cfg.warmup, cfg.repeats)
         out["agreement_with_fp32"] = prediction_agreement(model, device, cfg.precision, cfg.size,
                                                           cfg.agreement_images)
     return out
+
+
+def interleaved_speedup(forward: Callable, x: torch.Tensor, device: torch.device, precision: str, warmup: int,
+                        repeats: int) -> dict[str, float]:
+    """Median fp32 and `precision` latencies timed alternately in one process, and their ratio.
+
+    Alternating the two cancels the slow drifts of a shared machine that separate runs would fold into
+    the ratio.
+    """
+    def run(p: str) -> None:
+        with torch.inference_mode(), _autocast(device, p):
+            forward(x)
+
+    for _ in range(warmup):
+        run("fp32")
+        run(precision)
+    times: dict[str, list[float]] = {"fp32": [], precision: []}
+    for _ in range(repeats):
+        for p in ("fp32", precision):
+            _sync(device)
+            start = time.perf_counter()
+            run(p)
+            _sync(device)
+            times[p].append(time.perf_counter() - start)
+    fp32, low = statistics.median(times["fp32"]), statistics.median(times[precision])
+    return {"fp32_median_s": fp32, f"{precision}_median_s": low, "speedup": fp32 / low}
 
 
 def prediction_agreement(model: torch.nn.Module, device: torch.device, precision: str, size: tuple[int, int],
@@ -388,7 +415,9 @@ def run_benchmark(cfg: BenchmarkConfig, progress: bool = True) -> dict[str, Any]
     """Run the configured measurements and return them as a JSON-ready dict.
 
     Each model measurement runs in its own spawned process (see `_isolated`); the matrix-multiply peak
-    is measured first, in this process, with the same thread count.
+    is measured first, in this process, with the same thread count. Because of the spawned processes, a
+    script that calls this must do so under ``if __name__ == "__main__":`` (notebooks and the command
+    line need nothing).
     """
     unknown = sorted(set(cfg.tasks) - set(TASKS))
     if unknown:
@@ -451,6 +480,8 @@ def summary(result: dict[str, Any]) -> str:
                          f"(IQR {r[key]['iqr_s'] * 1e3:.1f}), {r['images_per_s']:.2f} img/s, "
                          f"{r['flops_per_image'] / 1e9:.1f} GFLOP/img, {r['fraction_of_matmul_peak']:.1%} of peak, "
                          f"peak mem {mib(r['peak_memory_bytes'])} ({mib(r['baseline_memory_bytes'])} at start)")
+            if "speedup_vs_fp32" in r:
+                lines.append(f"  {cfg['precision']} vs fp32, timed alternately: {r['speedup_vs_fp32']['speedup']:.2f}x faster")
             if "agreement_with_fp32" in r:
                 a = r["agreement_with_fp32"]
                 lines.append(f"  {cfg['precision']} vs fp32: pixel agreement {a['pixel_agreement']:.3%}, mean |dlogit| "

@@ -132,5 +132,6 @@ class SemanticFPNHead(nn.Module):
             if not priors:
                 raise ValueError("the prior branch needs the backbone's semantic priors, but none were given "
                                  "(is the backbone a plain Swin without semantic layers?)")
-            prior = self.sum_priors(priors)
+            with torch.autocast(priors[0].device.type, enabled=False):  # summed in fp32 under autocast too
+                prior = self.sum_priors(priors)
         return logits, prior

@@ -95,10 +95,10 @@ class SeMaskFPN(nn.Module):
         check_input(x)
         feats = self.backbone(x, return_attention=return_attention)
         decoder_logits, prior = self.decode_head(feats.features, feats.priors)
-        # class scores leave the model in fp32 even under autocast: the upsampled map is where argmax and
-        # softmax happen (and on the CPU fp32 bilinear resizing is the faster one)
+        # class scores leave the model in fp32 even under autocast (which would resize in bf16/fp16): the
+        # upsampled map is where argmax and softmax happen, and on the CPU fp32 resizing is also the faster
         decoder_logits = decoder_logits.float()
-        prior = prior.float() if prior is not None else None
-        logits = F.interpolate(decoder_logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.interpolate(decoder_logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return SegmentationOutput(logits=logits, prior_logits=prior, decoder_logits=decoder_logits,
                                   stage_priors=feats.priors, attentions=feats.attentions)

@@ -298,3 +298,21 @@ def test_create_model_carries_class_names_and_palette() -> None:
         semask.create_model("semask_toy_fpn", num_classes=3, class_names=("a", "b"))
     with pytest.raises(ValueError, match="palette has 1 colours for 3 classes"):
         semask.create_model("semask_toy_fpn", num_classes=3, palette=[[0, 0, 0]])
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_unfused_cpu_attention_path_equals_the_fused_one(shifted: bool) -> None:
+    """The batched-matmul path (bf16/fp16 on the CPU) computes the same attention as SDPA."""
+    torch.manual_seed(0)
+    attn = WindowAttention(32, 4, 7).eval()
+    shift = shift_window_mask(14, 21, 7, 3) if shifted else None
+    x = torch.randn(2 * 6, 49, 32)
+    with torch.no_grad():
+        q, k, v = attn.qkv(x).view(12, 49, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        fused = attn(x, shift)
+        unfused = attn.proj(attn._attend_unfused(q, k, v, shift).transpose(1, 2).reshape(12, 49, 32))
+        torch.testing.assert_close(unfused, fused, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = attn(x, shift)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), fused, rtol=0.05, atol=0.05)
