@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from semask.data.classes import default_palette
 from semask.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_label
 from semask.inference import ImageInput, load_image
 from semask.semantic import SemanticAttentionMap
@@ -45,12 +46,6 @@ __all__ = [
 ArrayLike = Union[np.ndarray, torch.Tensor]
 Palette = Sequence[Sequence[int]]
 PANEL_INCHES = 3.0  # side of one image panel in the plot_* figures
-
-
-def default_palette(num_classes: int, seed: int = 0) -> list[list[int]]:
-    """A deterministic random palette (one RGB triple per class) for models without their own."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, size=(num_classes, 3)).tolist()
 
 
 def colorize(label: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: int = 255,

@@ -5,7 +5,10 @@ tuple is the model's output channel ``k``. Palettes are the standard visualisati
 """
 from __future__ import annotations
 
+import numpy as np
+
 __all__ = [
+    "default_palette",
     "ADE20K_CLASSES",
     "ADE20K_PALETTE",
     "CITYSCAPES_CLASSES",
@@ -116,3 +119,9 @@ COCO_STUFF_PALETTE: tuple[tuple[int, int, int], ...] = (  # one RGB colour per c
     (0, 64, 160), (192, 160, 192), (192, 192, 0), (128, 64, 96), (192, 32, 64), (192, 64, 128), (64, 192, 96),
     (64, 160, 64), (64, 64, 0),
 )
+
+
+def default_palette(num_classes: int, seed: int = 0) -> list[list[int]]:
+    """A reproducible random palette, one RGB triple per class, for datasets and models without their own."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(num_classes, 3)).tolist()

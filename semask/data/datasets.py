@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from semask.data.classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE,
-                                 COCO_STUFF_CLASSES, COCO_STUFF_PALETTE)
+                                 COCO_STUFF_CLASSES, COCO_STUFF_PALETTE, default_palette)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -171,12 +171,6 @@ def pair_files(img_dir: str | Path, ann_dir: str | Path, img_suffix: str,
         raise DatasetError(f"{len(no_image)} label(s) under {ann_dir} have no image '<name>{img_suffix}' under "
                            f"{img_dir}: {_list([str(labels[k].relative_to(ann_dir)) for k in no_image])}")
     return [(images[k], labels[k]) for k in sorted(images)]
-
-
-def default_palette(num_classes: int, seed: int = 0) -> list[list[int]]:
-    """A reproducible palette of ``num_classes`` distinct-looking RGB colours (for datasets without one)."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, size=(num_classes, 3)).tolist()
 
 
 # --------------------------------------------------------------------------------------------- datasets
