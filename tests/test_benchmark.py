@@ -44,6 +44,7 @@ def test_every_task_on_the_toy_model(tmp_path: Path) -> None:
         r = result[task]
         assert r["flops_per_image"] > 0 and r["images_per_s"] > 0 and r["peak_memory_bytes"] > 0
         assert r["fraction_of_matmul_peak"] == pytest.approx(r["achieved_flops"] / result["matmul_peak"]["best_flops"])
+        assert r["best_fraction_of_matmul_peak"] >= r["fraction_of_matmul_peak"]
     assert result["train"]["flops_per_image"] > 2 * result["inference"]["flops_per_image"]  # backward ~ 2x forward
     assert 0.0 <= result["inference"]["agreement_with_fp32"]["pixel_agreement"] <= 1.0
     assert set(result["protocols"]) == {"image_size", "whole", "msflip"}
