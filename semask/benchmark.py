@@ -533,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matmul-size", type=int, default=d.matmul_size)
     p.add_argument("--protocol-repeats", type=int, default=d.protocol_repeats)
     p.add_argument("--data-images", type=int, default=d.data_images)
+    p.add_argument("--eval-images", type=int, nargs="+", default=list(d.eval_images),
+                   help="image counts for the evaluation-memory task (default 4 32)")
     p.add_argument("--agreement-images", type=int, default=d.agreement_images,
                    help="toy scenes for the bf16/fp16-vs-fp32 prediction agreement")
     p.add_argument("--json", default=None, help="also write the full result to this file")
@@ -552,7 +554,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         channels_last=not args.no_channels_last, threads=args.threads,
         keep_freed_memory=not args.default_allocator, matmul_size=args.matmul_size,
         protocol_repeats=args.protocol_repeats, data_images=args.data_images,
-        agreement_images=args.agreement_images)
+        agreement_images=args.agreement_images, eval_images=tuple(args.eval_images))
     result = run_benchmark(cfg)
     print(summary(result), file=sys.stderr)
     text = json.dumps(result, indent=2)
