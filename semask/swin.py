@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, trunc_normal_
 
 from semask.semantic import SemanticAttentionMap, SemanticLayer
+from semask.utils import LRUCache
 from semask.windows import pad_to_multiple, window_partition, window_reverse
 
 __all__ = [
@@ -112,7 +113,7 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self._cache: dict[tuple, torch.Tensor] = {}
+        self._cache = LRUCache(maxsize=8)  # attention masks per (table version, dtype, feature size)
 
     def relative_position_bias(self) -> torch.Tensor:
         """The bias of every head for every token pair: (heads, w*w, w*w)."""
@@ -120,26 +121,32 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)  # N, N, heads
         return bias.permute(2, 0, 1).contiguous()  # heads, N, N
 
-    def attention_mask(self, shift_mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """The additive mask for SDPA: (1, heads, N, N) bias, or (nW, heads, N, N) bias + shift mask."""
+    def attention_mask(self, shift_mask: Optional[torch.Tensor], dtype: torch.dtype,
+                       cache_key: Optional[tuple] = None) -> torch.Tensor:
+        """The additive mask for SDPA: (1, heads, N, N) bias, or (nW, heads, N, N) bias + shift mask.
+
+        Args:
+            shift_mask: (nW, N, N) shift mask of a shifted block, or None.
+            dtype: dtype of the attention logits.
+            cache_key: identifies `shift_mask` (the padded feature size); without it a shifted block's mask is
+                rebuilt each call. In inference the result is cached per key and dtype (a few sizes at most)
+                and rebuilt when the bias table changes.
+        """
         table = self.relative_position_bias_table
-        caching = not (torch.is_grad_enabled() and table.requires_grad)
-        key = (table._version, table.data_ptr(), dtype,
-               None if shift_mask is None else (shift_mask.data_ptr(), tuple(shift_mask.shape)))
-        if caching and key in self._cache:
-            return self._cache[key]
+        caching = not (torch.is_grad_enabled() and table.requires_grad) and (shift_mask is None or cache_key is not None)
+        key = (table._version, table.data_ptr(), table.device, dtype, cache_key if shift_mask is not None else None)
+        if caching and (cached := self._cache.get(key)) is not None:
+            return cached
         bias = self.relative_position_bias().unsqueeze(0)  # 1, heads, N, N
         if shift_mask is not None:
             bias = bias + shift_mask.unsqueeze(1)  # nW, heads, N, N
         bias = bias.to(dtype)
         if caching:
-            if len(self._cache) > 8:  # many feature sizes seen (e.g. multi-scale testing): keep the newest
-                self._cache.clear()
-            self._cache[key] = bias
+            self._cache.put(key, bias)
         return bias
 
-    def _attend_unfused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _attend_unfused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                        mask_key: Optional[tuple] = None) -> torch.Tensor:
         """softmax(q k^T / sqrt(d) + bias) v with batched matmuls: (B*nW, heads, N, d) -> same.
 
         Used for bf16/fp16 on the CPU, where PyTorch's fused kernel is slower than two batched matmuls at
@@ -147,7 +154,7 @@ class WindowAttention(nn.Module):
         """
         Bw = q.shape[0]
         attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # B*nW, heads, N, N
-        bias = self.attention_mask(mask, attn.dtype)  # 1 or nW, heads, N, N
+        bias = self.attention_mask(mask, attn.dtype, mask_key)  # 1 or nW, heads, N, N
         if bias.shape[0] not in (1, Bw):
             attn = (attn.view(Bw // bias.shape[0], *bias.shape) + bias).view(Bw, *bias.shape[1:])  # per image
         else:
@@ -157,12 +164,14 @@ class WindowAttention(nn.Module):
             attn = F.dropout(attn, self.attn_drop)
         return attn.to(v.dtype) @ v  # B*nW, heads, N, d
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                mask_key: Optional[tuple] = None) -> torch.Tensor:
         """Attend inside windows.
 
         Args:
             x: (B * nW, N, C) window tokens, N = w*w, windows of one image consecutive.
             mask: optional (nW, N, N) additive shift mask shared by every image of the batch.
+            mask_key: identifies `mask` for caching (see `attention_mask`).
 
         Returns:
             (B * nW, N, C).
@@ -171,9 +180,9 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(x).view(Bw, N, 3, self.num_heads, C // self.num_heads)  # B*nW, N, 3, heads, d
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B*nW, heads, N, d
         if q.device.type == "cpu" and q.dtype != torch.float32:
-            out = self._attend_unfused(q, k, v, mask)
+            out = self._attend_unfused(q, k, v, mask, mask_key)
         else:
-            attn_mask = self.attention_mask(mask, q.dtype)  # 1 or nW, heads, N, N
+            attn_mask = self.attention_mask(mask, q.dtype, mask_key)  # 1 or nW, heads, N, N
             if attn_mask.shape[0] not in (1, Bw):
                 # the fused kernels take 4-D inputs: repeat the per-window mask for every image of the batch
                 attn_mask = attn_mask.expand(Bw // attn_mask.shape[0], *attn_mask.shape).reshape(Bw, *attn_mask.shape[1:])
@@ -212,7 +221,7 @@ class SwinBlock(nn.Module):
         Hp, Wp = y.shape[1:3]
         if s:
             y = torch.roll(y, shifts=(-s, -s), dims=(1, 2))
-        y = self.attn(window_partition(y, w), shift_mask if s else None)  # B*nW, w*w, C
+        y = self.attn(window_partition(y, w), shift_mask if s else None, (Hp, Wp) if s else None)  # B*nW, w*w, C
         y = window_reverse(y, w, Hp, Wp)  # B, Hp, Wp, C
         if s:
             y = torch.roll(y, shifts=(s, s), dims=(1, 2))
@@ -285,7 +294,7 @@ class SwinStage(nn.Module):
         )
         self.downsample = PatchMerging(dim, norm_layer) if downsample else None
         self.grad_checkpointing = False
-        self._mask_cache: dict[tuple, torch.Tensor] = {}
+        self._mask_cache = LRUCache(maxsize=8)  # shift masks per padded feature size
 
     def shift_mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         """Cached (nW, N, N) shift mask for a feature map of size (height, width) before padding."""
@@ -295,7 +304,7 @@ class SwinStage(nn.Module):
         mask = self._mask_cache.get(key)
         if mask is None:
             mask = shift_window_mask(hp, wp, w, w // 2, device=device)
-            self._mask_cache[key] = mask
+            self._mask_cache.put(key, mask)
         return mask
 
     def forward(self, x: torch.Tensor, return_attention: bool = False

@@ -1,6 +1,7 @@
 """Small shared utilities of semask (arXiv 2112.12782): atomic file writes and seeding."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import ctypes.util
@@ -8,12 +9,12 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Hashable, Iterator, Optional, Union
 
 import numpy as np
 import torch
 
-__all__ = ["atomic_path", "seed_everything", "keep_freed_memory"]
+__all__ = ["atomic_path", "seed_everything", "keep_freed_memory", "LRUCache"]
 
 
 @contextlib.contextmanager
@@ -73,3 +74,28 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h parameter numbers
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+class LRUCache:
+    """A small least-recently-used cache (for per-feature-size attention masks): at most `maxsize` entries."""
+
+    def __init__(self, maxsize: int = 8):
+        self.maxsize = maxsize
+        self._data: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
+
+    def get(self, key: Hashable) -> Optional[Any]:
+        """The value for `key` (marked as recently used), or None."""
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        """Store `value`, evicting the least recently used entry beyond `maxsize`."""
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.maxsize:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)

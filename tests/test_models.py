@@ -244,16 +244,42 @@ def test_attention_mask_cache_follows_parameter_updates() -> None:
     attn = WindowAttention(8, 2, 3).eval()
     shift = shift_window_mask(6, 6, 3, 1)  # 4 windows
     with torch.no_grad():
-        first = attn.attention_mask(shift, torch.float32)
+        first = attn.attention_mask(shift, torch.float32, (6, 6))
         assert first.shape == (4, 2, 9, 9)
-        assert attn.attention_mask(shift, torch.float32) is first  # cached in inference
+        assert attn.attention_mask(shift, torch.float32, (6, 6)) is first  # cached in inference
+        assert attn.attention_mask(shift, torch.float32) is not first  # no key: not cached
         torch.testing.assert_close(first, attn.relative_position_bias()[None] + shift[:, None])
         attn.relative_position_bias_table.add_(1.0)
-        second = attn.attention_mask(shift, torch.float32)
+        second = attn.attention_mask(shift, torch.float32, (6, 6))
         assert attn.attention_mask(None, torch.float32).shape == (1, 2, 9, 9)
     torch.testing.assert_close(second, first + 1.0)
     # with autograd the mask is rebuilt every time (the table is being trained)
-    assert attn.attention_mask(shift, torch.float32) is not attn.attention_mask(shift, torch.float32)
+    assert attn.attention_mask(shift, torch.float32, (6, 6)) is not attn.attention_mask(shift, torch.float32, (6, 6))
+
+
+def test_mask_caches_stay_small_and_sizes_never_collide(toy_model) -> None:
+    """Many input sizes (as in an evaluation over real images) keep bounded caches and correct outputs."""
+    randomize_gammas(toy_model)
+    stage = toy_model.backbone.layers[0]
+    sizes = [(28 + 4 * i, 56 - 4 * i) for i in range(10)] * 2  # hits, misses and evictions
+    inputs = [torch.randn(1, 3, 4 * h, 4 * w, generator=torch.Generator().manual_seed(i))
+              for i, (h, w) in enumerate(sizes)]
+
+    def reset_caches() -> None:
+        for m in toy_model.modules():
+            if isinstance(m, WindowAttention):
+                m._cache = type(m._cache)(maxsize=8)
+            elif hasattr(m, "_mask_cache"):
+                m._mask_cache = type(m._mask_cache)(maxsize=8)
+
+    with torch.no_grad():
+        reset_caches()
+        with_caches = [toy_model(x).logits for x in inputs]
+        assert len(stage._mask_cache) == 8
+        assert all(len(m._cache) <= 8 for m in toy_model.modules() if isinstance(m, WindowAttention))
+        for x, expected in zip(inputs, with_caches):
+            reset_caches()
+            torch.testing.assert_close(toy_model(x).logits, expected)
 
 
 def test_window_attention_batches_share_the_shift_mask() -> None:

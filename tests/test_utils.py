@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from semask.utils import atomic_path, seed_everything
+from semask.utils import LRUCache, atomic_path, seed_everything
 
 
 def test_atomic_path_replaces_only_on_success(tmp_path: Path) -> None:
@@ -39,3 +39,12 @@ def test_keep_freed_memory_applies_in_a_fresh_process() -> None:
             "x = torch.ones(64, 2**20); del x; print(ok)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ("True" if sys.platform.startswith("linux") else "False")
+
+
+def test_lru_cache_evicts_the_least_recently_used() -> None:
+    cache = LRUCache(maxsize=2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # a is now the most recent
+    cache.put("c", 3)
+    assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3 and len(cache) == 2
