@@ -149,7 +149,6 @@ class SemanticLayer(nn.Module):
         w = self.window_size
         if w is None:
             tokens = x.reshape(B, H * W, C)  # B, H*W, C
-            Hp, Wp = H, W
         else:
             x = pad_to_multiple(x, w)  # B, Hp, Wp, C
             Hp, Wp = x.shape[1:3]
