@@ -5,21 +5,36 @@ line does can also be done from Python and is tested there.
 
     semask list-models [PATTERN]
     semask info CHECKPOINT
-    semask predict CHECKPOINT IMAGE [IMAGE ...] --out DIR [--mode whole|slide|msflip]
+    semask predict CHECKPOINT IMAGE [IMAGE ...] --out DIR [--mode whole|slide|msflip] [--overwrite]
     semask toy-data ROOT [--seed N]
     semask convert cityscapes ROOT
     semask convert coco-stuff10k ROOT
     semask benchmark [--model semask_tiny --size 512 ...]
+
+Errors (`main`): every error is printed as one line, ``semask COMMAND: error: MESSAGE``, without a traceback
+unless ``--debug`` is given (anywhere on the line); the exit status is 2 for usage errors (bad arguments,
+paths, names, outputs that would overwrite something) and 1 for failures (`semask.errors`). A sub-command
+gets this by raising the package's errors; it prints notes on stderr as ``semask COMMAND: note: ...``.
+The environment variable ``SEMASK_MAX_IMAGE_PIXELS`` raises the image size limit for trusted large images.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["main", "build_parser"]
+from semask.errors import BatchError, UsageError, error_lines, exit_status
+
+__all__ = ["main", "build_parser", "note"]
+
+
+def note(command: str, message: str) -> None:
+    """Tell the user something on stderr without failing: ``semask COMMAND: note: MESSAGE``."""
+    print(f"semask {command}: note: {message}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -49,31 +64,58 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from semask.checkpoint import load_checkpoint
+    from semask.data.classes import default_palette
+    from semask.errors import SemaskError
     from semask.inference import Predictor
+    from semask.utils import check_device, plan_outputs
     from semask.visualize import save_label_map
 
-    model = load_checkpoint(args.checkpoint, map_location=args.device)
+    device = check_device(args.device)
+    images, seen = [], set()
+    for image in args.images:  # the same file named twice is segmented once
+        key = os.path.realpath(image)
+        if key not in seen:
+            seen.add(key)
+            images.append(image)
+    missing = [i for i in images if not os.path.exists(i)]
+    folders = [i for i in images if os.path.isdir(i)]
+    if missing or folders:
+        parts = ([f"{len(missing)} image(s) do not exist: {', '.join(missing[:10])}"] if missing else []) + (
+            [f"{len(folders)} image path(s) are folders, not files: {', '.join(folders[:10])}"] if folders else [])
+        raise UsageError("; ".join(parts))
+    # every output is decided and checked before anything is read or written
+    targets = plan_outputs(images, args.out, ".png", overwrite=args.overwrite, protected=[args.checkpoint])
+    model = load_checkpoint(args.checkpoint, map_location=device)
     predictor = Predictor(model, mode=args.mode, scale=tuple(args.scale) if args.scale else None,
-                          crop_size=args.crop_size, stride=args.stride, device=args.device)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for image in args.images:
-        label = predictor(image)
-        target = out_dir / (Path(image).stem + ".png")
-        save_label_map(label, target, palette=model.palette if args.color else None)
+                          crop_size=args.crop_size, stride=args.stride, device=device)
+    palette = None
+    if args.color:
+        palette = model.palette
+        if palette is None:
+            palette = default_palette(model.num_classes)
+            note("predict", f"{args.checkpoint} has no palette: using semask's default palette for "
+                            f"{model.num_classes} classes")
+    failures = []
+    for image, target in zip(images, targets):
+        try:
+            label = predictor(image)
+            save_label_map(label, target, palette=palette)
+        except (SemaskError, OSError, MemoryError) as exc:  # one bad image does not drop the others
+            failures.append((image, exc))
+            for line in error_lines(exc):
+                print(f"semask predict: error: {line if image in line else f'{image}: {line}'}", file=sys.stderr)
+            continue
         print(f"{image} -> {target}")
+    if failures:
+        raise BatchError([(i, e) for i, e in failures], len(images), "images")
     return 0
 
 
 def _cmd_toy_data(args: argparse.Namespace) -> int:
     from semask.data.toy import make_toy_dataset
 
-    try:
-        root = make_toy_dataset(args.root, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
-                                size=args.size, overwrite=args.overwrite)
-    except FileExistsError as exc:  # an existing dataset is kept unless --overwrite: say so, no traceback
-        print(f"semask toy-data: error: {exc}", file=sys.stderr)
-        return 2
+    root = make_toy_dataset(args.root, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
+                            size=args.size, overwrite=args.overwrite)
     print(f"toy dataset written to {root}")
     return 0
 
@@ -98,7 +140,10 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `semask` command (exposed for tests and documentation)."""
-    parser = argparse.ArgumentParser(prog="semask", description="SeMask semantic segmentation toolkit.")
+    parser = argparse.ArgumentParser(prog="semask", description="SeMask semantic segmentation toolkit.",
+                                     epilog="Errors print one line each; exit status 2 for usage errors, 1 for "
+                                            "failures.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (allowed anywhere)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("list-models", help="list the registered model names")
@@ -112,14 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment images with a checkpoint and write label PNGs")
     p.add_argument("checkpoint")
     p.add_argument("images", nargs="+")
-    p.add_argument("--out", required=True, help="output folder for the label maps")
+    p.add_argument("--out", required=True,
+                   help="output folder for the label maps: <name>.png, keeping the inputs' paths relative to the "
+                        "folder that holds them all; never an input file, existing ones only with --overwrite")
     p.add_argument("--mode", choices=["whole", "slide", "msflip"], default="whole")
     p.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"), default=None,
                    help="keep-ratio test scale (default: (2048, 512), Cityscapes-sized models (2048, 1024))")
     p.add_argument("--crop-size", type=int, default=512, help="window size for --mode slide")
     p.add_argument("--stride", type=int, default=341, help="window stride for --mode slide")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--color", action="store_true", help="write colour PNGs with the checkpoint's palette")
+    p.add_argument("--color", action="store_true",
+                   help="write colour PNGs with the checkpoint's palette (semask's default palette if it has none)")
+    p.add_argument("--overwrite", action="store_true", help="replace label maps that already exist in --out")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("toy-data", help="write the built-in synthetic toy dataset (ADE20K layout)")
@@ -128,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-train", type=int, default=None, help="number of training images (default: the toy set's)")
     p.add_argument("--num-val", type=int, default=None, help="number of validation images (default: the toy set's)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the toy set's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at ROOT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a toy dataset at ROOT (only files semask wrote, as its manifest lists them)")
     p.set_defaults(func=_cmd_toy_data)
 
     p = sub.add_parser("convert", help="convert a downloaded dataset into the layout semask reads")
@@ -145,19 +195,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
-    parser = build_parser()
+    """Run the command line; returns the exit status (0 success, 1 failure, 2 usage error).
+
+    Errors are printed one line each (`semask.errors.error_lines`), with a traceback only under ``--debug``.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["benchmark"]:
-        args = argparse.Namespace(command="benchmark", func=_cmd_benchmark, benchmark_args=argv[1:])
-    else:
-        args = parser.parse_args(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    command = argv[0] if argv and not argv[0].startswith("-") else "command"
     try:
+        limit = os.environ.get("SEMASK_MAX_IMAGE_PIXELS")
+        if limit:
+            from PIL import Image
+
+            if not limit.isdigit() or int(limit) < 1:
+                raise UsageError(f"SEMASK_MAX_IMAGE_PIXELS must be a positive integer, got {limit!r}")
+            Image.MAX_IMAGE_PIXELS = int(limit)
+        if argv[:1] == ["benchmark"]:
+            args = argparse.Namespace(command="benchmark", func=_cmd_benchmark, benchmark_args=argv[1:])
+        else:
+            try:
+                args = build_parser().parse_args(argv)
+            except SystemExit as exc:  # argparse has printed the usage and its one-line error (or --help)
+                return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else 2
+        command = args.command
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        # Errors raised by the package already say what was expected and what arrived: show them plainly.
-        print(f"semask {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"semask {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the one place where errors become messages and exit statuses
+        if debug:
+            traceback.print_exc()
+        if not (isinstance(exc, BatchError) and command == "predict"):  # predict printed each failure already
+            for line in error_lines(exc):
+                print(f"semask {command}: error: {line}", file=sys.stderr)
+        else:
+            print(f"semask {command}: error: {str(exc)}", file=sys.stderr)
+        return exit_status(exc)
 
 
 if __name__ == "__main__":
