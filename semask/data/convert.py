@@ -7,8 +7,9 @@
   ``annotations/{train2014,test2014}/<name>_labelTrainIds.png`` with the 171 classes numbered 1..171
   (0 = unlabelled, so ``reduce_zero_label`` gives 0..170).
 
-Every output is written to a temporary file in the target folder and renamed into place, so an interrupted run
-never leaves a half-written file under the final name. Existing outputs are kept unless ``overwrite``.
+Every output is written with :func:`semask.utils.atomic_path` (a temporary file in the target folder, flushed
+to disk, then renamed into place), so an interrupted run never leaves a half-written file under the final
+name. Existing outputs are kept unless ``overwrite``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from semask.data.datasets import DatasetError, _list, read_label
+from semask.data.datasets import DatasetError, preview_list, read_label
+from semask.utils import atomic_path
 
 __all__ = [
     "CITYSCAPES_ID_TO_TRAIN_ID",
@@ -80,20 +82,9 @@ def coco_stuff10k_lut() -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- writing
-def _atomic(target: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temporary file beside ``target``, then rename it to ``target``."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp{target.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _save_png(array: np.ndarray, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(target, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    with atomic_path(target) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
 
 
 def _run(jobs: Sequence[Callable[[], bool]], num_workers: int | None) -> int:
@@ -193,7 +184,7 @@ def convert_coco_stuff10k(root: str | Path, overwrite: bool = False, num_workers
         absent += [f"{n}.mat" for n in names if not (root / "annotations" / f"{n}.mat").is_file()]
         if absent:
             raise DatasetError(f"convert_coco_stuff10k: {list_file} names {len(absent)} file(s) missing from "
-                               f"images/ or annotations/: {_list(absent)}")
+                               f"images/ or annotations/: {preview_list(absent)}")
         for name in names:
             jobs.append(_coco_job(root, folder, name, lut, overwrite))
     return _run(jobs, num_workers)
@@ -205,8 +196,8 @@ def _coco_job(root: Path, folder: str, name: str, lut: np.ndarray, overwrite: bo
         dst_image = root / "images" / folder / f"{name}.jpg"
         dst_label = root / "annotations" / folder / f"{name}_labelTrainIds.png"
         if overwrite or not dst_image.exists():
-            dst_image.parent.mkdir(parents=True, exist_ok=True)
-            _atomic(dst_image, lambda tmp: shutil.copyfile(src_image, tmp))
+            with atomic_path(dst_image) as tmp:
+                shutil.copyfile(src_image, tmp)
         if dst_label.exists() and not overwrite:
             return False
         labels = _load_mat_labels(src_mat)
