@@ -1,126 +1,256 @@
 """Inference with the test protocol of SeMask FPN (arXiv 2112.12782; SPEC §6).
 
-- whole image: rescale to fit the test scale keeping the aspect ratio ((2048, 512); (2048, 1024) for
-  Cityscapes), run the model (logits come back at the rescaled size), softmax, resize the probabilities to
-  the original size, argmax;
+- whole image: rescale to fit the test scale keeping the aspect ratio, run the model (logits come back at the
+  rescaled size), softmax, resize the probabilities to the original size, argmax;
 - sliding window: the same, but the rescaled image is covered by crop-size windows with a stride and the
   overlapping logits are averaged before the softmax;
 - multi-scale + flip: ratios 0.5 .. 1.75 of the test scale, each also flipped horizontally; the softmax
   maps (flipped ones flipped back) are averaged at the original size.
 
-The backbone runs once per scale: the flipped copy travels in the same batch as the original.
+The test scale, ratios and normalisation come from a `TestPipelineConfig` (`semask.data.TEST_PRESETS`); by
+default the one the model's recipe was tested with (`test_preset_for`). The backbone runs once per scale:
+the flipped copy travels in the same batch as the original.
+
+Where the protocol allows it the work is skipped, not approximated: with one view and no probabilities asked
+for, the labels are the argmax of the logits when the rescaled size is the original size (softmax and an
+identity resize do not change an argmax), and the softmax and the resize otherwise. Full-resolution maps are
+computed in place where possible, so multi-scale + flip holds about three class maps of the largest scale,
+plus the (K, H, W) running sum at the original size.
 
     predictor = Predictor(model, mode="whole")          # or "slide", or "msflip"
-    labels = predictor("image.jpg")                       # (H, W) int64 at the original size
+    labels = predictor("image.jpg")                       # (H, W) int64 numpy array at the original size
     labels, probs = predictor(image, return_probs=True)  # probs: (K, H, W) float32
+    labels = predictor.predict_labels(image)              # (H, W) int64 tensor on the model's device
 """
 from __future__ import annotations
 
 import contextlib
-import os
-from pathlib import Path
-from typing import Optional, Sequence, Union
+import dataclasses
+import math
+import numbers
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
-from semask.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TEST_RATIOS, rescale_size, resize_image
+from semask.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TEST_PRESETS, TEST_RATIOS, TestPipelineConfig,
+                                    multi_scale_sizes, resize_image, test_preset)
+from semask.errors import NonFiniteError, UsageError, UsageTypeError
+from semask.images import ImageInput, rgb_tensor
+from semask.models import model_config
+from semask.utils import check_device
 
-__all__ = ["MS_RATIOS", "ImageInput", "load_image", "normalize", "default_test_scale", "Predictor", "predict"]
+__all__ = [
+    "MS_RATIOS",
+    "ImageInput",
+    "load_image",
+    "normalize",
+    "test_preset_for",
+    "test_config_for",
+    "default_test_scale",
+    "eval_mode",
+    "Predictor",
+    "predict",
+]
 
 MS_RATIOS = TEST_RATIOS  # the paper's multi-scale test ratios, 0.5 .. 1.75
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+_CHUNK_BYTES = 256 << 20  # above this, the final resize + argmax of one view works on groups of classes
 
 
 def load_image(image: ImageInput) -> np.ndarray:
     """Bring a path, PIL image, array or tensor to an (H, W, 3) uint8 RGB array.
 
-    Arrays must be (H, W, 3) uint8 RGB; tensors (3, H, W) uint8 or (H, W, 3) uint8.
+    The rules (PIL modes, 16-bit and float images, layouts, size limit) are `semask.images`'; for example a
+    float tensor in torchvision's convention (0..1, (3, H, W)) is accepted, a float array of 0..255 values is
+    refused, and a 16-bit PNG is scaled to 8 bits.
     """
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image {str(path)!r} does not exist")
-        try:
-            with Image.open(path) as im:
-                return np.array(im.convert("RGB"))
-        except OSError as exc:
-            raise ValueError(f"image {str(path)!r} cannot be read: {exc}") from exc
-    if isinstance(image, Image.Image):
-        return np.array(image.convert("RGB"))
-    if isinstance(image, torch.Tensor):
-        if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
-            image = image.permute(1, 2, 0)  # H, W, 3
-        image = image.cpu().numpy()
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an (H, W, 3) RGB image, got an array of shape {image.shape}")
-        if image.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 RGB image (0..255), got dtype {image.dtype}")
-        return image
-    raise TypeError(f"expected a path, PIL image, numpy array or tensor, got {type(image).__name__}")
+    return rgb_tensor(image).cpu().numpy()
 
 
-def normalize(image: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) float RGB in 0..255, on any device -> normalised with the ImageNet mean/std.
+def normalize(image: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """(B, 3, H, W) float RGB in 0..255, on any device -> normalised with `mean`/`std` (ImageNet's by default).
 
     (`semask.data.transforms.normalize` does the same for single CPU images in the data pipeline.)
     """
-    mean = torch.tensor(IMAGENET_MEAN, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
-    return (image - mean) / std
+    mean_t = torch.tensor(mean, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+    return (image - mean_t) / std_t
+
+
+def test_preset_for(num_classes: int, embed_dim: int) -> str:
+    """The name of the `TEST_PRESETS` entry a model is tested with, from its class count and width.
+
+    The rule of the released recipes (SPEC §6): 19 classes -> ``"cityscapes"`` (2048, 1024); 171 ->
+    ``"coco_stuff10k"``; 150 or any other count -> ``"ade20k"`` (2048, 512); the Large width (embed dim 192,
+    trained on 640 crops) tests ADE20K and COCO-Stuff at (2560, 640): ``"ade20k_large"``,
+    ``"coco_stuff10k_large"``. The width of ``semask_toy_fpn`` gives ``"toy"`` (1024, 256), whatever the
+    class count.
+
+    Args:
+        num_classes: classes of the model's decoder.
+        embed_dim: channels of the backbone's first stage.
+
+    Returns:
+        A key of `semask.data.TEST_PRESETS`.
+    """
+    if embed_dim == model_config("semask_toy_fpn").embed_dim:
+        return "toy"
+    if num_classes == 19:
+        return "cityscapes"
+    name = "coco_stuff10k" if num_classes == 171 else "ade20k"
+    large = embed_dim == model_config("semask_large_fpn").embed_dim
+    return f"{name}_large" if large and f"{name}_large" in TEST_PRESETS else name
+
+
+test_preset_for.__test__ = False  # type: ignore[attr-defined]  # not a pytest test despite the name
+
+
+def test_config_for(model: nn.Module) -> TestPipelineConfig:
+    """The `TestPipelineConfig` of `model`'s recipe: ``TEST_PRESETS[test_preset_for(classes, embed dim)]``."""
+    config = getattr(model, "config", None)
+    embed_dim = config.embed_dim if config is not None else model.backbone.out_channels[0]
+    return test_preset(test_preset_for(model.num_classes, embed_dim))
+
+
+test_config_for.__test__ = False  # type: ignore[attr-defined]  # not a pytest test despite the name
 
 
 def default_test_scale(model: nn.Module) -> tuple[int, int]:
-    """(2048, 1024) for 19-class (Cityscapes) models, (2048, 512) otherwise, as in the released configs."""
-    return (2048, 1024) if getattr(model, "num_classes", None) == 19 else (2048, 512)
+    """The keep-ratio test scale of `model`'s recipe, ``test_config_for(model).scale``."""
+    return test_config_for(model).scale
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put `model` in eval mode for the block, then give every submodule back the mode it had."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise UsageTypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise UsageError(f"{name} must be a positive int, got {value}")
+    return int(value)
+
+
+def _check_scale(scale: object) -> tuple[int, int]:
+    if not isinstance(scale, (tuple, list)) or len(scale) != 2:
+        raise UsageError(f"scale must be two positive ints (long_max, short_max), got {scale!r}")
+    return _positive_int(scale[0], "scale[0]"), _positive_int(scale[1], "scale[1]")
+
+
+def _check_ratios(ratios: object) -> tuple[float, ...]:
+    if not isinstance(ratios, (tuple, list)) or not ratios:
+        raise UsageError(f"ratios must be a non-empty sequence of positive numbers, got {ratios!r}")
+    for r in ratios:
+        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(r) or r <= 0:
+            raise UsageError(f"ratios must be positive finite numbers, got {tuple(ratios)!r}")
+    return tuple(float(r) for r in ratios)
 
 
 class Predictor:
     """Segment images with the paper's test protocol.
 
     Args:
-        model: a `SeMaskFPN` (put in eval mode here).
-        mode: "whole", "slide" or "msflip" (whole-image inference at `MS_RATIOS` with flipping).
-        scale: keep-ratio test scale (long, short); default `default_test_scale(model)`.
-        ratios: scale ratios (default (1.0,), or `MS_RATIOS` for "msflip").
+        model: a `SeMaskFPN`. Each call runs it in eval mode and gives every module its mode back afterwards.
+        mode: "whole", "slide" or "msflip" (whole-image inference at the config's ratios with flipping).
+        scale: keep-ratio test scale (long, short); overrides the test config's.
+        ratios: scale ratios (default (1.0,), or the test config's ratios for "msflip").
         flip: also run the horizontally flipped image (default True for "msflip").
-        crop_size, stride: window and stride of the sliding-window mode.
-        device: where to run (default: the model's device).
+        crop_size, stride: window and stride of the sliding-window mode (stride <= crop_size, so that the
+            windows cover every pixel).
+        device: where to run (default: the model's device; given, the model is moved there). A device this
+            machine does not have is an error.
         amp_dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for full precision.
         window_batch: windows per forward pass in the sliding-window mode.
+        test_config: a `TestPipelineConfig` or the name of a `TEST_PRESETS` entry (scale, multi-scale ratios,
+            normalisation); default ``test_config_for(model)``, the one of the model's recipe.
+
+    Raises:
+        UsageError, UsageTypeError: an argument of the wrong type or out of range.
     """
 
     def __init__(self, model: nn.Module, mode: str = "whole", scale: Optional[tuple[int, int]] = None,
                  ratios: Optional[Sequence[float]] = None, flip: Optional[bool] = None, crop_size: int = 512,
                  stride: int = 341, device: Union[str, torch.device, None] = None,
-                 amp_dtype: Optional[torch.dtype] = None, window_batch: int = 4):
+                 amp_dtype: Optional[torch.dtype] = None, window_batch: int = 4,
+                 test_config: Union[TestPipelineConfig, str, None] = None):
         if mode not in ("whole", "slide", "msflip"):
-            raise ValueError(f"mode must be 'whole', 'slide' or 'msflip', got {mode!r}")
-        if crop_size < 1 or stride < 1:
-            raise ValueError(f"crop_size and stride must be positive, got {crop_size} and {stride}")
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model = model.to(self.device).eval()
+            raise UsageError(f"mode must be 'whole', 'slide' or 'msflip', got {mode!r}")
+        if not isinstance(model, nn.Module) or not hasattr(model, "num_classes"):
+            raise UsageTypeError(f"model must be a SeMaskFPN (semask.create_model / load_checkpoint), got "
+                                 f"{type(model).__name__}")
+        if test_config is None:
+            config = test_config_for(model)
+        elif isinstance(test_config, str):
+            config = test_preset(test_config)
+        elif isinstance(test_config, TestPipelineConfig):
+            config = test_config
+        else:
+            raise UsageTypeError(f"test_config must be a TestPipelineConfig or a preset name "
+                                 f"({', '.join(sorted(TEST_PRESETS))}), got {type(test_config).__name__}")
+        if scale is not None:
+            config = dataclasses.replace(config, scale=_check_scale(scale))
+        if flip is not None and not isinstance(flip, bool):
+            raise UsageTypeError(f"flip must be True, False or None, got {flip!r}")
+        if amp_dtype not in (None, torch.bfloat16, torch.float16):
+            raise UsageError(f"amp_dtype must be torch.bfloat16, torch.float16 or None, got {amp_dtype!r}")
+        self.crop_size = _positive_int(crop_size, "crop_size")
+        self.stride = _positive_int(stride, "stride")
+        self.window_batch = _positive_int(window_batch, "window_batch")
+        if self.stride > self.crop_size:
+            raise UsageError(f"stride {self.stride} is larger than crop_size {self.crop_size}: the windows would "
+                             "leave pixels uncovered; use a stride of at most the crop size")
+        if device is not None:
+            self.device = check_device(device)
+            model = model.to(self.device)
+        else:
+            self.device = next(model.parameters()).device
+        self.model = model
         self.mode = mode
-        self.scale = tuple(scale) if scale is not None else default_test_scale(model)
-        self.ratios = tuple(ratios) if ratios is not None else (MS_RATIOS if mode == "msflip" else (1.0,))
+        self.test_config = config
+        self.scale = config.scale
+        self.ratios = _check_ratios(ratios) if ratios is not None else (
+            config.ratios if mode == "msflip" else (1.0,))
         self.flip = flip if flip is not None else mode == "msflip"
-        self.crop_size, self.stride, self.window_batch = crop_size, stride, window_batch
         self.amp_dtype = amp_dtype
 
+    # ------------------------------------------------------------------------------------------- internals
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def _image(self, image: ImageInput) -> torch.Tensor:
+        """(1, 3, H, W) uint8 on the device (a view of an (H, W, 3) tensor, as the reference pipeline has it)."""
+        return rgb_tensor(image).to(self.device).permute(2, 0, 1)[None]  # 1, 3, H, W
+
+    def _check_finite(self, decoder_logits: torch.Tensor) -> None:
+        # the full-size logits are a bilinear resize of these: finite here means finite there
+        if not bool(torch.isfinite(decoder_logits).all()):
+            hint = (" Under float16 autocast activations can overflow: try amp_dtype=torch.bfloat16 or None."
+                    if self.amp_dtype == torch.float16 else "")
+            raise NonFiniteError("the model produced NaN or infinite class scores for this image (weights or "
+                                 f"activations out of range); no labels can be given.{hint}")
+
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """Logits (B, K, h, w) of a normalised batch, whole or by sliding windows."""
+        """Logits (B, K, h, w) float32 of a normalised batch, whole or by sliding windows."""
         with self._autocast():
             if self.mode != "slide":
-                return self.model(batch).logits.float()
+                out = self.model(batch)
+                self._check_finite(out.decoder_logits)
+                return out.logits.float()
             return self._slide(batch)
 
     def _slide(self, batch: torch.Tensor) -> torch.Tensor:
@@ -135,44 +265,134 @@ class Predictor:
         for start in range(0, len(boxes), self.window_batch):
             chunk = boxes[start:start + self.window_batch]
             crops = torch.cat([batch[:, :, y:y + h, x:x + w] for y, x in chunk])  # n*B, 3, h, w
-            logits = self.model(crops).logits.float().view(len(chunk), B, -1, h, w)
+            out = self.model(crops)
+            self._check_finite(out.decoder_logits)
+            logits = out.logits.float().view(len(chunk), B, -1, h, w)
             if total is None:
                 total = torch.zeros(B, logits.shape[2], H, W, device=batch.device)
-            for (y, x), out in zip(chunk, logits):
-                total[:, :, y:y + h, x:x + w] += out
+            for (y, x), window in zip(chunk, logits):
+                total[:, :, y:y + h, x:x + w] += window
                 count[:, :, y:y + h, x:x + w] += 1
+        if not bool((count > 0).all()):  # cannot happen with stride <= crop_size; never average over nothing
+            raise RuntimeError("sliding windows left pixels uncovered")
         return total / count
+
+    def _view_logits(self, img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Logits (B, K, h, w) of the image rescaled to `size` (B = 2 with its flipped copy)."""
+        H0, W0 = img.shape[-2:]
+        # bilinear without antialiasing, rounded to uint8 like OpenCV's INTER_LINEAR in the reference
+        batch = (resize_image(img, size) if size != (H0, W0) else img).float()  # 1, 3, h, w
+        mean = torch.tensor(self.test_config.mean, device=batch.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.test_config.std, device=batch.device).view(1, 3, 1, 1)
+        batch.sub_(mean).div_(std)
+        if self.flip:
+            batch = torch.cat([batch, batch.flip(-1)])  # one backbone pass for both
+        return self._logits(batch)
+
+    def _sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        return multi_scale_sizes(height, width, self.scale, self.ratios)
+
+    @staticmethod
+    def _softmax_views(logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over classes, flipped copy flipped back and added: (B, K, h, w) -> (1, K, h, w), in place.
+
+        One image of the batch at a time and the flip in groups of classes, so that the temporaries stay
+        at one class map of one image (instead of three or four for the whole batch).
+        """
+        for b in range(logits.shape[0]):
+            logits[b:b + 1] = logits[b:b + 1].softmax(dim=1)
+        if logits.shape[0] == 2:
+            step = max(1, logits.shape[1] // 8)
+            for c in range(0, logits.shape[1], step):
+                logits[0, c:c + step] += logits[1, c:c + step].flip(-1)
+        return logits[:1]
+
+    def _summed_probabilities(self, img: torch.Tensor) -> torch.Tensor:
+        """Sum over all views of the softmax maps at the original size, (K, H, W) float32."""
+        H0, W0 = img.shape[-2:]
+        total = None
+        for size in self._sizes(H0, W0):
+            p = self._softmax_views(self._view_logits(img, size))  # 1, K, h, w
+            if p.shape[-2:] != (H0, W0):
+                p = F.interpolate(p, size=(H0, W0), mode="bilinear", align_corners=False)
+            if total is None:
+                total = p[0] if p.shape[-2:] != (H0, W0) or size != (H0, W0) else p[0].clone()
+            else:
+                total += p[0]
+            del p
+        return total
+
+    def _num_views(self) -> int:
+        return len(self.ratios) * (2 if self.flip else 1)
+
+    # ------------------------------------------------------------------------------------------- public
+    @torch.no_grad()
+    def predict_labels(self, image: ImageInput) -> torch.Tensor:
+        """The label map of one image, as a tensor on the model's device (no copy to the host).
+
+        Args:
+            image: a path, PIL image, array or tensor (see `semask.images` for what is accepted).
+
+        Returns:
+            (H, W) int64 class indices at the original size.
+
+        Raises:
+            NonFiniteError: the model's scores are NaN or infinite (never a silent map of class 0).
+            ImageError, LimitError, UsageError: an image that cannot be read or used.
+        """
+        img = self._image(image)
+        H0, W0 = img.shape[-2:]
+        with eval_mode(self.model):
+            if self._num_views() > 1:
+                return self._summed_probabilities(img).div_(self._num_views()).argmax(0)
+            size = self._sizes(H0, W0)[0]
+            logits = self._view_logits(img, size)  # 1, K, h, w
+            if size == (H0, W0):  # softmax and an identity resize leave the argmax as it is
+                return logits[0].argmax(0)
+            probs = self._softmax_views(logits)
+            return _resize_argmax(probs, (H0, W0))
 
     @torch.no_grad()
     def probabilities(self, image: ImageInput) -> torch.Tensor:
-        """Class probabilities (K, H, W) at the original image size, averaged over scales and flips."""
-        array = load_image(image)
-        H0, W0 = array.shape[:2]
-        img = torch.from_numpy(np.ascontiguousarray(array)).to(self.device).permute(2, 0, 1)[None]  # 1, 3, H, W uint8
-        probs = None
-        for ratio in self.ratios:
-            scale = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
-            size = rescale_size(H0, W0, scale)
-            # bilinear without antialiasing, rounded to uint8 like OpenCV's INTER_LINEAR in the reference
-            batch = normalize((resize_image(img, size) if size != (H0, W0) else img).float())  # 1, 3, h, w
-            if self.flip:
-                batch = torch.cat([batch, batch.flip(-1)])  # one backbone pass for both
-            p = self._logits(batch).softmax(dim=1)
-            if self.flip:
-                p = p[:1] + p[1:].flip(-1)
-            p = F.interpolate(p, size=(H0, W0), mode="bilinear", align_corners=False)[0]
-            probs = p if probs is None else probs + p
-        return probs / (len(self.ratios) * (2 if self.flip else 1))
+        """Class probabilities (K, H, W) float32 at the original image size, averaged over scales and flips."""
+        img = self._image(image)
+        with eval_mode(self.model):
+            return self._summed_probabilities(img).div_(self._num_views())
 
     def __call__(self, image: ImageInput, return_probs: bool = False
                  ) -> Union[np.ndarray, tuple[np.ndarray, np.ndarray]]:
         """Label map (H, W) int64 at the original size; with `return_probs`, also (K, H, W) float32 probabilities."""
-        probs = self.probabilities(image)
-        labels = probs.argmax(0).cpu().numpy()
-        return (labels, probs.cpu().numpy()) if return_probs else labels
+        if return_probs:
+            probs = self.probabilities(image)
+            return probs.argmax(0).cpu().numpy(), probs.cpu().numpy()
+        return self.predict_labels(image).cpu().numpy()
+
+
+def _resize_argmax(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """argmax over classes of `probs` (1, K, h, w) resized bilinearly to `size`, as (H, W) int64.
+
+    Small maps are resized at once; large ones in groups of classes with a running maximum (the first of
+    equal maxima wins, as in `torch.argmax`), so that memory stays at a few class maps of the output size.
+    """
+    K = probs.shape[1]
+    per_class = size[0] * size[1] * probs.element_size()
+    if K * per_class <= _CHUNK_BYTES:
+        return F.interpolate(probs, size=size, mode="bilinear", align_corners=False)[0].argmax(0)
+    step = max(1, _CHUNK_BYTES // per_class)
+    best = labels = None
+    for c in range(0, K, step):
+        part = F.interpolate(probs[:, c:c + step], size=size, mode="bilinear", align_corners=False)[0]
+        value, index = part.max(0)
+        if best is None:
+            best, labels = value, index.add_(c)
+        else:
+            better = value > best
+            best = torch.where(better, value, best)
+            labels = torch.where(better, index.add_(c), labels)
+    return labels
 
 
 def predict(model: nn.Module, image: ImageInput, mode: str = "whole", return_probs: bool = False, **kwargs
             ) -> Union[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """One-call inference: `Predictor(model, mode, **kwargs)(image, return_probs)`."""
+    """One-call inference: `Predictor(model, mode, **kwargs)(image, return_probs)`; the model's modes are kept."""
     return Predictor(model, mode=mode, **kwargs)(image, return_probs=return_probs)

@@ -103,10 +103,10 @@ def test_bad_inputs(model, tmp_path: Path) -> None:
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(ValueError, match="broken.jpg"):
         load_image(broken)
-    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
-        load_image(np.zeros((10, 10), dtype=np.uint8))
-    with pytest.raises(ValueError, match="uint8"):
-        load_image(np.zeros((10, 10, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"\(H, W, C\) with C = 1, 3 or 4"):
+        load_image(np.zeros((10, 10, 2), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"read as 0\.\.1"):
+        load_image(np.full((10, 10, 3), 200.0, dtype=np.float32))
     with pytest.raises(TypeError, match="list"):
         load_image([1, 2, 3])
     with pytest.raises(ValueError, match="mode"):

@@ -41,7 +41,7 @@ def test_rescale_size_fits_and_keeps_ratio(h, w, long_max, short_max):
     long_max, short_max = max(long_max, short_max), min(long_max, short_max)
     new_h, new_w = rescale_size(h, w, (long_max, short_max))
     s = min(long_max / max(h, w), short_max / min(h, w))
-    assert (new_h, new_w) == (int(h * s + 0.5), int(w * s + 0.5))
+    assert (new_h, new_w) == (max(int(h * s + 0.5), 1), max(int(w * s + 0.5), 1))  # never 0 rows or columns
     assert max(new_h, new_w) <= long_max and min(new_h, new_w) <= short_max
     assert max(new_h, new_w) == long_max or min(new_h, new_w) == short_max  # one side touches its limit
 

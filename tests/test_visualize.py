@@ -170,7 +170,7 @@ def test_plot_segmentation_default_palette_and_legend_limit():
     (dict(class_names=["red"]), ValueError, r"class index 2 has no name \(1 class names given\)"),
     (dict(alpha=1.5), ValueError, "alpha must lie in"),
     (dict(image=np.zeros((8, 10, 3), dtype=np.float32)), ValueError, "denormalize"),
-    (dict(image=np.zeros((8, 10), dtype=np.uint8)), ValueError, r"plot_segmentation: expected an \(H, W, 3\)"),
+    (dict(image=np.zeros((8, 10, 2), dtype=np.uint8)), ValueError, r"plot_segmentation: .*C = 1, 3 or 4"),
     (dict(axes="two"), ValueError, "needs 2 axes"),
 ])
 def test_plot_segmentation_rejects_bad_inputs(kwargs, error, message):
@@ -329,8 +329,8 @@ def test_plot_attention_rejects_bad_inputs():
         plot_attention(amap, 4, 0)
     with pytest.raises(IndexError, match="batch_index 1 outside a batch of 1"):
         plot_attention(amap, 0, 0, batch_index=1)
-    with pytest.raises(ValueError, match="expected a uint8 RGB image"):
-        plot_attention(amap, 0, 0, image=np.zeros((8, 8, 3), dtype=np.int32))
+    with pytest.raises(ValueError, match=r"integer values 0\.\.300; expected 0\.\.255"):
+        plot_attention(amap, 0, 0, image=np.arange(192, dtype=np.int32).reshape(8, 8, 3) * 300 // 191)
 
 
 def test_palettes_out_of_range_are_rejected_not_wrapped(tmp_path) -> None:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from semask.data.photometric import PhotoMetricDistortion, coin, randint, uniform
+from semask.errors import UnknownNameError, UsageError
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -64,13 +65,13 @@ def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, 
 
     Returns:
         ``(new_h, new_w)`` with ``s = min(long_max / long_side, short_max / short_side)`` and
-        ``new = int(x * s + 0.5)``.
+        ``new = max(int(x * s + 0.5), 1)``: a very thin image (1 x 5000) keeps one row instead of none.
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"rescale_size: expected a positive image size, got height={height}, width={width}")
     long_max, short_max = max(scale), min(scale)
     factor = min(long_max / max(height, width), short_max / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
+    return max(int(height * factor + 0.5), 1), max(int(width * factor + 0.5), 1)
 
 
 def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
@@ -259,6 +260,24 @@ class TestPipelineConfig:
 
     __test__ = False  # not a pytest test class despite the name
 
+    def __post_init__(self) -> None:
+        for name in ("scale", "ratios", "mean", "std"):  # lists (from JSON or the command line) -> tuples
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        scale, ratios = self.scale, self.ratios
+        if (not isinstance(scale, tuple) or len(scale) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in scale)):
+            raise UsageError(f"TestPipelineConfig: scale must be two positive ints (long_max, short_max), got "
+                             f"{scale!r}")
+        if (not isinstance(ratios, tuple) or not ratios
+                or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < float("inf")
+                           for r in ratios)):
+            raise UsageError(f"TestPipelineConfig: ratios must be a non-empty tuple of positive numbers, got "
+                             f"{ratios!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise UsageError(f"TestPipelineConfig: mean and std must be three numbers each (RGB), std positive; "
+                             f"got mean={self.mean!r}, std={self.std!r}")
+
 
 def _ratio_set(crop: int, long_side: int, cat_max_ratio: float) -> TrainPipelineConfig:
     return TrainPipelineConfig(crop_size=(crop, crop), scale=(long_side, crop), ratios=TRAIN_RATIOS,
@@ -300,7 +319,7 @@ TEST_PRESETS: dict[str, TestPipelineConfig] = {
 
 def _lookup(presets: dict[str, Any], name: str, kind: str) -> Any:
     if name not in presets:
-        raise KeyError(f"unknown {kind} preset {name!r}; valid names: {', '.join(sorted(presets))}")
+        raise UnknownNameError(f"unknown {kind} preset {name!r}; valid names: {', '.join(sorted(presets))}")
     return presets[name]
 
 
