@@ -10,13 +10,19 @@
   with the resolved config and, for training, the optimizer/scheduler/scaler/iteration/RNG states.
 
 Every file is read with `torch.load(..., weights_only=True)`: no code from a checkpoint is ever executed.
+Before anything is built, the architecture a file claims is checked against `LIMITS` (class counts, depths,
+widths, parameters: a few-kilobyte file with stride-0 tensors can claim millions of classes) and against the
+file's own tensor shapes on the `meta` device; each architectural number is read from every tensor that shows
+it and the majority wins, so one odd tensor is reported as the odd one. NaN or infinite weights are an error.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -26,12 +32,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from semask.models import _SWIN, ModelConfig, build_model, model_config, released_global_stages
+from semask.errors import LimitError, NonFiniteError, SemaskError, UsageError
+from semask.models import (ModelConfig, build_model, check_class_metadata, model_config, released_global_stages,
+                           variant_size)
 from semask.segmentor import SeMaskFPN
-from semask.utils import atomic_path
+from semask.utils import atomic_path, check_device
 
 __all__ = [
     "CheckpointError",
+    "CheckpointLimitError",
+    "CheckpointNonFiniteError",
+    "ArchitectureLimits",
+    "LIMITS",
+    "check_architecture",
+    "check_tensors",
+    "check_finite",
     "LoadReport",
     "read_checkpoint_file",
     "infer_model_config",
@@ -47,8 +62,39 @@ PathLike = Union[str, os.PathLike]
 FORMAT = "semask-checkpoint-v1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SemaskError, ValueError):
     """A checkpoint that cannot be used as asked; the message names the file and what is wrong."""
+
+
+class CheckpointLimitError(CheckpointError, LimitError):
+    """A checkpoint that claims an architecture beyond `LIMITS` (the message says how to raise the limit)."""
+
+
+class CheckpointNonFiniteError(CheckpointError, NonFiniteError):
+    """A checkpoint with NaN or infinite weights (the message names the tensors)."""
+
+
+@dataclass
+class ArchitectureLimits:
+    """Upper bounds on the architecture a checkpoint may claim, checked before anything is allocated.
+
+    The released models stay far below them (SeMask-L: 211M parameters, 171 classes, 18 blocks, width 192).
+    For a trusted file beyond them raise the field, e.g. ``semask.checkpoint.LIMITS.max_classes = 50_000``.
+    """
+
+    max_classes: int = 10_000  # decoder and semantic-layer classes
+    max_stages: int = 8  # backbone stages
+    max_depth: int = 64  # Swin blocks per stage
+    max_embed_dim: int = 1024  # channels of stage 1
+    max_heads: int = 128  # attention heads per stage
+    max_window: int = 64  # Swin window size
+    max_mlp_ratio: float = 16.0  # MLP hidden width / channels
+    max_sem_blocks: int = 16  # semantic attention blocks per semantic layer
+    max_decoder_channels: int = 4096  # width of the Semantic-FPN towers
+    max_parameters: int = 2_000_000_000  # parameters of the whole model
+
+
+LIMITS = ArchitectureLimits()
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -93,8 +139,41 @@ def _layer_indices(sd: Mapping[str, torch.Tensor], pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in sd if (m := rx.match(k))})
 
 
+def _contiguous(indices: list[int], what: str, limit: int, limit_name: str, source: str) -> int:
+    """len(indices), checked to be at most `limit` and numbered 0..n-1."""
+    if len(indices) > limit:
+        raise CheckpointLimitError(f"{source}: the file has {len(indices)} {what}, above "
+                                   f"semask.checkpoint.LIMITS.{limit_name} = {limit}; raise that limit only if "
+                                   "the file is trusted")
+    if indices != list(range(len(indices))):
+        present = set(indices)
+        gaps = [i for i in range(len(indices) + 1) if i not in present][:5]
+        raise CheckpointError(f"{source}: {what} are numbered {indices[:12]}; expected 0..{len(indices) - 1} "
+                              f"(missing {gaps})")
+    return len(indices)
+
+
+def _vote(votes: list[tuple[str, Any]], what: str, source: str) -> Any:
+    """The value most tensors agree on (the earliest of equally common ones), or an error naming `what`."""
+    if not votes:
+        raise CheckpointError(f"{source}: cannot tell the {what}: no tensor of the file shows it")
+    counts = Counter(value for _, value in votes)
+    top = max(counts.values())
+    return next(value for _, value in votes if counts[value] == top)
+
+
+def _dims(sd: Mapping[str, torch.Tensor], key: str, ndim: int) -> Optional[tuple[int, ...]]:
+    tensor = sd.get(key)
+    return tuple(tensor.shape) if isinstance(tensor, torch.Tensor) and tensor.ndim == ndim else None
+
+
 def infer_model_config(sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> tuple[str, ModelConfig]:
     """Infer the architecture of a SeMask FPN / Swin FPN state dict from its tensor shapes.
+
+    Each number is read from every tensor that shows it (the width from the patch embedding and every norm,
+    the window and heads from every block's relative-position table, the class counts from every semantic
+    layer and the classifier, ...) and the value most of them agree on wins, so a single wrong-shaped tensor
+    cannot change the inferred architecture: loading then reports that tensor, and only it, as mis-shaped.
 
     Args:
         sd: weights with `backbone.` / `decode_head.` prefixes.
@@ -104,60 +183,186 @@ def infer_model_config(sd: Mapping[str, torch.Tensor], source: str = "checkpoint
         (registry-style name, `ModelConfig`). Whether stages 3-4 use global semantic attention cannot be
         seen in the weights: a registered size keeps its registry entry's choice (for the released sizes,
         the released models' rule `released_global_stages`), any other size follows that rule.
+
+    Raises:
+        CheckpointError: not a SeMask/Swin FPN state dict, or numbers that make no architecture.
+        CheckpointLimitError: an architecture beyond `LIMITS`.
     """
     need = ["backbone.patch_embed.proj.weight", "decode_head.conv_seg.weight"]
     absent = [k for k in need if k not in sd]
     if absent:
         raise CheckpointError(f"{source}: not a SeMask/Swin FPN checkpoint; missing {absent}. "
                               f"First keys found: {sorted(sd)[:8]}")
-    embed_dim = sd["backbone.patch_embed.proj.weight"].shape[0]
-    stages = _layer_indices(sd, r"backbone\.layers\.(\d+)\.")
-    depths, heads = [], []
-    for i in stages:
-        blocks = _layer_indices(sd, rf"backbone\.layers\.{i}\.blocks\.(\d+)\.")
-        table = sd.get(f"backbone.layers.{i}.blocks.0.attn.relative_position_bias_table")
-        if not blocks or table is None:
-            raise CheckpointError(f"{source}: stage {i} has no Swin blocks with a relative_position_bias_table")
-        depths.append(len(blocks))
-        heads.append(table.shape[1])
-    table = sd["backbone.layers.0.blocks.0.attn.relative_position_bias_table"]
-    window = (int(round(table.shape[0] ** 0.5)) + 1) // 2
-    mlp_ratio = sd["backbone.layers.0.blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
-    q_key = "backbone.layers.0.semantic_layer.class_injection.0.mlp_cls_q.weight"
-    semantic = q_key in sd
-    num_classes, channels = sd["decode_head.conv_seg.weight"].shape[:2]
-    backbone_classes = sd[q_key].shape[0] if semantic else None
-    sem_blocks = len(_layer_indices(sd, r"backbone\.layers\.0\.semantic_layer\.class_injection\.(\d+)\.")) or 1
-    config = ModelConfig(
-        embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(heads), window_size=window,
-        num_classes=num_classes, backbone_classes=backbone_classes if backbone_classes != num_classes else None,
-        semantic=semantic, num_sem_blocks=sem_blocks, mlp_ratio=mlp_ratio, decoder_channels=channels)
+    stages = _contiguous(_layer_indices(sd, r"backbone\.layers\.(\d+)\."), "stages (backbone.layers.N)",
+                         LIMITS.max_stages, "max_stages", source)
+    depths = [_contiguous(_layer_indices(sd, rf"backbone\.layers\.{i}\.blocks\.(\d+)\."),
+                          f"blocks of stage {i}", LIMITS.max_depth, "max_depth", source) for i in range(stages)]
+    if not stages or not all(depths):
+        raise CheckpointError(f"{source}: every backbone stage needs Swin blocks; found {depths or 'no stages'}")
+
+    def block(i: int, j: int, rest: str) -> str:
+        return f"backbone.layers.{i}.blocks.{j}.{rest}"
+
+    width: list[tuple[str, Any]] = []  # channels of stage 1
+    for key, ndim in (("backbone.patch_embed.proj.weight", 4), ("backbone.patch_embed.proj.bias", 1),
+                      ("backbone.patch_embed.norm.weight", 1)):
+        if (dims := _dims(sd, key, ndim)) is not None:
+            width.append((key, dims[0]))
+    for i in range(stages):
+        for key in [f"backbone.norm{i}.weight"] + [block(i, j, "norm1.weight") for j in range(depths[i])]:
+            if (dims := _dims(sd, key, 1)) is not None and dims[0] % 2 ** i == 0:
+                width.append((key, dims[0] // 2 ** i))
+    embed_dim = _vote(width, "embedding width", source)
+    windows, heads, ratios = [], [], []
+    for i in range(stages):
+        stage_heads = []
+        for j in range(depths[i]):
+            key = block(i, j, "attn.relative_position_bias_table")
+            if (dims := _dims(sd, key, 2)) is not None:
+                side = math.isqrt(dims[0])
+                if side * side == dims[0] and side % 2 == 1:
+                    windows.append((key, (side + 1) // 2))
+                stage_heads.append((key, dims[1]))
+            key = block(i, j, "mlp.fc1.weight")
+            if (dims := _dims(sd, key, 2)) is not None:
+                ratios.append((key, dims[0] / (embed_dim * 2 ** i)))
+        heads.append(_vote(stage_heads, f"attention heads of stage {i}", source))
+    window = _vote(windows, "window size (relative_position_bias_table)", source)
+    mlp_ratio = _vote(ratios, "MLP ratio (mlp.fc1)", source)
+    classes = [(k, d[0]) for k, n in (("decode_head.conv_seg.weight", 4), ("decode_head.conv_seg.bias", 1))
+               if (d := _dims(sd, k, n)) is not None]
+    num_classes = _vote(classes, "number of classes (decode_head.conv_seg)", source)
+    channels = [("decode_head.conv_seg.weight", d[1])] if (d := _dims(sd, "decode_head.conv_seg.weight", 4)) else []
+    channels += [(k, v.shape[0]) for k, v in sd.items()
+                 if re.match(r"decode_head\.scale_heads\.\d+\.\d+\.(conv\.weight|bn\.weight)$", k) and v.ndim >= 1]
+    decoder_channels = _vote(channels, "decoder width (decode_head.conv_seg)", source)
+    rx_sem = re.compile(r"backbone\.layers\.(\d+)\.semantic_layer\.class_injection\.(\d+)\.(mlp_cls_[qk])\.(weight|bias)$")
+    sem_classes, sem_blocks = [], {}
+    for k, v in sd.items():
+        if (m := rx_sem.match(k)) and v.ndim >= 1:
+            sem_classes.append((k, v.shape[0]))
+            sem_blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    semantic = bool(sem_classes)
+    backbone_classes = _vote(sem_classes, "semantic-layer classes (mlp_cls_q)", source) if semantic else None
+    num_sem_blocks = _vote([(str(i), len(b)) for i, b in sorted(sem_blocks.items())], "semantic blocks",
+                           source) if semantic else 1
+    limits = [("num_classes", num_classes, LIMITS.max_classes, "max_classes"),
+              ("backbone_classes", backbone_classes or 0, LIMITS.max_classes, "max_classes"),
+              ("embed_dim", embed_dim, LIMITS.max_embed_dim, "max_embed_dim"),
+              ("num_heads", max(heads), LIMITS.max_heads, "max_heads"),
+              ("window_size", window, LIMITS.max_window, "max_window"),
+              ("mlp_ratio", mlp_ratio, LIMITS.max_mlp_ratio, "max_mlp_ratio"),
+              ("num_sem_blocks", num_sem_blocks, LIMITS.max_sem_blocks, "max_sem_blocks"),
+              ("decoder_channels", decoder_channels, LIMITS.max_decoder_channels, "max_decoder_channels")]
+    for what, value, limit, limit_name in limits:
+        if value > limit:
+            raise CheckpointLimitError(f"{source}: the weights claim {what} = {value:,}, above "
+                                       f"semask.checkpoint.LIMITS.{limit_name} = {limit:,} (nothing was built); "
+                                       "raise that limit only if the file is trusted")
+    try:
+        config = ModelConfig(
+            embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(heads), window_size=window,
+            num_classes=num_classes, backbone_classes=backbone_classes if backbone_classes != num_classes else None,
+            semantic=semantic, num_sem_blocks=num_sem_blocks, mlp_ratio=mlp_ratio, decoder_channels=decoder_channels)
+    except UsageError as exc:
+        raise CheckpointError(f"{source}: the tensor shapes make no valid architecture: {exc}") from exc
     # a registered size keeps that entry's semantic regions (for the released sizes: the released rule)
-    size = next((s for s, a in _SWIN.items() if (a["embed_dim"], tuple(a["depths"]), tuple(a["num_heads"]))
-                 == (embed_dim, tuple(depths), tuple(heads))), None)
+    size = variant_size(embed_dim, depths, heads)
     name = f"{'semask' if semantic else 'swin'}_{size or 'custom'}_fpn"
     if semantic:
-        stages = (model_config(name, num_classes=num_classes, backbone_classes=config.backbone_classes)
-                  .resolved_global_stages() if size else released_global_stages(embed_dim, backbone_classes))
-        config = dataclasses.replace(config, semantic_global_stages=stages)
+        global_stages = (model_config(name, num_classes=num_classes, backbone_classes=config.backbone_classes)
+                         .resolved_global_stages() if size else released_global_stages(embed_dim, backbone_classes))
+        config = dataclasses.replace(config, semantic_global_stages=global_stages)
     return name, config
+
+
+def check_tensors(sd: Mapping[str, Any], source: str = "checkpoint") -> None:
+    """Refuse state-dict entries that are not tensors, or tensors that claim more elements than they store.
+
+    A stride-0 (expanded) tensor pickles as a few bytes whatever its shape: a crafted file can make a tiny
+    classifier claim millions of classes. Real weights never have a zero stride.
+
+    Raises:
+        CheckpointError: listing the offending entries.
+    """
+    bad = [f"{k} ({type(v).__name__})" for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    bad += [f"{k} (shape {tuple(v.shape)}, strides {v.stride()}: an expanded, stride-0 tensor)"
+            for k, v in sd.items() if isinstance(v, torch.Tensor) and v.layout == torch.strided
+            and any(st == 0 and n > 1 for st, n in zip(v.stride(), v.shape))]
+    bad += [f"{k} (layout {v.layout})" for k, v in sd.items() if isinstance(v, torch.Tensor) and v.layout != torch.strided]
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} entr{'y is' if len(bad) == 1 else 'ies are'} not plain dense "
+                              f"weight tensors: {', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}")
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Refuse floating-point tensors holding NaN or infinity.
+
+    Raises:
+        CheckpointNonFiniteError: naming every such tensor and how many values are affected.
+    """
+    bad = []
+    for k, v in sd.items():
+        if v.is_floating_point() or v.is_complex():
+            count = int((~torch.isfinite(v)).sum())
+            if count:
+                bad.append(f"{k} ({count} of {v.numel()} values)")
+    if bad:
+        raise CheckpointNonFiniteError(f"{source}: {len(bad)} tensor(s) hold NaN or infinite values: "
+                                       f"{', '.join(bad[:20])}{' ...' if len(bad) > 20 else ''}; the weights are "
+                                       "corrupt (or a training run diverged before it was saved)")
+
+
+def _mismatches(own: Mapping[str, tuple[int, ...]], sd: Mapping[str, torch.Tensor], source: str) -> Optional[str]:
+    """The report of missing, unexpected and mis-shaped keys, or None when the names and shapes agree."""
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    mismatched = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k])}"
+                        for k in set(own) & set(sd) if tuple(own[k]) != tuple(sd[k].shape))
+    if not (missing or unexpected or mismatched):
+        return None
+    parts = [f"{source} does not match the model ({len(own)} tensors expected, {len(sd)} found):"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+        if items:
+            shown = "\n    ".join(items[:30]) + (f"\n    ... and {len(items) - 30} more" if len(items) > 30 else "")
+            parts.append(f"  {title} ({len(items)}):\n    {shown}")
+    return "\n".join(parts)
+
+
+def check_architecture(config: ModelConfig, sd: Mapping[str, torch.Tensor], name: str = "semask",
+                       source: str = "checkpoint") -> None:
+    """Build `config` on the ``meta`` device (no memory) and check it against `LIMITS` and the weights' shapes.
+
+    Raises:
+        CheckpointLimitError: more parameters than ``LIMITS.max_parameters``.
+        CheckpointError: missing, unexpected or mis-shaped keys (all listed), before a real model is built.
+    """
+    with torch.device("meta"):
+        skeleton = build_model(config, name=name)
+    parameters = sum(p.numel() for p in skeleton.parameters())
+    if parameters > LIMITS.max_parameters:
+        raise CheckpointLimitError(f"{source}: the architecture it describes has {parameters:,} parameters, above "
+                                   f"semask.checkpoint.LIMITS.max_parameters = {LIMITS.max_parameters:,} (nothing "
+                                   "was built); raise that limit only if the file is trusted")
+    report = _mismatches({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, sd, source)
+    if report:
+        raise CheckpointError(report)
 
 
 # ----------------------------------------------------------------------------------------------- loading
 def load_model_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy a full state dict into `model`, or raise listing every missing, unexpected and mis-shaped key."""
+    """Copy a full state dict into `model`, or raise listing every missing, unexpected and mis-shaped key.
+
+    Raises:
+        CheckpointError: entries that are not dense tensors, names or shapes that differ, a non-standard
+            relative-position index. CheckpointNonFiniteError: NaN or infinite weights (named).
+    """
+    check_tensors(sd, source)
     own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    mismatched = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                        for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if missing or unexpected or mismatched:
-        parts = [f"{source} does not match the model ({len(own)} tensors expected, {len(sd)} found):"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if items:
-                shown = "\n    ".join(items[:30]) + (f"\n    ... and {len(items) - 30} more" if len(items) > 30 else "")
-                parts.append(f"  {title} ({len(items)}):\n    {shown}")
-        raise CheckpointError("\n".join(parts))
+    report = _mismatches({k: tuple(v.shape) for k, v in own.items()}, sd, source)
+    if report:
+        raise CheckpointError(report)
+    check_finite(sd, source)
     for k, v in sd.items():
         if k.endswith("relative_position_index") and not torch.equal(own[k], v.to(own[k].dtype)):
             raise CheckpointError(f"{source}: {k} differs from the standard Swin index layout")
@@ -178,26 +383,71 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu",
         A `SeMaskFPN` with `.class_names` and `.palette` from the checkpoint's metadata (None when absent).
     """
     source = f"checkpoint {str(path)!r}"
+    if isinstance(map_location, (str, torch.device)):
+        check_device(map_location)
     obj = read_checkpoint_file(path, map_location)
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
-        config = ModelConfig(**obj["config"])
-        name, class_names, palette = obj["model_name"], obj.get("class_names"), obj.get("palette")
-        sd = obj["state_dict"]
+        name, config, sd = _own_format(obj, source)
+        class_names, palette = obj.get("class_names"), obj.get("palette")
     else:
         sd, meta = _unwrap(obj, source)
         sd = _strip_prefix(sd, "module.")
+        check_tensors(sd, source)
         name, config = infer_model_config(sd, source)
         class_names, palette = meta.get("CLASSES"), meta.get("PALETTE")
     if semantic_global_stages is not None:
-        config = dataclasses.replace(config, semantic_global_stages=tuple(semantic_global_stages))
-    model = build_model(config, name=name)
-    load_model_weights(model, sd, source)
-    if class_names is not None and len(class_names) != model.num_classes:
+        try:
+            config = dataclasses.replace(config, semantic_global_stages=tuple(semantic_global_stages))
+        except UsageError as exc:
+            raise UsageError(f"semantic_global_stages for {source}: {exc}") from exc
+    if isinstance(class_names, (list, tuple)) and len(class_names) != config.num_classes:
         raise CheckpointError(f"{source}: meta lists {len(class_names)} class names but the decoder has "
-                              f"{model.num_classes} classes")
-    model.class_names = tuple(class_names) if class_names else None
-    model.palette = [list(map(int, c)) for c in palette] if palette is not None else None
+                              f"{config.num_classes} classes")
+    try:
+        class_names, palette = check_class_metadata(config.num_classes, class_names or None, palette, source)
+    except UsageError as exc:
+        raise CheckpointError(str(exc)) from exc
+    check_architecture(config, sd, name, source)  # limits and shapes, before anything is allocated
+    model = build_model(config, name=name, class_names=class_names, palette=palette)
+    load_model_weights(model, sd, source)
     return model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
+
+
+def _own_format(obj: Mapping[str, Any], source: str) -> tuple[str, ModelConfig, Mapping[str, torch.Tensor]]:
+    """Name, config and weights of a checkpoint written by `save_checkpoint`, checked field by field."""
+    missing = [k for k in ("model_name", "config", "state_dict") if k not in obj]
+    if missing:
+        raise CheckpointError(f"{source}: a {FORMAT} file without {missing}; it is damaged or not from semask")
+    name, raw, sd = obj["model_name"], obj["config"], obj["state_dict"]
+    if not isinstance(name, str) or not isinstance(raw, Mapping) or not isinstance(sd, Mapping):
+        raise CheckpointError(f"{source}: model_name, config and state_dict must be a str and two dicts, got "
+                              f"{type(name).__name__}, {type(raw).__name__}, {type(sd).__name__}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(map(str, set(raw) - fields))
+    if unknown:
+        raise CheckpointError(f"{source}: its config has unknown key(s) {unknown} (written by a newer semask, or "
+                              f"edited); valid keys: {', '.join(sorted(fields))}")
+    try:
+        config = ModelConfig(**raw)
+    except UsageError as exc:
+        raise CheckpointError(f"{source}: its config is invalid: {exc}") from exc
+    limits = [(config.num_classes, LIMITS.max_classes, "num_classes", "max_classes"),
+              (config.backbone_classes or 0, LIMITS.max_classes, "backbone_classes", "max_classes"),
+              (len(config.depths), LIMITS.max_stages, "stages", "max_stages"),
+              (max(config.depths), LIMITS.max_depth, "depth", "max_depth"),
+              (config.embed_dim, LIMITS.max_embed_dim, "embed_dim", "max_embed_dim"),
+              (max(config.num_heads), LIMITS.max_heads, "num_heads", "max_heads"),
+              (config.window_size, LIMITS.max_window, "window_size", "max_window"),
+              (config.mlp_ratio, LIMITS.max_mlp_ratio, "mlp_ratio", "max_mlp_ratio"),
+              (config.num_sem_blocks, LIMITS.max_sem_blocks, "num_sem_blocks", "max_sem_blocks"),
+              (config.decoder_channels, LIMITS.max_decoder_channels, "decoder_channels", "max_decoder_channels")]
+    for value, limit, what, limit_name in limits:
+        if value > limit:
+            raise CheckpointLimitError(f"{source}: its config has {what} = {value:,}, above "
+                                       f"semask.checkpoint.LIMITS.{limit_name} = {limit:,} (nothing was built); "
+                                       "raise that limit only if the file is trusted")
+    check_tensors(sd, source)
+    return name, config, sd
 
 
 def to_official_checkpoint(model: SeMaskFPN) -> dict:
@@ -251,8 +501,9 @@ def save_checkpoint(path: PathLike, model: SeMaskFPN, *, optimizer: Optional[tor
         The written path.
     """
     model = getattr(model, "module", model)
-    if model.config is None:
-        raise ValueError("the model has no ModelConfig (build it with semask.create_model or build_model)")
+    if getattr(model, "config", None) is None:
+        raise UsageError("save_checkpoint: the model has no ModelConfig (build it with semask.create_model or "
+                         "semask.models.build_model)")
     obj: dict[str, Any] = {
         "format": FORMAT,
         "model_name": model.name,
@@ -360,6 +611,7 @@ def load_pretrained_backbone(model: nn.Module, weights: Union[PathLike, Mapping[
     else:
         source, obj = f"pretrained weights {str(weights)!r}", read_checkpoint_file(weights)
     sd, _ = _unwrap(obj, source)
+    check_tensors(sd, source)
     for prefix in ("module.", "backbone.", "encoder."):
         sd = _strip_prefix(sd, prefix)
     timm_layout = "head.fc.weight" in sd or (
@@ -393,5 +645,6 @@ def load_pretrained_backbone(model: nn.Module, weights: Union[PathLike, Mapping[
     if report.loaded_fraction < min_fraction:
         raise CheckpointError(f"{source}: only {report.loaded_fraction:.1%} of the backbone's Swin parameters "
                               f"would be loaded (need {min_fraction:.0%}).\n{report}")
+    check_finite(converted, source)
     backbone.load_state_dict(converted, strict=False)
     return report

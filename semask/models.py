@@ -11,16 +11,61 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch.nn as nn
 
 from semask.decoder import SemanticFPNHead
+from semask.errors import UnknownNameError, UsageError, UsageTypeError
 from semask.segmentor import SeMaskFPN
 from semask.swin import SeMaskSwin
 
-__all__ = ["ModelConfig", "create_model", "build_model", "list_models", "model_config", "released_global_stages"]
+__all__ = [
+    "ModelConfig",
+    "create_model",
+    "build_model",
+    "list_models",
+    "model_config",
+    "released_global_stages",
+    "variant_size",
+    "check_class_metadata",
+]
+
+
+def _int_field(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise UsageTypeError(f"ModelConfig.{name}: expected an int >= {minimum}, got {value!r} "
+                             f"({type(value).__name__})")
+    if value < minimum:
+        raise UsageError(f"ModelConfig.{name}: expected an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def _ints_field(name: str, value: Any, minimum: int = 1, allow_empty: bool = False) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise UsageTypeError(f"ModelConfig.{name}: expected a tuple of ints, got {value!r} ({type(value).__name__})")
+    if not value and not allow_empty:
+        raise UsageError(f"ModelConfig.{name}: expected at least one value, got {tuple(value)!r}")
+    return tuple(_int_field(f"{name}[{i}]", v, minimum) for i, v in enumerate(value))
+
+
+def _float_field(name: str, value: Any, low: float, high: float, high_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UsageTypeError(f"ModelConfig.{name}: expected a number, got {value!r} ({type(value).__name__})")
+    ok = math.isfinite(value) and low <= value and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"[{low:g}, {high:g}{')' if high_open else ']'}"
+        raise UsageError(f"ModelConfig.{name}: expected a number in {interval}, got {value!r}")
+    return float(value)
+
+
+def _bool_field(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise UsageTypeError(f"ModelConfig.{name}: expected True or False, got {value!r} ({type(value).__name__})")
+    return value
 
 
 @dataclass
@@ -43,6 +88,43 @@ class ModelConfig:
     decoder_dropout: float = 0.1  # Dropout2d before the classifier
     sync_bn: bool = False  # SyncBatchNorm in the decoder (multi-GPU recipes)
     grad_checkpointing: bool = False  # recompute backbone blocks in backward to save memory
+
+    def __post_init__(self) -> None:
+        """Check every field's type and range where the config is made (lists become tuples).
+
+        Raises:
+            UsageTypeError: a field of the wrong type (``num_classes=2.5``, ``window_size="7"``).
+            UsageError: a value out of range (``window_size=0``, ``drop_path_rate=1.5``) or fields that do
+                not fit together (depths and num_heads of different lengths, a stage width not divisible by
+                its heads, a global stage that does not exist).
+        """
+        for name in ("embed_dim", "window_size", "num_classes", "num_sem_blocks", "decoder_channels"):
+            setattr(self, name, _int_field(name, getattr(self, name)))
+        if self.backbone_classes is not None:
+            self.backbone_classes = _int_field("backbone_classes", self.backbone_classes)
+        self.depths = _ints_field("depths", self.depths)
+        self.num_heads = _ints_field("num_heads", self.num_heads)
+        if len(self.depths) != len(self.num_heads):
+            raise UsageError(f"ModelConfig: depths {self.depths} and num_heads {self.num_heads} differ in length")
+        for i, heads in enumerate(self.num_heads):
+            if (self.embed_dim * 2 ** i) % heads:
+                raise UsageError(f"ModelConfig: stage {i} has {self.embed_dim * 2 ** i} channels (embed_dim "
+                                 f"{self.embed_dim} x 2^{i}), not divisible by its {heads} heads")
+        if self.semantic_global_stages is not None:
+            self.semantic_global_stages = _ints_field("semantic_global_stages", self.semantic_global_stages,
+                                                      minimum=0, allow_empty=True)
+            bad = [s for s in self.semantic_global_stages if s >= len(self.depths)]
+            if bad:
+                raise UsageError(f"ModelConfig.semantic_global_stages: stages {bad} do not exist (the backbone "
+                                 f"has stages 0..{len(self.depths) - 1})")
+        self.mlp_ratio = _float_field("mlp_ratio", self.mlp_ratio, 0.0, float("inf"), high_open=True)
+        if self.mlp_ratio <= 0 or int(self.embed_dim * self.mlp_ratio) < 1:
+            raise UsageError(f"ModelConfig.mlp_ratio: expected a positive number, got {self.mlp_ratio}")
+        self.drop_path_rate = _float_field("drop_path_rate", self.drop_path_rate, 0.0, 1.0, high_open=True)
+        self.semantic_drop = _float_field("semantic_drop", self.semantic_drop, 0.0, 1.0, high_open=True)
+        self.decoder_dropout = _float_field("decoder_dropout", self.decoder_dropout, 0.0, 1.0, high_open=True)
+        for name in ("semantic", "sync_bn", "grad_checkpointing"):
+            _bool_field(name, getattr(self, name))
 
     def resolved_global_stages(self) -> tuple[int, ...]:
         """The stages whose semantic layer attends over the whole feature map."""
@@ -79,6 +161,15 @@ for _size, _arch in _SWIN.items():
     _REGISTRY[f"swin_{_size}_fpn"] = ModelConfig(**{**_arch, "semantic": False, "semantic_global_stages": None})
 
 
+def variant_size(embed_dim: int, depths: Sequence[int], num_heads: Sequence[int]) -> Optional[str]:
+    """The registered size (``"tiny"``, ..., ``"toy"``) with this Swin architecture, or None."""
+    for size, arch in _SWIN.items():
+        if (arch["embed_dim"], tuple(arch["depths"]), tuple(arch["num_heads"])) == (
+                embed_dim, tuple(depths), tuple(num_heads)):
+            return size
+    return None
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style pattern (e.g. ``"semask_*"``), sorted."""
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
@@ -88,23 +179,79 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
     """The `ModelConfig` of a registered variant with overrides applied.
 
     Raises:
-        KeyError: unknown model name (the message lists the valid ones).
-        TypeError: an override that is not a `ModelConfig` field.
+        UnknownNameError (a KeyError): unknown model name (the message lists the valid ones).
+        UsageTypeError (a TypeError): an override that is not a `ModelConfig` field, or of the wrong type.
+        UsageError (a ValueError): an override out of range.
     """
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise UnknownNameError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for {name!r}; valid options: {', '.join(sorted(fields))}")
+        raise UsageTypeError(f"unknown option(s) {unknown} for {name!r}; valid options: {', '.join(sorted(fields))}")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     return dataclasses.replace(_REGISTRY[name], **overrides)
 
 
-def build_model(config: ModelConfig, name: str = "semask") -> SeMaskFPN:
-    """Build a segmentor from a `ModelConfig`."""
-    if config.num_classes < 1:
-        raise ValueError(f"num_classes must be positive, got {config.num_classes}")
+def check_class_metadata(num_classes: int, class_names: Optional[Sequence[str]],
+                         palette: Optional[Sequence[Sequence[int]]], source: str = "") -> tuple[
+                             Optional[tuple[str, ...]], Optional[list[list[int]]]]:
+    """Check class names and a palette against a class count; return them as a tuple of str / [r, g, b] lists.
+
+    Args:
+        num_classes: the model's classes.
+        class_names: one name per class, or None.
+        palette: at least one ``[r, g, b]`` (0..255 ints) per class, or None. (Released checkpoints may carry
+            a longer palette; colours beyond `num_classes` are kept but never used.)
+        source: prefix for error messages (e.g. the checkpoint's name).
+
+    Raises:
+        UsageError / UsageTypeError: names or colours that do not fit.
+    """
+    prefix = f"{source}: " if source else ""
+    names = None
+    if class_names is not None:
+        if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Sequence):
+            raise UsageTypeError(f"{prefix}class_names must be a sequence of str, got {type(class_names).__name__}")
+        if not all(isinstance(n, str) for n in class_names):
+            raise UsageTypeError(f"{prefix}class_names must all be str, got "
+                                 f"{sorted({type(n).__name__ for n in class_names})}")
+        if len(class_names) != num_classes:
+            raise UsageError(f"{prefix}{len(class_names)} class names given for num_classes={num_classes}")
+        names = tuple(class_names)
+    colours = None
+    if palette is not None:
+        try:
+            colours = [[int(v) for v in c] for c in palette]
+            well_formed = all(len(c) == 3 and all(float(v) == int(v) for v in raw) for c, raw in zip(colours, palette))
+        except (TypeError, ValueError, OverflowError):
+            well_formed = False
+        if not well_formed or isinstance(palette, (str, bytes)):
+            raise UsageTypeError(f"{prefix}palette must be a sequence of [r, g, b] integer triples, got "
+                                 f"{str(palette)[:80]}")
+        if len(colours) < num_classes:
+            raise UsageError(f"{prefix}palette has {len(colours)} colours for {num_classes} classes")
+        if any(not 0 <= v <= 255 for c in colours for v in c):
+            raise UsageError(f"{prefix}palette values must lie in 0..255")
+    return names, colours
+
+
+def build_model(config: ModelConfig, name: str = "semask", class_names: Optional[Sequence[str]] = None,
+                palette: Optional[Sequence[Sequence[int]]] = None) -> SeMaskFPN:
+    """Build a segmentor from a `ModelConfig` in one step: weights freshly initialised, the config, the name,
+    the class names and the palette set by the constructor.
+
+    Args:
+        config: the architecture.
+        name: registry-style name kept with the model (checkpoints, reports).
+        class_names, palette: dataset metadata (see `check_class_metadata`).
+
+    Returns:
+        A `SeMaskFPN` in training mode.
+    """
+    if not isinstance(config, ModelConfig):
+        raise UsageTypeError(f"build_model: expected a ModelConfig, got {type(config).__name__}")
+    class_names, palette = check_class_metadata(config.num_classes, class_names, palette)
     backbone = SeMaskSwin(
         embed_dim=config.embed_dim, depths=config.depths, num_heads=config.num_heads,
         window_size=config.window_size,
@@ -115,8 +262,7 @@ def build_model(config: ModelConfig, name: str = "semask") -> SeMaskFPN:
         backbone.out_channels, backbone.strides, num_classes=config.num_classes,
         channels=config.decoder_channels, dropout=config.decoder_dropout, prior_branch=config.semantic,
         norm_layer=nn.SyncBatchNorm if config.sync_bn else nn.BatchNorm2d)
-    model = SeMaskFPN(backbone, head, name=name)
-    model.config = config
+    model = SeMaskFPN(backbone, head, name=name, class_names=class_names, palette=palette, config=config)
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
@@ -135,17 +281,12 @@ def create_model(name: str, num_classes: Optional[int] = None, class_names: Opti
 
     Returns:
         A `SeMaskFPN` in training mode with freshly initialised weights.
+
+    Raises:
+        UnknownNameError, UsageTypeError, UsageError: see `model_config` and `check_class_metadata`.
     """
-    if class_names is not None:
-        if num_classes is None:
-            num_classes = len(class_names)
-        elif len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names given for num_classes={num_classes}")
-    if palette is not None and num_classes is not None and len(palette) != num_classes:
-        raise ValueError(f"palette has {len(palette)} colours for {num_classes} classes")
+    if class_names is not None and num_classes is None and isinstance(class_names, Sequence):
+        num_classes = len(class_names)
     if num_classes is not None:
         overrides["num_classes"] = num_classes
-    model = build_model(model_config(name, **overrides), name=name)
-    model.class_names = tuple(class_names) if class_names is not None else None
-    model.palette = [list(map(int, c)) for c in palette] if palette is not None else None
-    return model
+    return build_model(model_config(name, **overrides), name=name, class_names=class_names, palette=palette)

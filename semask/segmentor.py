@@ -6,15 +6,19 @@ Wiring only: the parts live in `semask.swin`, `semask.semantic` and `semask.deco
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from semask.decoder import SemanticFPNHead
+from semask.errors import UsageError, UsageTypeError
 from semask.semantic import SemanticAttentionMap
 from semask.swin import SeMaskSwin
+
+if TYPE_CHECKING:  # models.py builds SeMaskFPN, so it cannot be imported here at run time
+    from semask.models import ModelConfig
 
 __all__ = ["SegmentationOutput", "SeMaskFPN", "check_input"]
 
@@ -39,18 +43,33 @@ class SegmentationOutput:
     attentions: list[SemanticAttentionMap] = field(default_factory=list)
 
 
-def check_input(x: torch.Tensor, in_chans: int = 3) -> None:
-    """Fail early, with a message that says what to do, on inputs the model cannot take."""
+def check_input(x: torch.Tensor, in_chans: int = 3, dtype: Optional[torch.dtype] = None) -> None:
+    """Fail early, with a message that says what to do, on inputs the model cannot take.
+
+    Args:
+        x: the batch given to the model.
+        in_chans: channels the model expects.
+        dtype: the model's weight dtype; outside autocast the batch must have it (float64 or float16 into a
+            float32 model is an error here, not a matmul error deep inside).
+
+    Raises:
+        UsageTypeError: not a tensor. UsageError: wrong shape, empty batch or image, wrong dtype.
+    """
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor of shape (B, {in_chans}, H, W), got {type(x).__name__}")
+        raise UsageTypeError(f"expected a torch.Tensor of shape (B, {in_chans}, H, W), got {type(x).__name__}")
     if x.ndim != 4 or x.shape[1] != in_chans:
-        raise ValueError(f"expected a normalised image batch of shape (B, {in_chans}, H, W), got {tuple(x.shape)}"
+        raise UsageError(f"expected a normalised image batch of shape (B, {in_chans}, H, W), got {tuple(x.shape)}"
                          + (" (add a batch dimension with x[None])" if x.ndim == 3 else ""))
     if not x.is_floating_point():
-        raise ValueError(f"expected a floating-point batch (normalised with the ImageNet mean/std), got {x.dtype}; "
+        raise UsageError(f"expected a floating-point batch (normalised with the ImageNet mean/std), got {x.dtype}; "
                          "use semask.inference.normalize(uint8_batch.float()), or semask.predict() on images")
+    if x.shape[0] < 1:
+        raise UsageError(f"expected a batch of at least one image, got shape {tuple(x.shape)}")
     if x.shape[2] < 1 or x.shape[3] < 1:
-        raise ValueError(f"expected a non-empty image, got spatial size {tuple(x.shape[2:])}")
+        raise UsageError(f"expected a non-empty image, got spatial size {tuple(x.shape[2:])}")
+    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise UsageError(f"expected a {dtype} batch to match the model's {dtype} weights, got {x.dtype}; convert it "
+                         f"with x.to({dtype}) (or the model with model.to({x.dtype})), or run under torch.autocast")
 
 
 class SeMaskFPN(nn.Module):
@@ -61,18 +80,20 @@ class SeMaskFPN(nn.Module):
         decode_head: a `SemanticFPNHead` whose `prior_branch` matches the backbone.
         name: registry name (kept for checkpoints and reports).
         class_names, palette: dataset metadata carried by the model (None when unknown).
+        config: the `ModelConfig` the parts were built from (`semask.models.build_model` passes it; needed to
+            save the model with `save_checkpoint`).
     """
 
     def __init__(self, backbone: SeMaskSwin, decode_head: SemanticFPNHead, name: str = "semask",
                  class_names: Optional[Sequence[str]] = None,
-                 palette: Optional[Sequence[Sequence[int]]] = None):
+                 palette: Optional[Sequence[Sequence[int]]] = None, config: Optional[ModelConfig] = None):
         super().__init__()
         if decode_head.prior_branch and not backbone.has_semantic_layers:
             raise ValueError("the decoder's prior branch needs a backbone with semantic layers")
         self.backbone = backbone
         self.decode_head = decode_head
         self.name = name
-        self.config: Optional[object] = None  # the resolved `ModelConfig`, set by `semask.models.create_model`
+        self.config: Optional[ModelConfig] = config
         self.class_names = tuple(class_names) if class_names else None
         self.palette = [list(map(int, c)) for c in palette] if palette else None
 
@@ -92,7 +113,7 @@ class SeMaskFPN(nn.Module):
         Returns:
             `SegmentationOutput`; `.logits` is (B, K, H, W), `.prior_logits` (B, K, ceil(H/4), ceil(W/4)).
         """
-        check_input(x)
+        check_input(x, dtype=self.backbone.patch_embed.proj.weight.dtype)
         feats = self.backbone(x, return_attention=return_attention)
         decoder_logits, prior = self.decode_head(feats.features, feats.priors)
         # class scores leave the model in fp32 even under autocast (which would resize in bf16/fp16): the
