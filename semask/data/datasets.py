@@ -21,6 +21,8 @@ from PIL import Image
 
 from semask.data.classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE,
                                  COCO_STUFF_CLASSES, COCO_STUFF_PALETTE, default_palette)
+from semask.errors import ImageError, LimitError, SemaskError, UnknownNameError, UsageError
+from semask.images import open_image, pil_to_rgb
 
 __all__ = [
     "IGNORE_INDEX",
@@ -28,6 +30,9 @@ __all__ = [
     "read_image",
     "read_label",
     "pair_files",
+    "preview_list",
+    "resolve_split",
+    "split_dirs",
     "default_palette",
     "SegmentationDataset",
     "FolderDataset",
@@ -73,38 +78,40 @@ coco_stuff10k/                      <- root
 (make this layout from the downloaded .mat files with `semask convert coco-stuff10k ROOT`)"""
 
 
-class DatasetError(ValueError):
+class DatasetError(SemaskError, ValueError):
     """A dataset's files are missing, unpaired, unreadable or inconsistent; the message names the file."""
 
 
 # --------------------------------------------------------------------------------------------- file reading
 def _open(path: Path, what: str) -> Image.Image:
-    """Open and fully decode an image file, turning every decoding failure into a :class:`DatasetError`."""
+    """Open and fully decode an image file (size-checked first), every failure a :class:`DatasetError`."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img
+        return open_image(path, name=f"{what} file {path}")
     except FileNotFoundError as exc:
         raise DatasetError(f"{what} file {path} does not exist (it was listed when the dataset was built)") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # PIL's errors for truncated / corrupt data
-        raise DatasetError(f"{what} file {path} cannot be read: {exc} (unreadable or truncated file)") from exc
+    except IsADirectoryError as exc:
+        raise DatasetError(f"{what} file {path} is a folder") from exc
+    except (ImageError, LimitError) as exc:
+        raise DatasetError(str(exc)) from exc
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image as RGB.
+    """Read an image as RGB by the rules of :mod:`semask.images`.
 
     EXIF orientation is not applied: label maps have none, so the stored pixel grid is what they align with.
 
     Args:
-        path: any format PIL reads; grey, palette, CMYK and RGBA images are converted to RGB.
+        path: any format PIL reads; every 8-bit mode is converted by PIL, 16-bit images are scaled to 8 bits,
+            float images must hold 0..1 values; files above ``PIL.Image.MAX_IMAGE_PIXELS`` are refused.
 
     Returns:
         ``(H, W, 3)`` uint8 array.
     """
-    img = _open(Path(path), "image")
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return np.array(img)  # a writable copy
+    with _open(Path(path), "image") as img:
+        try:
+            return pil_to_rgb(img, f"image file {path}")
+        except (ImageError, LimitError) as exc:
+            raise DatasetError(str(exc)) from exc
 
 
 def read_label(path: str | Path) -> np.ndarray:
@@ -117,25 +124,46 @@ def read_label(path: str | Path) -> np.ndarray:
     Returns:
         ``(H, W)`` integer array (uint8 for 8-bit files).
     """
-    img = _open(Path(path), "label")
-    if img.mode in ("L", "P"):
-        return np.array(img)  # a writable copy
-    if img.mode.startswith("I"):
-        return np.asarray(img).astype(np.int64)
-    raise DatasetError(f"label file {path} has image mode {img.mode!r}; expected a single-channel label map "
+    with _open(Path(path), "label") as img:
+        if img.mode in ("L", "P"):
+            return np.array(img)  # a writable copy
+        if img.mode.startswith("I"):
+            return np.asarray(img).astype(np.int64)
+        mode = img.mode
+    raise DatasetError(f"label file {path} has image mode {mode!r}; expected a single-channel label map "
                        f"(modes L, P, I;16 or I) whose pixel values are class ids")
 
 
 # --------------------------------------------------------------------------------------------- pairing
-def _list(names: Sequence[str], limit: int = 10) -> str:
+def preview_list(names: Sequence[str], limit: int = 10) -> str:
+    """The first `limit` names joined by commas, and how many more there are."""
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _scan(folder: Path, suffix: str) -> dict[str, Path]:
-    """Files below ``folder`` (recursively) ending in ``suffix``, keyed by relative path minus the suffix."""
-    return {str(p.relative_to(folder))[: -len(suffix)]: p
-            for p in folder.rglob(f"*{suffix}") if p.is_file()}
+def _scan(folder: Path, suffix: str, what: str) -> dict[str, Path]:
+    """Files below ``folder`` (recursively) ending in ``suffix``, keyed by relative path minus the suffix.
+
+    Raises:
+        DatasetError: a matching name that is not a readable file (a dangling symbolic link, a folder).
+    """
+    found, broken = {}, []
+    for p in folder.rglob(f"*{suffix}"):
+        if p.is_file():
+            found[str(p.relative_to(folder))[: -len(suffix)]] = p
+        elif p.is_symlink() or not p.is_dir():
+            broken.append(str(p.relative_to(folder)) + (" (dangling symbolic link)" if p.is_symlink() else ""))
+        elif p.is_dir():
+            broken.append(f"{p.relative_to(folder)} (a folder)")
+    if broken:
+        raise DatasetError(f"{len(broken)} {what} path(s) under {folder} ending in {suffix!r} are not readable "
+                           f"files: {preview_list(sorted(broken))}; fix or remove them (nothing is skipped)")
+    return found
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
 
 
 def pair_files(img_dir: str | Path, ann_dir: str | Path, img_suffix: str,
@@ -159,17 +187,25 @@ def pair_files(img_dir: str | Path, ann_dir: str | Path, img_suffix: str,
     for folder, what in ((img_dir, "image"), (ann_dir, "label")):
         if not folder.is_dir():
             raise FileNotFoundError(f"{what} folder {folder} does not exist")
-    images, labels = _scan(img_dir, img_suffix), _scan(ann_dir, seg_map_suffix)
+    for suffix, name in ((img_suffix, "img_suffix"), (seg_map_suffix, "seg_map_suffix")):
+        if not isinstance(suffix, str) or not suffix:
+            raise UsageError(f"{name} must be a non-empty string such as '.jpg' (how the file names end), got "
+                             f"{suffix!r}: with an empty suffix every file would pair with every other")
+    if _overlap(img_dir, ann_dir) and (img_suffix.endswith(seg_map_suffix) or seg_map_suffix.endswith(img_suffix)):
+        raise UsageError(f"img_suffix {img_suffix!r} and seg_map_suffix {seg_map_suffix!r} clash: the image and "
+                         f"label folders ({img_dir}, {ann_dir}) overlap, so one file would match both; give "
+                         "suffixes that tell images from labels (e.g. '_img.png' and '_label.png')")
+    images, labels = _scan(img_dir, img_suffix, "image"), _scan(ann_dir, seg_map_suffix, "label")
     if not images:
         raise DatasetError(f"no images ending in {img_suffix!r} under {img_dir}")
     no_label = sorted(set(images) - set(labels))
     if no_label:
         raise DatasetError(f"{len(no_label)} image(s) under {img_dir} have no label '<name>{seg_map_suffix}' "
-                           f"under {ann_dir}: {_list([str(images[k].relative_to(img_dir)) for k in no_label])}")
+                           f"under {ann_dir}: {preview_list([str(images[k].relative_to(img_dir)) for k in no_label])}")
     no_image = sorted(set(labels) - set(images))
     if no_image:
         raise DatasetError(f"{len(no_image)} label(s) under {ann_dir} have no image '<name>{img_suffix}' under "
-                           f"{img_dir}: {_list([str(labels[k].relative_to(ann_dir)) for k in no_image])}")
+                           f"{img_dir}: {preview_list([str(labels[k].relative_to(ann_dir)) for k in no_image])}")
     return [(images[k], labels[k]) for k in sorted(images)]
 
 
@@ -233,8 +269,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 stored = np.unique(raw[bad]).tolist()
                 raise DatasetError(
                     f"label file {label_path} has values outside the class range of {self.name}: stored values "
-                    f"{_list([str(v) for v in stored])} on {int(bad.sum())} pixels; expected {first}..{last} for "
-                    f"{self.num_classes} classes"
+                    f"{preview_list([str(v) for v in stored])} on {int(bad.sum())} pixels; expected {first}..{last} "
+                    f"for {self.num_classes} classes"
                     + (" (0 = unlabelled, k -> class k - 1)" if self.reduce_zero_label else "")
                     + f", or {self.ignore_index} (ignore)")
         if not self.reduce_zero_label:
@@ -284,7 +320,7 @@ class FolderDataset(SegmentationDataset):
         self.img_dir, self.ann_dir = Path(img_dir), Path(ann_dir)
 
 
-def _split_dirs(dataset: str, root: Path, layout: str, split: str, folder: str,
+def split_dirs(dataset: str, root: Path, layout: str, split: str, folder: str,
                 sub_dirs: tuple[str, str]) -> tuple[Path, Path]:
     """The image and label folders of ``split``, or a FileNotFoundError that shows the expected layout."""
     if not root.is_dir():
@@ -297,9 +333,10 @@ def _split_dirs(dataset: str, root: Path, layout: str, split: str, folder: str,
     return img_dir, ann_dir
 
 
-def _resolve_split(dataset: str, split: str, aliases: dict[str, str]) -> str:
+def resolve_split(dataset: str, split: str, aliases: dict[str, str]) -> str:
+    """The folder name of ``split`` (``aliases`` maps accepted names to folders), or an error listing them."""
     if split not in aliases:
-        raise ValueError(f"{dataset}: unknown split {split!r}; valid splits: {', '.join(aliases)}")
+        raise UnknownNameError(f"{dataset}: unknown split {split!r}; valid splits: {', '.join(aliases)}")
     return aliases[split]
 
 
@@ -318,8 +355,8 @@ class ADE20K(SegmentationDataset):
         root = Path(root)
         if not (root / "images").is_dir() and (root / "ADEChallengeData2016").is_dir():
             root = root / "ADEChallengeData2016"
-        folder = _resolve_split("ADE20K", split, self.SPLITS)
-        img_dir, ann_dir = _split_dirs("ADE20K", root, ADE20K_LAYOUT, split, folder, ("images", "annotations"))
+        folder = resolve_split("ADE20K", split, self.SPLITS)
+        img_dir, ann_dir = split_dirs("ADE20K", root, ADE20K_LAYOUT, split, folder, ("images", "annotations"))
         super().__init__(pair_files(img_dir, ann_dir, ".jpg", ".png"), ADE20K_CLASSES, ADE20K_PALETTE,
                          reduce_zero_label=True, transform=transform, name=f"ADE20K[{folder}]")
         self.root, self.split = root, folder
@@ -338,8 +375,8 @@ class Cityscapes(SegmentationDataset):
 
     def __init__(self, root: str | Path, split: str = "train", transform: Transform | None = None) -> None:
         root = Path(root)
-        folder = _resolve_split("Cityscapes", split, self.SPLITS)
-        img_dir, ann_dir = _split_dirs("Cityscapes", root, CITYSCAPES_LAYOUT, split, folder,
+        folder = resolve_split("Cityscapes", split, self.SPLITS)
+        img_dir, ann_dir = split_dirs("Cityscapes", root, CITYSCAPES_LAYOUT, split, folder,
                                        ("leftImg8bit", "gtFine"))
         if not any(ann_dir.rglob("*_gtFine_labelTrainIds.png")) and any(ann_dir.rglob("*_gtFine_labelIds.png")):
             raise DatasetError(f"Cityscapes split {split!r}: {ann_dir} holds *_gtFine_labelIds.png but no "
@@ -363,11 +400,11 @@ class COCOStuff10k(SegmentationDataset):
 
     def __init__(self, root: str | Path, split: str = "train", transform: Transform | None = None) -> None:
         root = Path(root)
-        folder = _resolve_split("COCOStuff10k", split, self.SPLITS)
+        folder = resolve_split("COCOStuff10k", split, self.SPLITS)
         if root.is_dir() and not (root / "annotations" / folder).is_dir() and (root / "imageLists").is_dir():
             raise FileNotFoundError(f"COCOStuff10k: {root} looks like the download (imageLists/, .mat files) but "
                                     f"has no annotations/{folder}; run `semask convert coco-stuff10k {root}` first")
-        img_dir, ann_dir = _split_dirs("COCOStuff10k", root, COCO_STUFF10K_LAYOUT, split, folder,
+        img_dir, ann_dir = split_dirs("COCOStuff10k", root, COCO_STUFF10K_LAYOUT, split, folder,
                                        ("images", "annotations"))
         super().__init__(pair_files(img_dir, ann_dir, ".jpg", "_labelTrainIds.png"), COCO_STUFF_CLASSES,
                          COCO_STUFF_PALETTE, reduce_zero_label=True, transform=transform,

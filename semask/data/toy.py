@@ -21,16 +21,21 @@ drawn from its own seed derived from ``(seed, split, index)``, so the bytes are 
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from semask.data.datasets import SegmentationDataset, Transform, _resolve_split, _split_dirs, pair_files
+from semask.data.datasets import SegmentationDataset, Transform, pair_files, resolve_split, split_dirs
+from semask.errors import OutputError, OutputExistsError, UsageError, UsageTypeError
+from semask.utils import fsync_directory, process_alive
 
 __all__ = [
     "TOY_CLASSES",
@@ -40,6 +45,7 @@ __all__ = [
     "ToyThing",
     "render_scene",
     "make_toy_dataset",
+    "remove_stale_staging",
     "ToyDataset",
 ]
 
@@ -58,13 +64,15 @@ TOY_CONTEXT: dict[tuple[str, str], str] = {
     ("flyer", "sky"): "bird", ("flyer", "water"): "fish",
 }
 META_FILE = "toy_meta.json"
+STAGING_PREFIX = ".toy-partial-"  # + "<host>.<pid>": where make_toy_dataset writes before moving into place
+STAGING_MARK = ".semask-toy-staging"  # file inside a staging folder: semask made it, it may be deleted
 DEFAULTS = {"num_train": 300, "num_val": 100, "size": 256}
 SPLIT_CODES = {"training": 1, "validation": 2}
 MARGIN = 3  # pixels of the thing's own stuff kept free all around it (no other thing, no other stuff)
 
 TOY_LAYOUT = f"""\
 toy/                               <- root
-|-- {META_FILE}                 class names, palette, seed
+|-- {META_FILE}                 class names, palette, seed, every file with its SHA-256
 |-- images/
 |   |-- training/      toy_train_00000.jpg ...
 |   `-- validation/    toy_val_00000.jpg ...
@@ -233,9 +241,114 @@ def _scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_CODES[split], index])
 
 
+def _write_durable(path: Path, data: bytes) -> None:
+    """Write a file and flush it to disk (the staging folder is renamed into place only after every fsync)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _encode(array: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def _staging_name() -> str:
+    return f"{STAGING_PREFIX}{socket.gethostname()}.{os.getpid()}"
+
+
+def remove_stale_staging(root: str | Path) -> list[Path]:
+    """Delete the staging folders that killed :func:`make_toy_dataset` runs left in ``root``.
+
+    Only folders named ``.toy-partial-<host>.<pid>`` that hold semask's staging marker, made on this machine
+    by a process that no longer exists, are removed.
+
+    Returns:
+        The removed folders.
+    """
+    removed = []
+    for folder in Path(root).glob(f"{STAGING_PREFIX}*"):
+        host, _, pid = folder.name[len(STAGING_PREFIX):].rpartition(".")
+        if (host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
+                and folder.is_dir() and not folder.is_symlink() and (folder / STAGING_MARK).is_file()):
+            shutil.rmtree(folder)
+            removed.append(folder)
+    return removed
+
+
+def _manifest(meta: dict) -> dict[str, str | None]:
+    """The files a toy dataset consists of, relative to its root, with their SHA-256 (None for version 1)."""
+    if isinstance(meta.get("files"), dict):
+        return {str(k): (str(v) if v is not None else None) for k, v in meta["files"].items()}
+    names: dict[str, str | None] = {}  # version 1 stored no file list: the names follow from the counts
+    for split, key, stem in (("training", "num_train", "toy_train"), ("validation", "num_val", "toy_val")):
+        for index in range(int(meta.get(key, 0))):
+            names[f"images/{split}/{stem}_{index:05d}.jpg"] = None
+            names[f"annotations/{split}/{stem}_{index:05d}.png"] = None
+    return names
+
+
+def _owned_dataset(root: Path) -> tuple[list[Path], list[Path]]:
+    """The files and folders of the toy dataset at ``root``, after checking that semask wrote all of them.
+
+    Raises:
+        OutputError: ``root`` holds ``images/`` or ``annotations/`` content that the dataset's manifest
+            (``toy_meta.json``) does not list, or listed files whose content changed: ``--overwrite`` deletes
+            only what semask made.
+    """
+    meta_path = root / META_FILE
+    refuse = ("; --overwrite deletes only a toy dataset that semask wrote, so nothing was changed. Choose another "
+              "folder, or remove these files yourself")
+    try:
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict) or meta.get("name") != "semask-toy":
+            raise ValueError("not a semask toy dataset manifest")
+        manifest = _manifest(meta)
+    except FileNotFoundError:
+        raise OutputError(f"{root} holds images/ or annotations/ but no {META_FILE}: they were not written by "
+                          f"semask toy-data{refuse}") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise OutputError(f"{meta_path} is not a semask toy-data manifest ({exc}){refuse}") from None
+    files, folders, foreign, changed = [], [], [], []
+    for top in ("images", "annotations"):
+        base = root / top
+        if base.is_symlink() or (base.exists() and not base.is_dir()):
+            foreign.append(top)
+            continue
+        if not base.exists():
+            continue
+        folders.append(base)
+        for folder, dirnames, filenames in os.walk(base):
+            for d in dirnames:
+                path = Path(folder) / d
+                (foreign.append(str(path.relative_to(root))) if path.is_symlink() else folders.append(path))
+            for f in filenames:
+                path = Path(folder) / f
+                rel = path.relative_to(root).as_posix()
+                if rel not in manifest or path.is_symlink():
+                    foreign.append(rel)
+                elif manifest[rel] is not None and hashlib.sha256(path.read_bytes()).hexdigest() != manifest[rel]:
+                    changed.append(rel)
+                else:
+                    files.append(path)
+    if foreign:
+        raise OutputError(f"{root}: {len(foreign)} path(s) under images/ or annotations/ were not written by semask "
+                          f"toy-data: {', '.join(sorted(foreign)[:10])}{' ...' if len(foreign) > 10 else ''}{refuse}")
+    if changed:
+        raise OutputError(f"{root}: {len(changed)} toy-data file(s) changed since semask wrote them: "
+                          f"{', '.join(sorted(changed)[:10])}{' ...' if len(changed) > 10 else ''}{refuse}")
+    return files, sorted(folders, key=lambda p: len(p.parts), reverse=True)
+
+
 def make_toy_dataset(root: str | Path, seed: int = 0, num_train: int | None = None, num_val: int | None = None,
                      size: int | None = None, overwrite: bool = False) -> Path:
     """Write the toy dataset (ADE20K layout, see :data:`TOY_LAYOUT`).
+
+    The files are written into a hidden staging folder beside the dataset, each flushed to disk, and moved
+    into place only when all are complete; ``toy_meta.json`` lists every file with its SHA-256. A run that is
+    killed leaves its staging folder behind, and the next run removes it (:func:`remove_stale_staging`).
 
     Args:
         root: folder to write into (created if needed; other files in it are left alone).
@@ -243,46 +356,79 @@ def make_toy_dataset(root: str | Path, seed: int = 0, num_train: int | None = No
         num_train: training images (None: 300).
         num_val: validation images (None: 100).
         size: image side in pixels (None: 256; at least 64).
-        overwrite: replace an existing toy dataset at ``root``; otherwise an existing one is an error.
+        overwrite: replace an existing toy dataset at ``root``. Only files the old dataset's manifest lists,
+            unchanged, are deleted: anything else under ``images/`` or ``annotations/`` makes it an error.
 
     Returns:
         The dataset root.
+
+    Raises:
+        OutputExistsError: a dataset exists and ``overwrite`` is False.
+        OutputError: ``root`` is a file, or holds content semask did not write (with ``overwrite``).
+        UsageError: counts or size out of range.
     """
     root = Path(root)
     num_train = DEFAULTS["num_train"] if num_train is None else num_train
     num_val = DEFAULTS["num_val"] if num_val is None else num_val
     size = DEFAULTS["size"] if size is None else size
+    for name, value in (("num_train", num_train), ("num_val", num_val), ("size", size), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageTypeError(f"make_toy_dataset: {name} must be an int, got {value!r}")
     if num_train < 1 or num_val < 1 or size < 64:
-        raise ValueError(f"make_toy_dataset: need num_train >= 1, num_val >= 1 and size >= 64, got "
+        raise UsageError(f"make_toy_dataset: need num_train >= 1, num_val >= 1 and size >= 64, got "
                          f"num_train={num_train}, num_val={num_val}, size={size}")
+    if root.exists() and not root.is_dir():
+        raise OutputError(f"make_toy_dataset: {root} is a file; give a folder (it is created if needed)")
     ours = [root / "images", root / "annotations", root / META_FILE]
-    existing = [p for p in ours if p.exists()]
+    existing = [p for p in ours if p.exists() or p.is_symlink()]
     if existing and not overwrite:
-        raise FileExistsError(f"make_toy_dataset: {root} already holds {', '.join(p.name for p in existing)}; "
-                              "pass overwrite=True (`--overwrite`) to replace it")
+        raise OutputExistsError(f"make_toy_dataset: {root} already holds {', '.join(p.name for p in existing)}; "
+                                "pass overwrite=True (`--overwrite`) to replace it")
+    if existing:
+        _owned_dataset(root)  # fail before any work if the old content is not ours to delete
     root.mkdir(parents=True, exist_ok=True)
-    staging = root / f".toy-partial-{os.getpid()}"
-    if staging.exists():
+    remove_stale_staging(root)
+    staging = root / _staging_name()
+    if staging.exists():  # our own pid, left by an earlier call in this process that was interrupted
         shutil.rmtree(staging)
-    counts = {"training": num_train, "validation": num_val}
-    for split, count in counts.items():
-        stem = "toy_train" if split == "training" else "toy_val"
-        (staging / "images" / split).mkdir(parents=True)
-        (staging / "annotations" / split).mkdir(parents=True)
-        for index in range(count):
-            image, label, _ = render_scene(_scene_rng(seed, split, index), size)
-            Image.fromarray(image).save(staging / "images" / split / f"{stem}_{index:05d}.jpg", quality=92)
-            Image.fromarray(label).save(staging / "annotations" / split / f"{stem}_{index:05d}.png")
-    meta = {"name": "semask-toy", "version": 1, "seed": seed, "size": size, "num_train": num_train,
-            "num_val": num_val, "reduce_zero_label": True, "classes": list(TOY_CLASSES),
-            "palette": [list(c) for c in TOY_PALETTE],
-            "context": {f"{shape} on {stuff}": name for (shape, stuff), name in TOY_CONTEXT.items()}}
-    (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    for path in existing:  # only now remove the old dataset, so a failed run leaves it intact
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    for path in ours:
-        os.replace(staging / path.name, path)
-    staging.rmdir()
+    staging.mkdir()
+    try:
+        (staging / STAGING_MARK).write_text("semask toy-data staging folder; safe to delete\n")
+        files: dict[str, str] = {}
+        counts = {"training": num_train, "validation": num_val}
+        for split, count in counts.items():
+            stem = "toy_train" if split == "training" else "toy_val"
+            for kind, ext, fmt in (("images", "jpg", "JPEG"), ("annotations", "png", "PNG")):
+                (staging / kind / split).mkdir(parents=True)
+            for index in range(count):
+                image, label, _ = render_scene(_scene_rng(seed, split, index), size)
+                for kind, ext, fmt, array in (("images", "jpg", "JPEG", image), ("annotations", "png", "PNG", label)):
+                    rel = f"{kind}/{split}/{stem}_{index:05d}.{ext}"
+                    data = _encode(array, fmt)
+                    _write_durable(staging / rel, data)
+                    files[rel] = hashlib.sha256(data).hexdigest()
+            for kind in ("images", "annotations"):
+                fsync_directory(staging / kind / split)
+        meta = {"name": "semask-toy", "version": 2, "seed": seed, "size": size, "num_train": num_train,
+                "num_val": num_val, "reduce_zero_label": True, "classes": list(TOY_CLASSES),
+                "palette": [list(c) for c in TOY_PALETTE],
+                "context": {f"{shape} on {stuff}": name for (shape, stuff), name in TOY_CONTEXT.items()},
+                "files": files}
+        _write_durable(staging / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+        for kind in ("images", "annotations", ""):
+            fsync_directory(staging / kind)
+        if existing:  # only now remove the old dataset (checked again), so a failed run leaves it intact
+            old_files, old_folders = _owned_dataset(root)
+            for path in old_files:
+                path.unlink()
+            for folder in old_folders:
+                folder.rmdir()
+        for path in ours:  # the manifest last: a dataset without one is never taken for a complete one
+            os.replace(staging / path.name, path)
+        fsync_directory(root)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
     return root
 
 
@@ -299,8 +445,8 @@ class ToyDataset(SegmentationDataset):
 
     def __init__(self, root: str | Path, split: str = "training", transform: Transform | None = None) -> None:
         root = Path(root)
-        folder = _resolve_split("ToyDataset", split, self.SPLITS)
-        img_dir, ann_dir = _split_dirs("ToyDataset", root, TOY_LAYOUT, split, folder, ("images", "annotations"))
+        folder = resolve_split("ToyDataset", split, self.SPLITS)
+        img_dir, ann_dir = split_dirs("ToyDataset", root, TOY_LAYOUT, split, folder, ("images", "annotations"))
         meta_path = root / META_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(f"ToyDataset: {meta_path} is missing. Expected layout:\n{TOY_LAYOUT}")
