@@ -36,7 +36,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 import semask
 from semask.losses import semask_loss
-from semask.utils import atomic_path, keep_freed_memory
+from semask.errors import UnknownNameError, UsageError
+from semask.utils import atomic_path, check_device, keep_freed_memory
 
 __all__ = ["BenchmarkConfig", "run_benchmark", "matmul_peak", "count_flops", "time_it", "main", "TASKS"]
 
@@ -423,18 +424,21 @@ def run_benchmark(cfg: BenchmarkConfig, progress: bool = True) -> dict[str, Any]
     """
     unknown = sorted(set(cfg.tasks) - set(TASKS))
     if unknown:
-        raise ValueError(f"unknown benchmark task(s) {unknown}; choose from {list(TASKS)}")
+        raise UsageError(f"unknown benchmark task(s) {unknown}; choose from {list(TASKS)}")
     if cfg.precision not in DTYPES:
-        raise ValueError(f"precision must be one of {list(DTYPES)}, got {cfg.precision!r}")
+        raise UsageError(f"precision must be one of {list(DTYPES)}, got {cfg.precision!r}")
+    small = [f"{k}={v}" for k, v in (("size", min(cfg.size)), ("batch_size", cfg.batch_size),
+                                      ("train_batch_size", cfg.train_batch_size), ("repeats", cfg.repeats))
+             if v < 1]
+    if small:
+        raise UsageError(f"these must be at least 1: {', '.join(small)}")
     if cfg.checkpoint:  # the file decides the architecture and the class count
         loaded = semask.load_checkpoint(cfg.checkpoint)
         cfg = dataclasses.replace(cfg, model=loaded.name, num_classes=loaded.num_classes)
         del loaded
     if cfg.model not in semask.list_models():
-        raise ValueError(f"unknown model {cfg.model!r}; valid names: {', '.join(semask.list_models())}")
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {cfg.device!r} requested but CUDA is not available on this machine")
+        raise UnknownNameError(f"unknown model {cfg.model!r}; valid names: {', '.join(semask.list_models())}")
+    device = check_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
@@ -545,7 +549,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """`semask benchmark ...`: print a summary to stderr and the JSON result to stdout."""
     args = build_parser().parse_args(argv)
     if len(args.size) not in (1, 2):
-        raise ValueError(f"--size takes one or two numbers, got {args.size}")
+        raise UsageError(f"--size takes one or two numbers, got {args.size}")
     cfg = BenchmarkConfig(
         model=args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, size=(args.size[0], args.size[-1]),
         batch_size=args.batch_size, train_batch_size=args.train_batch_size, precision=args.precision,

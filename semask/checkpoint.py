@@ -153,8 +153,13 @@ def _contiguous(indices: list[int], what: str, limit: int, limit_name: str, sour
     return len(indices)
 
 
-def _vote(votes: list[tuple[str, Any]], what: str, source: str) -> Any:
-    """The value most tensors agree on (the earliest of equally common ones), or an error naming `what`."""
+def _vote(votes: list[tuple[str, Any]], what: str, source: str, valid: Any = None) -> Any:
+    """The value most tensors agree on, or an error naming `what`.
+
+    Values failing `valid` (a predicate) lose to any that pass; among equally common ones the earliest wins.
+    """
+    if valid is not None and any(valid(v) for _, v in votes):
+        votes = [(k, v) for k, v in votes if valid(v)]
     if not votes:
         raise CheckpointError(f"{source}: cannot tell the {what}: no tensor of the file shows it")
     counts = Counter(value for _, value in votes)
@@ -226,7 +231,8 @@ def infer_model_config(sd: Mapping[str, torch.Tensor], source: str = "checkpoint
             key = block(i, j, "mlp.fc1.weight")
             if (dims := _dims(sd, key, 2)) is not None:
                 ratios.append((key, dims[0] / (embed_dim * 2 ** i)))
-        heads.append(_vote(stage_heads, f"attention heads of stage {i}", source))
+        heads.append(_vote(stage_heads, f"attention heads of stage {i}", source,
+                           valid=lambda h, dim=embed_dim * 2 ** i: h > 0 and dim % h == 0))
     window = _vote(windows, "window size (relative_position_bias_table)", source)
     mlp_ratio = _vote(ratios, "MLP ratio (mlp.fc1)", source)
     classes = [(k, d[0]) for k, n in (("decode_head.conv_seg.weight", 4), ("decode_head.conv_seg.bias", 1))

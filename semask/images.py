@@ -89,20 +89,27 @@ def open_image(path: Union[str, os.PathLike], name: Optional[str] = None) -> Ima
         raise FileNotFoundError(f"{name} does not exist")
     if path.is_dir():
         raise IsADirectoryError(f"{name} is a folder; expected an image file")
+    how = ("if the file is trusted, raise the limit: PIL.Image.MAX_IMAGE_PIXELS = N in Python, or "
+           "SEMASK_MAX_IMAGE_PIXELS=N for the semask command")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check below is stricter
             img = Image.open(path)
-    except Image.DecompressionBombError as exc:
-        raise LimitError(f"{name}: {exc} Raise PIL.Image.MAX_IMAGE_PIXELS (SEMASK_MAX_IMAGE_PIXELS for the semask "
-                         "command) only if the file is trusted.") from exc
+    except Image.DecompressionBombError as exc:  # PIL's own refusal, at twice its limit
+        raise LimitError(f"{name} is too large to open safely ({exc}); the limit is {max_image_pixels():,} pixels "
+                         f"(PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs); {how}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # PIL's errors for unknown / corrupt data
         raise ImageError(f"{name} cannot be read: {exc}") from exc
     try:
-        check_image_size(img.width, img.height, name)
+        check_image_size(img.width, img.height, name)  # before decoding a single pixel
         img.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (OSError, SyntaxError, EOFError) as exc:
         img.close()
+        raise ImageError(f"{name} cannot be read: {exc} (unreadable or truncated file)") from exc
+    except ValueError as exc:
+        img.close()
+        if isinstance(exc, (LimitError, ImageError)):
+            raise
         raise ImageError(f"{name} cannot be read: {exc} (unreadable or truncated file)") from exc
     except BaseException:
         img.close()
@@ -213,6 +220,8 @@ def rgb_tensor(image: ImageInput, name: Optional[str] = None) -> torch.Tensor:
         if kind in ("other", "complex"):
             raise UsageTypeError(f"{name} has dtype {image.dtype}; expected uint8, uint16, bool, an integer or a "
                                  "float type")
+        if not image.flags.writeable:  # torch wants writable memory (e.g. np.asarray of a PIL image)
+            image = image.copy()
         if not image.dtype.isnative or kind == "uint16" or image.dtype.kind == "u" and image.dtype.itemsize > 2:
             image = image.astype(np.float64 if kind == "float" else np.int64)  # types torch can hold
         values = torch.from_numpy(np.ascontiguousarray(image))  # H, W, C

@@ -49,8 +49,9 @@ def check_input(x: torch.Tensor, in_chans: int = 3, dtype: Optional[torch.dtype]
     Args:
         x: the batch given to the model.
         in_chans: channels the model expects.
-        dtype: the model's weight dtype; outside autocast the batch must have it (float64 or float16 into a
-            float32 model is an error here, not a matmul error deep inside).
+        dtype: the model's weight dtype; the batch must have it, except under autocast, which casts every
+            floating type but float64 (float64 or float16 into a float32 model is an error here, not a matmul
+            error deep inside).
 
     Raises:
         UsageTypeError: not a tensor. UsageError: wrong shape, empty batch or image, wrong dtype.
@@ -67,7 +68,8 @@ def check_input(x: torch.Tensor, in_chans: int = 3, dtype: Optional[torch.dtype]
         raise UsageError(f"expected a batch of at least one image, got shape {tuple(x.shape)}")
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise UsageError(f"expected a non-empty image, got spatial size {tuple(x.shape[2:])}")
-    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+    autocast = torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64  # autocast casts the others
+    if dtype is not None and x.dtype != dtype and not autocast:
         raise UsageError(f"expected a {dtype} batch to match the model's {dtype} weights, got {x.dtype}; convert it "
                          f"with x.to({dtype}) (or the model with model.to({x.dtype})), or run under torch.autocast")
 

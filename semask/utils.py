@@ -11,6 +11,7 @@ import re
 import secrets
 import socket
 import stat
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Hashable, Iterator, Optional, Sequence, Union
@@ -222,9 +223,12 @@ def plan_outputs(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, 
     if not existing_dir.is_dir():
         raise OutputError(f"output folder {str(out_dir)!r} cannot be used: {str(existing_dir)!r} is a file; "
                           "give a folder (it is created if needed)")
-    if not os.access(existing_dir, os.W_OK | os.X_OK):
+    try:  # a real probe: permissions, read-only mounts and immutable folders all show here, also for root
+        with tempfile.TemporaryFile(dir=existing_dir, prefix=".semask-probe-"):
+            pass
+    except OSError as exc:
         raise OutputError(f"output folder {str(out_dir)!r} cannot be written: no write permission in "
-                          f"{str(existing_dir)!r}")
+                          f"{str(existing_dir)!r} ({exc.strerror or exc})") from exc
     resolved = [Path(p).resolve() for p in inputs]
     if not resolved:
         return []

@@ -123,3 +123,31 @@ def test_bf16_autocast_agrees_with_fp32(model, image) -> None:
     fp32 = Predictor(model, scale=(256, 64))(image)
     bf16 = Predictor(model, scale=(256, 64), amp_dtype=torch.bfloat16)(image)
     assert (fp32 == bf16).mean() > 0.95
+
+
+@pytest.mark.parametrize("size", [(64, 85), (45, 71), (100, 64)])  # at scale already (argmax of logits), rescaled
+@pytest.mark.parametrize("mode", ["whole", "msflip"])
+def test_fast_label_paths_give_the_protocols_labels(model, size, mode) -> None:
+    """`predict_labels` skips the softmax and the identity resize where it may; the labels stay those of SPEC §6."""
+    image = np.random.default_rng(size[0]).integers(0, 256, (*size, 3), dtype=np.uint8)
+    if mode == "whole":
+        expected = _manual(model, image, (256, 64))
+    else:
+        expected = sum(_manual(model, image, (int(256 * r), int(64 * r)), flip)
+                       for r in MS_RATIOS for flip in (False, True)) / 12
+    predictor = Predictor(model, mode=mode, scale=(256, 64))
+    labels = predictor.predict_labels(image)
+    assert labels.dtype == torch.int64 and labels.shape == size and labels.device == predictor.device
+    torch.testing.assert_close(labels, expected.argmax(0), rtol=0, atol=0)
+    np.testing.assert_array_equal(predictor(image), expected.argmax(0).numpy())
+
+
+def test_large_outputs_are_resized_in_groups_of_classes(model, monkeypatch) -> None:
+    """Above the chunk budget the final resize + argmax runs class group by class group, with the same labels."""
+    import semask.inference as inference
+
+    image = np.random.default_rng(7).integers(0, 256, (45, 71, 3), dtype=np.uint8)
+    predictor = Predictor(model, scale=(256, 64))
+    expected = predictor.predict_labels(image)
+    monkeypatch.setattr(inference, "_CHUNK_BYTES", 45 * 71 * 4 * 2)  # two classes per group
+    torch.testing.assert_close(predictor.predict_labels(image), expected, rtol=0, atol=0)

@@ -46,3 +46,25 @@ def test_environment_yml_lists_the_pyproject_dependencies() -> None:
 def test_the_notebooks_extra_is_part_of_dev() -> None:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert set(extras["notebooks"]) <= set(extras["dev"])
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "semask").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("semask"):
+                offenders += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
+                              if a.name.startswith("_") and a.name != "__version__"]
+    assert not offenders, offenders
+
+
+def test_models_are_not_patched_after_they_are_built() -> None:
+    """Class names, palette and config are set by the builder (`build_model`), never assigned afterwards."""
+    import re
+
+    patched = [f"{path.relative_to(ROOT)}:{i + 1}" for path in sorted((ROOT / "semask").rglob("*.py"))
+               for i, line in enumerate(path.read_text().splitlines())
+               if re.search(r"\bmodel\.(class_names|palette|config)\s*=(?!=)", line)]
+    assert not patched, patched
