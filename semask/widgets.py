@@ -381,6 +381,24 @@ def _widgets() -> Any:
     return ipywidgets
 
 
+def _snapshot(figure: "Figure", format: str) -> bytes:
+    if format not in ("png", "jpeg"):
+        raise ValueError(f"snapshot: format must be 'png' or 'jpeg', got {format!r}")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=format, **({"pil_kwargs": {"quality": 85}} if format == "jpeg" else {}))
+    return buffer.getvalue()
+
+
+def _bundle(widget: "ipywidgets.Widget", figure: "Figure", text: str, include: Any, exclude: Any) -> dict[str, Any]:
+    """The live app's display data, plus a JPEG of its figure for viewers without a kernel (a rendered notebook)."""
+    import base64
+
+    bundle = dict(widget._repr_mimebundle_(include=include, exclude=exclude) or {})
+    bundle["image/jpeg"] = base64.b64encode(_snapshot(figure, "jpeg")).decode("ascii")
+    bundle["text/plain"] = text
+    return bundle
+
+
 def _image_options(titles: Sequence[str]) -> list[tuple[str, int]]:
     return [(f"{i}: {t}", i) for i, t in enumerate(titles)]
 
@@ -443,11 +461,10 @@ class Explorer:
         style = {"description_width": "70px"}
         self.image = w.Dropdown(options=_image_options(self.images.titles), value=0, description="image",
                                 style=style, layout=w.Layout(width="340px"))
-        self.view = w.ToggleButtons(options=list(views), value="prediction", description="view", style=style)
-        self.view.style.button_width = "128px"
+        self.view = w.ToggleButtons(options=list(views), value="prediction")
+        self.view.style.button_width = "160px"
         stages = len(self._gammas) or 4
-        self.stage = w.ToggleButtons(options=[(f"stage {i + 1}", i) for i in range(stages)], value=0,
-                                     description="stage", style=style)
+        self.stage = w.ToggleButtons(options=[(f"stage {i + 1}", i) for i in range(stages)], value=0)
         self.stage.style.button_width = "72px"
         self.class_name = w.Dropdown(options=[("all classes (argmax)", ALL_CLASSES)]
                                      + [(n, k) for k, n in enumerate(self.class_names)],
@@ -466,9 +483,9 @@ class Explorer:
                               (self.opacity, "opacity")):
             control.add_class(f"semask-{name}")  # stable handles for browser tests and custom CSS
 
-        self.figure = _new_figure((7.4, 5.2), dpi)
-        self.ax = self.figure.add_axes((0.01, 0.02, 0.62, 0.88))
-        self.cax = self.figure.add_axes((0.68, 0.12, 0.03, 0.7))
+        self.figure = _new_figure((6.8, 5.0), dpi)
+        self.ax = self.figure.add_axes((0.01, 0.02, 0.66, 0.86))
+        self.cax = self.figure.add_axes((0.71, 0.12, 0.03, 0.7))
         self.ax.set_axis_off()
         first, _ = self.images.get(0)
         self._picture = self.ax.imshow(first, interpolation="nearest")
@@ -483,15 +500,25 @@ class Explorer:
         self._cell = Rectangle((0, 0), 1, 1, fill=False, edgecolor="white", linewidth=1.2, visible=False)
         self.ax.add_patch(self._window)
         self.ax.add_patch(self._cell)
-        self._colorbar = self.figure.colorbar(self._heat, cax=self.cax)
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        self._scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap="viridis")  # the colour bar, opaque
+        self._colorbar = self.figure.colorbar(self._scale, cax=self.cax)
         self.figure.canvas.mpl_connect("button_press_event", self.on_click)
 
         for control in (self.view, self.stage, self.class_name, self.row, self.col, self.opacity):
             control.observe(self._on_change, names="value")
         self.image.observe(self._on_image, names="value")
 
-        rows = [w.HBox([self.image, self.opacity]), self.view, w.HBox([self.stage, self.gamma]),
-                w.HBox([self.class_name]), w.HBox([self.row, self.col])]
+        def label(text: str) -> "ipywidgets.Label":  # the toggle buttons' captions, aligned with the others'
+            return w.Label(text, layout=w.Layout(width="74px", justify_content="flex-end", padding="0 4px 0 0"))
+
+        self.gamma.layout.margin = "0 0 0 12px"
+        self.info.layout.margin = "8px 0 0 12px"
+        self.figure.canvas.layout.flex = "0 0 auto"  # as wide as the figure, the summary right beside it
+        rows = [w.HBox([self.image, self.opacity]), w.HBox([label("view"), self.view]),
+                w.HBox([label("stage"), self.stage, self.gamma]), self.class_name, w.HBox([self.row, self.col])]
         self.widget = w.VBox(rows + [w.HBox([self.figure.canvas, self.info])])
         self.widget.add_class("semask-explorer")
         self._set_image_ranges(*first.shape[:2], centre=True)  # draws the first view
@@ -510,6 +537,17 @@ class Explorer:
             self.model_runs += 1
             self._cache.put(index, cached)
         return cached
+
+    @property
+    def picture(self) -> np.ndarray:
+        """(H, W, 3) uint8: what the figure shows under any heat map (the image, or a label map over it)."""
+        return np.asarray(self._picture.get_array())
+
+    @property
+    def heat(self) -> Optional[np.ndarray]:
+        """(H, W) float32: the heat map drawn over the picture (a class probability or attention weights), or
+        None in the label views."""
+        return np.ma.getdata(self._heat.get_array()) if self._heat.get_visible() else None
 
     # ------------------------------------------------------------------------------------------- callbacks
     @contextlib.contextmanager
@@ -599,7 +637,8 @@ class Explorer:
                 detail = f"{name} semantic prior: {self.class_names[class_index]}"
         else:  # semantic attention
             weights = a.attention_map(stage, self.row.value, self.col.value)
-            heat = (weights, "inferno", max(float(weights.max()), 1e-6))
+            # zero weight (outside a windowed layer's window) is left uncoloured: the image shows through
+            heat = (np.ma.masked_equal(weights, 0.0), "inferno", max(float(weights.max()), 1e-6))
             colorbar_label = "attention weight"
             amap = a.attentions[stage]
             kind = f"{amap.window_size}x{amap.window_size} windows" if amap.window_size else "global"
@@ -622,7 +661,9 @@ class Explorer:
             self._heat.set_alpha(alpha)
             self._heat.set_visible(True)
             self.cax.set_visible(True)
-            self._colorbar.update_normal(self._heat)
+            self._scale.set_cmap(cmap)
+            self._scale.set_clim(0.0, vmax)
+            self._colorbar.update_normal(self._scale)
             self._colorbar.set_label(colorbar_label)
         if legend is None:
             class_legend(self.ax, [], self.palette)
@@ -693,20 +734,12 @@ class Explorer:
         return "<div style='max-width:260px;font-size:12px;line-height:1.4'>" + "<br>".join(lines) + "</div>"
 
     # ------------------------------------------------------------------------------------------- display
-    def snapshot(self) -> bytes:
-        """The figure as PNG bytes (what the canvas shows)."""
-        buffer = io.BytesIO()
-        self.figure.savefig(buffer, format="png")
-        return buffer.getvalue()
+    def snapshot(self, format: str = "png") -> bytes:
+        """The figure as it is drawn now, as PNG (or ``"jpeg"``) bytes."""
+        return _snapshot(self.figure, format)
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        # the live app, plus a PNG of the figure for viewers without a kernel (e.g. a rendered notebook file)
-        bundle = dict(self.widget._repr_mimebundle_(include=include, exclude=exclude) or {})
-        import base64
-
-        bundle["image/png"] = base64.b64encode(self.snapshot()).decode("ascii")
-        bundle["text/plain"] = repr(self)
-        return bundle
+        return _bundle(self.widget, self.figure, repr(self), include, exclude)
 
     def __repr__(self) -> str:
         return (f"Explorer({getattr(self.model, 'name', type(self.model).__name__)}, {len(self.images)} images, "
@@ -871,15 +904,15 @@ class Comparison:
                                                       for n in names) + " |")
         return "\n".join(lines)
 
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        bundle = dict(self.widget._repr_mimebundle_(include=include, exclude=exclude) or {})
-        import base64
+    def snapshot(self, format: str = "png") -> bytes:
+        """The figure as it is drawn now, as PNG (or ``"jpeg"``) bytes."""
+        return _snapshot(self.figure, format)
 
-        buffer = io.BytesIO()
-        self.figure.savefig(buffer, format="png")
-        bundle["image/png"] = base64.b64encode(buffer.getvalue()).decode("ascii")
-        bundle["text/plain"] = f"Comparison({', '.join(self.models)}, {len(self.images)} images)"
-        return bundle
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        return _bundle(self.widget, self.figure, repr(self), include, exclude)
+
+    def __repr__(self) -> str:
+        return f"Comparison({', '.join(self.models)}; {len(self.images)} images, view={self.view.value!r})"
 
 
 def compare(models: Union[Mapping[str, nn.Module], Sequence[nn.Module]], images: ImagesInput,

@@ -6,6 +6,8 @@ the figure's data against an independent computation, and that the model ran onc
 """
 from __future__ import annotations
 
+import base64
+
 import matplotlib
 
 matplotlib.use("Agg")  # headless; set here, never at import of semask
@@ -54,12 +56,12 @@ class ForwardCounter:
 
 
 def _heat(explorer: Explorer) -> np.ndarray:
-    assert explorer._heat.get_visible() and explorer.cax.get_visible(), "expected a heat map with its colour bar"
-    return np.asarray(explorer._heat.get_array())
+    assert explorer.heat is not None and explorer.cax.get_visible(), "expected a heat map with its colour bar"
+    return explorer.heat
 
 
 def _picture(explorer: Explorer) -> np.ndarray:
-    return np.asarray(explorer._picture.get_array())
+    return explorer.picture
 
 
 def _legend(explorer: Explorer) -> list[str]:
@@ -130,7 +132,7 @@ def test_explorer_label_views_draw_the_expected_pixels_and_legends(model, toy_va
     a = explorer.analysis()
     assert np.array_equal(_picture(explorer), overlay(sample["image"], a.prediction, TOY_PALETTE, 0.5))
     assert _legend(explorer) == [TOY_CLASSES[k] for k in np.unique(a.prediction)]
-    assert not explorer._heat.get_visible() and not explorer.cax.get_visible()
+    assert explorer.heat is None and not explorer.cax.get_visible()
 
     explorer.view.value = "ground truth"
     assert np.array_equal(_picture(explorer), overlay(sample["image"], sample["label"], TOY_PALETTE, 0.5))
@@ -180,6 +182,10 @@ def test_explorer_attention_follows_stage_query_and_clicks(model, toy_val):
     x, y = explorer._window.get_xy()
     assert (x, y, explorer._window.get_width()) == (7 * 4 - 0.5, 7 * 4 - 0.5, 7 * 4)
     assert explorer._marker.get_xdata()[0] == 32 and explorer._marker.get_ydata()[0] == 32
+    drawn = explorer._heat.get_array()  # zero weights, outside the window, are masked: the image shows there
+    assert np.array_equal(np.ma.getmaskarray(drawn), a.attention_map(0, 32, 32) == 0) and drawn.mask.any()
+    assert explorer._colorbar.mappable.get_cmap().name == "inferno"
+    assert explorer._colorbar.mappable.get_clim() == (0.0, pytest.approx(a.attention_map(0, 32, 32).max()))
 
     explorer.stage.value = 3  # global
     assert np.allclose(_heat(explorer), a.attention_map(3, 32, 32))
@@ -246,7 +252,8 @@ def test_explorer_display_bundle_has_the_widget_and_a_static_picture(model, toy_
     explorer = Explorer(model, toy_val, test_preset=PRESET)
     bundle = explorer._repr_mimebundle_()
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == explorer.widget.model_id
-    assert explorer.snapshot().startswith(b"\x89PNG") and bundle["image/png"]
+    assert explorer.snapshot().startswith(b"\x89PNG") and explorer.snapshot("jpeg").startswith(b"\xff\xd8")
+    assert base64.b64decode(bundle["image/jpeg"]).startswith(b"\xff\xd8")  # for viewers without a kernel
     assert explorer.figure.canvas in explorer.widget.children[-1].children
 
 
