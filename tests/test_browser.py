@@ -114,7 +114,8 @@ def jupyter_lab(workdir: Path, home: Path, log_path: Path) -> Iterator[str]:
                f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
                f"--ServerApp.root_dir={workdir}", "--ServerApp.allow_root=True", "--LabApp.expose_app_in_browser=True",
                f"--LabApp.user_settings_dir={home / 'settings'}", f"--LabApp.workspaces_dir={home / 'workspaces'}",
-               "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+               "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+               "--LabApp.extension_manager=readonly"]  # nothing is fetched from the network
     base = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir,
@@ -190,9 +191,9 @@ def test_explorer_notebook_in_jupyterlab_and_chromium(tmp_path: Path) -> None:
 
     with jupyter_lab(workdir, home, artifacts / "jupyterlab.log") as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_FLAGS)
+        console: list[str] = []  # the page's console, saved with the screenshots
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 1100})
-            console: list[str] = []
             page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
             page.goto(url.format(path=NOTEBOOK.name), timeout=SERVER_START_S * 1000)
             page.wait_for_function(f"({NOTEBOOK_STATE_JS})() !== null && ({NOTEBOOK_STATE_JS})().kernel === 'idle'",
@@ -253,7 +254,7 @@ def test_explorer_notebook_in_jupyterlab_and_chromium(tmp_path: Path) -> None:
             assert row_after != row_before, "a click on the image should move the query pixel (row slider)"
             page.screenshot(path=str(artifacts / "4-page.png"))
         finally:
-            (artifacts / "console.log").write_text("\n".join(console) if "console" in locals() else "")
+            (artifacts / "console.log").write_text("\n".join(console))
             browser.close()
     assert len(set(hashes.values())) == len(hashes), f"every change should redraw the figure: {hashes}"
     print(f"\nbrowser-test screenshots in {artifacts}: {sorted(p.name for p in artifacts.glob('*.png'))}")
