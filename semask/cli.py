@@ -178,6 +178,13 @@ def _cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from semask.demo import run_demo
+
+    run_demo(args.work_dir, args.data_root, args.set, progress=not args.no_progress)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `semask` command (exposed for tests and documentation)."""
@@ -249,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override config fields, e.g. data.root=/data/ADEChallengeData2016")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_test)
+
+    p = sub.add_parser("demo", help="the main job: train SeMask on the built-in toy data, evaluate, draw (~10 min "
+                                     "on a 2-core CPU)")
+    p.add_argument("--work-dir", default=None, help="run directory (default: runs/demo-<date>-<time>)")
+    p.add_argument("--data-root", default="data/toy", help="the toy dataset (written there when missing)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override the toy preset, e.g. schedule.iters=100 for a shorter run")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_demo)
 
     # the benchmark has its own parser (semask.benchmark.build_parser); main() hands it the remaining words
     p = sub.add_parser("benchmark", help="measure speed and memory (see `semask benchmark --help`)",

@@ -47,7 +47,7 @@ from semask.data.datasets import ADE20K, COCOStuff10k, Cityscapes, FolderDataset
 from semask.data.loader import build_train_loader, sample_seed
 from semask.data.toy import ToyDataset
 from semask.data.transforms import TrainTransform
-from semask.evaluate import check_classes, evaluate
+from semask.evaluate import EvalResult, check_classes, evaluate
 from semask.losses import SeMaskLoss
 from semask.models import create_model
 from semask.segmentor import SeMaskFPN
@@ -70,10 +70,11 @@ class TrainResult:
 
     Attributes:
         work_dir: the run directory.
-        history: every log record of the run (``kind`` "train" or "eval"), as written to ``log.jsonl``.
+        history: every log record of the run (``kind`` "train", "eval" or "pretrained"), as in ``log.jsonl``.
         best: the evaluation record with the highest mIoU (None when no evaluation ran).
         model: the trained model (the last step's weights), in eval mode.
         config: the resolved config.
+        evaluation: the full result of the final evaluation (per class, per image, confusion matrix).
     """
 
     work_dir: Path
@@ -81,6 +82,7 @@ class TrainResult:
     best: Optional[dict[str, Any]] = None
     model: Optional[SeMaskFPN] = None
     config: Optional[TrainConfig] = None
+    evaluation: Optional[EvalResult] = None
 
     @property
     def last_eval(self) -> Optional[dict[str, Any]]:
@@ -311,6 +313,7 @@ def _train(config: TrainConfig, work_dir: Path, resume: bool, callback: Optional
     loss_fn = SeMaskLoss(config.loss.prior_weight, ohem_min_kept=config.loss.ohem_min_kept)
 
     start_step, best, history = 0, None, []
+    evaluation: Optional[EvalResult] = None
 
     def emit(rec: dict[str, Any]) -> None:
         history.append(rec)
@@ -419,7 +422,7 @@ def _train(config: TrainConfig, work_dir: Path, resume: bool, callback: Optional
 
             last = done == config.schedule.iters
             if (rt.eval_interval and done % rt.eval_interval == 0) or last:
-                result = evaluate(module, val_set, mode=config.eval.mode, test_config=config.data.test_pipeline,
+                evaluation = result = evaluate(module, val_set, mode=config.eval.mode, test_config=config.data.test_pipeline,
                                   crop_size=config.eval.crop_size, stride=config.eval.stride,
                                   max_images=config.eval.max_images, progress=progress)
                 module.train()
@@ -457,5 +460,6 @@ def _train(config: TrainConfig, work_dir: Path, resume: bool, callback: Optional
     module.eval()
     log.print(f"done: {config.schedule.iters} steps in {time.perf_counter() - run_start:.0f} s"
               + (f"; best mIoU {100 * best['mIoU']:.2f} at step {best['iter']}" if best else ""))
-    return TrainResult(work_dir=work_dir, history=history, best=best, model=module, config=config)
+    return TrainResult(work_dir=work_dir, history=history, best=best, model=module, config=config,
+                       evaluation=evaluation)
 

@@ -83,8 +83,8 @@ def test_class_mismatches_are_refused(tiny_toy_root) -> None:
     with pytest.raises(ValueError, match="predicts 5 classes but the dataset .* has 11"):
         check_classes(semask.create_model("semask_toy_fpn", num_classes=5), ds)
     renamed = semask.create_model("semask_toy_fpn", class_names=("ocean",) + TOY_CLASSES[1:])
-    with pytest.raises(ValueError, match="differ from the dataset's at 1 of 11 positions .*'ocean' vs .*'sky'"):
-        evaluate(renamed, ds, progress=False)
+    with pytest.warns(UserWarning, match="differ from the dataset's at 1 of 11 positions .*'ocean' vs .*'sky'"):
+        evaluate(renamed, ds, max_images=1, progress=False)
 
 
 def test_semask_test_command(tiny_toy_root, tmp_path) -> None:
