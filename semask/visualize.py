@@ -11,7 +11,8 @@ into, and imports pyplot only when called (importing semask selects no matplotli
 - `plot_training_log`: loss terms, learning rate and validation mIoU of one or several runs' `log.jsonl`;
 - `plot_class_iou`: per-class IoU bars of one or several results;
 - `plot_results` (with `results_table`): several runs grouped by setting, mean and spread over seeds;
-- `plot_confusion`: a row-normalised confusion matrix.
+- `plot_confusion`: a row-normalised confusion matrix;
+- `plot_evaluation_panel`: image, ground truth, prediction and error map of one evaluated image.
 
 `error_map` (correct / wrong / ignored pixels) and `class_legend` are shared with `semask.widgets`.
 """
@@ -55,6 +56,7 @@ __all__ = [
     "ERROR_PALETTE",
     "error_map",
     "class_legend",
+    "plot_evaluation_panel",
     "read_training_log",
     "plot_training_log",
     "plot_class_iou",
@@ -550,6 +552,61 @@ def error_map(prediction: ArrayLike, label: ArrayLike, ignore_index: int = 255,
         raise ValueError(f"{who}: alpha must lie in [0, 1], got {alpha}")
     codes[ignored] = 255
     return overlay(img, codes, ERROR_PALETTE[:2], alpha, ignore_index=255)
+
+
+def plot_evaluation_panel(image: ImageInput, label: Optional[ArrayLike], prediction: ArrayLike,
+                          palette: Optional[Palette], class_names: Optional[Sequence[str]] = None, *,
+                          ignore_index: int = 255, alpha: float = 0.5, title: Optional[str] = None,
+                          max_legend: int = 24) -> "Figure":
+    """One evaluated image in a row: the image, its ground truth, the prediction and the error map.
+
+    Args:
+        image: (H, W, 3) uint8 RGB at the original size.
+        label: (H, W) ground truth (`ignore_index` not scored), or None (then image and prediction only).
+        prediction: (H, W) predicted class indices at the same size.
+        palette: (K, 3) RGB colours (None: `default_palette`).
+        class_names: K names for the legend.
+        ignore_index: the label value that is not scored.
+        alpha: opacity of the label colours over the image.
+        title: the figure's title (e.g. the file name and the image's mIoU).
+        max_legend: at most this many classes in the legend.
+
+    Returns:
+        The figure: 4 panels (2 without a label); a legend of the classes present in the ground truth or the
+        prediction, and one of the error map's colours with the share of scored pixels that are correct / wrong.
+    """
+    from matplotlib.patches import Patch
+
+    who = "plot_evaluation_panel"
+    img = _as_image(image, who)
+    pred = _as_label(prediction, who, "the prediction", img.shape[:2])
+    lab = _as_label(label, who, "the label", img.shape[:2]) if label is not None else None
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{who}: alpha must lie in [0, 1], got {alpha}")
+    maps = [pred] if lab is None else [lab, pred]
+    present, colours = _present(maps, ignore_index, palette, class_names, who)
+    fig, flat = _figure_axes(None, 1, 2 if lab is None else 4, who, extra_width=2.0)
+    _show(flat[0], img, "image")
+    if lab is not None:
+        _show(flat[1], overlay(img, lab, colours, alpha, ignore_index), "ground truth")
+    _show(flat[-1] if lab is None else flat[2], overlay(img, pred, colours, alpha, ignore_index), "prediction")
+    if lab is not None:
+        _show(flat[3], error_map(pred, lab, ignore_index, image=img, alpha=alpha), "error map")
+    legend = class_legend(flat[-1], present, colours, class_names, max_legend)
+    if lab is not None:
+        scored = lab != ignore_index
+        total = max(int(scored.sum()), 1)
+        right = int((pred[scored] == lab[scored]).sum())
+        shares = [f"{100 * right / total:.1f}%", f"{100 * (total - right) / total:.1f}%", "not scored"]
+        handles = [Patch(facecolor=np.asarray(c) / 255.0, edgecolor="black", linewidth=0.5, label=f"{n} ({v})")
+                   for n, c, v in zip(ERROR_CLASSES, ERROR_PALETTE, shares)]
+        if legend is not None:
+            flat[-1].add_artist(legend)  # keep the class legend when the error legend is added below it
+        flat[-1].legend(handles=handles, loc="lower left", bbox_to_anchor=(1.02, 0.0), fontsize="small",
+                        frameon=False)
+    if title:
+        fig.suptitle(title, fontsize="medium")
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------- training logs

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.legend
 
 matplotlib.use("Agg")  # headless; set here, never at import of semask
 
@@ -14,7 +15,8 @@ import pytest  # noqa: E402
 
 from semask.metrics import mean_iou  # noqa: E402
 from semask.visualize import (ERROR_PALETTE, ResultsTable, error_map, overlay, plot_class_iou,  # noqa: E402
-                              plot_confusion, plot_results, plot_training_log, read_training_log, results_table)
+                              plot_confusion, plot_evaluation_panel, plot_results, plot_training_log,
+                              read_training_log, results_table)
 
 LOGS = Path(__file__).parent / "data" / "training_logs"
 SEMASK_LOG = LOGS / "semask_toy" / "log.jsonl"
@@ -275,3 +277,48 @@ def test_plot_confusion_rejects_bad_inputs():
         plot_confusion(np.array([[1, -1], [0, 1]]))
     with pytest.raises(ValueError, match="3 class names for a 2x2 matrix"):
         plot_confusion(np.eye(2, dtype=np.int64), ["a", "b", "c"])
+
+
+# --------------------------------------------------------------------------------------------- evaluation panel
+def test_plot_evaluation_panel_shows_image_truth_prediction_and_errors():
+    image = np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    label = np.zeros((6, 8), np.int64)
+    label[:, 4:] = 2
+    label[0, 0] = 255
+    pred = label.copy()
+    pred[0, 0] = 1
+    pred[5, 4:] = 1  # 4 of the 47 scored pixels wrong
+    palette = [[255, 0, 0], [0, 255, 0], [0, 0, 255]]
+    fig = plot_evaluation_panel(image, label, pred, palette, ["a", "b", "c"], title="x.png: mIoU 50.0")
+    assert [ax.get_title() for ax in fig.axes] == ["image", "ground truth", "prediction", "error map"]
+    assert np.array_equal(fig.axes[0].images[0].get_array(), image)
+    assert np.array_equal(fig.axes[1].images[0].get_array(), overlay(image, label, palette, 0.5))
+    assert np.array_equal(fig.axes[2].images[0].get_array(), overlay(image, pred, palette, 0.5))
+    assert np.array_equal(fig.axes[3].images[0].get_array(), error_map(pred, label, image=image, alpha=0.5))
+    legends = [a for a in fig.axes[3].get_children() if isinstance(a, matplotlib.legend.Legend)]
+    texts = sorted([t.get_text() for t in legend.get_texts()] for legend in legends)
+    assert texts == [["a", "b", "c"], ["correct (91.5%)", "wrong (8.5%)", "ignored (not scored)"]]
+    assert fig._suptitle.get_text() == "x.png: mIoU 50.0"
+    unlabelled = plot_evaluation_panel(image, None, pred, palette)
+    assert [ax.get_title() for ax in unlabelled.axes] == ["image", "prediction"]
+    with pytest.raises(ValueError, match=r"plot_evaluation_panel: the prediction has size \(6, 7\)"):
+        plot_evaluation_panel(image, label, pred[:, :7], palette)
+
+
+def test_plot_training_log_reads_a_real_training_run(tiny_toy_root, tmp_path):
+    """The contract with `semask.train`: its log.jsonl (train, eval and other kinds of lines) plots as written."""
+    from semask.config import apply_overrides, get_preset
+    from semask.train import train
+    from tests.conftest import tiny_overrides
+
+    train(apply_overrides(get_preset("toy"), tiny_overrides(tiny_toy_root)), tmp_path / "run", progress=False)
+    records = read_training_log(tmp_path / "run")
+    fig = plot_training_log(tmp_path / "run", panels=("loss", "lr", "mIoU", "images_per_s"))
+    train_lines = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert train_lines and evals
+    for term in ("loss", "loss_decode", "loss_prior"):
+        assert np.allclose(_line(fig.axes[0], f"run: {term}").get_ydata(), [r[term] for r in train_lines])
+    assert np.allclose(_line(fig.axes[1], "run: lr").get_xdata(), [r["iter"] for r in train_lines])
+    assert np.allclose(_line(fig.axes[2], "run: mIoU").get_ydata(), [100 * r["mIoU"] for r in evals])
+    assert len(fig.axes[3].lines) == 1
