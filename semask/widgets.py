@@ -26,6 +26,7 @@ import contextlib
 import html
 import io
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, Union
@@ -354,12 +355,19 @@ def _class_metadata(model: nn.Module, images: _Images, class_names: Optional[Seq
 
 def _new_figure(figsize: tuple[float, float], dpi: int) -> "Figure":
     """A matplotlib figure on an ipympl canvas widget (independent of pyplot and the notebook's backend)."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    use = matplotlib.use
+    if "ipympl" not in sys.modules:  # ipympl's package __init__ makes itself pyplot's backend (closing every open
+        matplotlib.use = lambda *args, **kwargs: None  # pyplot figure); the notebook's backend must stay as it is
     try:
         from ipympl.backend_nbagg import Canvas, FigureManager
     except ImportError as exc:  # pragma: no cover - ipympl is in the notebooks and dev extras
         raise ImportError("semask.widgets draws with ipympl; install it with `pip install ipympl` (part of "
                           "semask's [notebooks] extra) and restart the kernel") from exc
-    from matplotlib.figure import Figure
+    finally:
+        matplotlib.use = use
 
     figure = Figure(figsize=figsize, dpi=dpi)
     canvas = Canvas(figure)

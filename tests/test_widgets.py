@@ -7,6 +7,10 @@ the figure's data against an independent computation, and that the model ran onc
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import matplotlib
 
@@ -24,8 +28,6 @@ from semask.data import TOY_CLASSES, TOY_PALETTE, TestPipelineConfig, TestTransf
 from semask.metrics import mean_iou  # noqa: E402
 from semask.visualize import ERROR_PALETTE, error_map, overlay  # noqa: E402
 from semask.widgets import VIEWS, Comparison, Explorer, analyse_image, compare, semantic_gammas  # noqa: E402
-
-pytest.importorskip("ipympl", reason="semask.widgets draws on ipympl canvases (the [notebooks]/[dev] extras)")
 
 PRESET = TestPipelineConfig(scale=(256, 64))  # keeps the 64-pixel test scenes at their size
 
@@ -273,6 +275,24 @@ def test_explorer_rejects_bad_inputs(model, toy_val):
         Explorer(model, toy_val, test_preset="nope")
     with pytest.raises(ValueError, match=r"label 0 has size \(3, 3\), its image \(64, 64\)"):
         Explorer(model, [toy_val[0]["image"]], labels=[np.zeros((3, 3), np.int64)])
+
+
+def test_creating_an_explorer_leaves_the_matplotlib_backend_alone(tmp_path):
+    """ipympl selects itself as pyplot's backend when first imported; the explorer must not let it (a fresh
+    process, so that no earlier import of ipympl hides the effect)."""
+    script = (
+        "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt; import numpy as np\n"
+        "import semask; from semask.widgets import Explorer\n"
+        "fig = plt.figure()\n"
+        "explorer = Explorer(semask.create_model('semask_toy_fpn'), np.zeros((64, 64, 3), np.uint8),"
+        " test_preset='toy')\n"
+        "assert type(explorer.figure.canvas).__name__ == 'Canvas', type(explorer.figure.canvas)\n"
+        "print(matplotlib.get_backend(), plt.fignum_exists(fig.number), type(plt.figure().canvas).__name__)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env.pop("MPLBACKEND", None)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.lower().split() == ["agg", "true", "figurecanvasagg"]
 
 
 # --------------------------------------------------------------------------------------------- comparison
