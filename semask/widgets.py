@@ -214,13 +214,13 @@ def analyse_image(model: nn.Module, image: ImageInput, label: Optional[np.ndarra
     """Run a model once on one image at the test scale and keep what the viewers draw.
 
     Args:
-        model: a `SeMaskFPN` (or plain-Swin baseline); put in eval mode here.
+        model: a `SeMaskFPN` (or plain-Swin baseline); put in eval mode (and moved to `device`, when given) here.
         image: (H, W, 3) uint8 RGB, a path, PIL image or tensor (see `semask.inference.load_image`).
         label: (H, W) ground truth at the image's size (255 = ignore), or None.
         test_preset: a test-pipeline preset name (``"toy"``, ``"ade20k"``, ...) or `TestPipelineConfig`; None:
             the released test scale for the model (`semask.inference.default_test_scale`).
         attention: also keep every semantic layer's attention weights.
-        device: where to run (default: the model's device).
+        device: where to run (default: the model's device); the model is moved there.
 
     Returns:
         `ImageAnalysis`; the prediction is the argmax of the softmax resized to the original size, as in
@@ -236,7 +236,9 @@ def analyse_image(model: nn.Module, image: ImageInput, label: Optional[np.ndarra
                              f"shape {lab.shape} dtype {lab.dtype}")
         lab = lab.astype(np.int64)
     config = _resolve_test_pipeline(model, test_preset)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
     model.eval()
     x = TestTransform(config)({"image": img})["image"][None].to(device)  # 1, 3, h, w normalised
     out = model(x, return_attention=attention)
