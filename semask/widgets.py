@@ -429,8 +429,9 @@ class Explorer:
         test_preset: test-pipeline preset or config (``"toy"`` keeps the toy set's 256-pixel images at their
             size); None: `semask.inference.default_test_scale(model)`, the released (2048, 512) / (2048, 1024).
         device: where the model runs (default: its own device).
-        cache_size: analysed images kept (each the model's output for one image); revisiting one of them does
-            not run the model again.
+        cache_size: analysed images kept (each the model's output for one image, with every semantic layer's
+            attention weights: a few MB for an ADE20K-sized image); revisiting one of them does not run the model
+            again.
         opacity: initial opacity of the maps over the image.
         max_legend: at most this many classes in the legend.
         dpi: resolution of the figure.
