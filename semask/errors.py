@@ -109,11 +109,14 @@ def exit_status(exc: BaseException) -> int:
     """The command line's exit status for an error: 2 for usage errors, 1 for failures.
 
     semask's errors carry their own (``exc.exit_status``); an ``OSError`` about a path (missing, a directory
-    where a file was expected, no permission, already there) counts as a usage error; anything else is a
-    failure.
+    where a file was expected, no permission, already there) counts as a usage error, and so does a plain
+    ``ValueError``, ``TypeError`` or ``KeyError`` (the checks of arguments that predate this module raise
+    these); anything else (``RuntimeError``, out of memory, a full disk) is a failure.
     """
     if isinstance(exc, SemaskError):
         return exc.exit_status
+    if isinstance(exc, (ValueError, TypeError, KeyError)):
+        return EXIT_USAGE
     if isinstance(exc, _USAGE_OS_ERRORS) or (isinstance(exc, OSError) and exc.errno in _USAGE_ERRNOS):
         return EXIT_USAGE
     return EXIT_FAILURE

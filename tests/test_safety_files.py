@@ -437,7 +437,8 @@ def test_unwritable_output_folder_is_a_usage_error(files, tmp_path: Path, capsys
 @pytest.mark.parametrize("error, status", [
     (UsageError("x"), 2), (OutputExistsError("x"), 2), (FileNotFoundError("x"), 2), (PermissionError("x"), 2),
     (semask.checkpoint.CheckpointError("x"), 1), (OSError(28, "No space left on device"), 1),
-    (RuntimeError("x"), 1), (BatchError([("a", ValueError("x"))], 2), 1),
+    (RuntimeError("x"), 1), (BatchError([("a", ValueError("x"))], 2), 1), (ValueError("x"), 2), (KeyError("x"), 2),
+    (semask.data.DatasetError("x"), 1), (MemoryError(), 1),
 ])
 def test_exit_status_policy(error, status) -> None:
     assert exit_status(error) == status
