@@ -12,8 +12,9 @@ rules, or is refused with a message that says why:
   0..255 floats must be converted by the caller (``.astype(np.uint8)``), semask does not guess.
 - **Other integer** arrays and tensors (``int32``, ``int64``, ...): values on the 0..255 scale are taken as
   they are; anything outside 0..255 is refused. ``bool`` gives 0 and 255 (as PIL's mode ``1``).
-- **Layouts**: arrays ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)``, ``(H, W, 4)``; tensors ``(C, H, W)`` as in
-  torchvision, or ``(H, W, C)`` when the first dimension cannot be a channel count (C is 1, 3 or 4). Grey
+- **Layouts**: arrays ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)``, ``(H, W, 4)``; tensors ``(H, W)`` or, in this
+  order of preference, ``(3, H, W)`` (torchvision's), ``(H, W, 3)``, ``(C, H, W)`` and ``(H, W, C)`` with C = 1 or
+  4 (so a ``(3, 5, 3)`` tensor is read as channels first, a ``(1, 1, 3)`` one as a single RGB pixel). Grey
   images are repeated to three channels, a fourth (alpha) channel is dropped. Tensors stay on their device.
 - **Size**: an image needs at least one pixel. Files are refused *before decoding* when they declare more
   pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (89,478,485 by default; PIL itself only warns up to twice
@@ -195,7 +196,7 @@ def rgb_tensor(image: ImageInput, name: Optional[str] = None) -> torch.Tensor:
 
     Args:
         image: a file path, a PIL image, an array (``(H, W)`` or ``(H, W, C)``) or a tensor (``(C, H, W)`` or
-            ``(H, W, C)``), C in 1, 3, 4.
+            ``(H, W, C)``, see the module's layout rule), C in 1, 3, 4.
         name: how to call the image in error messages.
 
     Returns:
@@ -233,9 +234,10 @@ def rgb_tensor(image: ImageInput, name: Optional[str] = None) -> torch.Tensor:
             hint = " (one image at a time: pass batch[i])" if image.ndim == 4 else ""
             raise UsageError(f"{name} has shape {tuple(image.shape)}; expected (C, H, W) or (H, W, C) with "
                              f"C = 1, 3 or 4{hint}")
-        if image.shape[0] in _CHANNELS:
+        first, last = image.shape[0], image.shape[2]
+        if first == 3 or (last != 3 and first in _CHANNELS):
             image = image.permute(1, 2, 0)  # H, W, C
-        elif image.shape[2] not in _CHANNELS:
+        elif last not in _CHANNELS:
             raise UsageError(f"{name} has shape {tuple(image.shape)}; expected (C, H, W) or (H, W, C) with "
                              "C = 1, 3 or 4")
         kind = _kind(image.dtype)

@@ -13,9 +13,9 @@ the flipped copy travels in the same batch as the original.
 
 Where the protocol allows it the work is skipped, not approximated: with one view and no probabilities asked
 for, the labels are the argmax of the logits when the rescaled size is the original size (softmax and an
-identity resize do not change an argmax), and the softmax and the resize otherwise. Full-resolution maps are
-computed in place where possible, so multi-scale + flip holds about three class maps of the largest scale,
-plus the (K, H, W) running sum at the original size.
+identity resize do not change an argmax), and the softmax and the resize otherwise. The softmax and the flip
+work in place on the model's logits, in bounded pieces, so beyond the model's own output multi-scale + flip
+holds little more than the (K, H, W) running sum and one resized map at the original size.
 
     predictor = Predictor(model, mode="whole")          # or "slide", or "msflip"
     labels = predictor("image.jpg")                       # (H, W) int64 numpy array at the original size
@@ -296,11 +296,15 @@ class Predictor:
     def _softmax_views(logits: torch.Tensor) -> torch.Tensor:
         """Softmax over classes, flipped copy flipped back and added: (B, K, h, w) -> (1, K, h, w), in place.
 
-        One image of the batch at a time and the flip in groups of classes, so that the temporaries stay
-        at one class map of one image (instead of three or four for the whole batch).
+        One image of the batch at a time (in bands of rows when its map is above `_CHUNK_BYTES`) and the flip
+        in groups of classes, so that the temporaries stay small (instead of three or four class maps of the
+        whole batch).
         """
+        K, h, w = logits.shape[1:]
+        rows = h if K * h * w * logits.element_size() <= _CHUNK_BYTES else max(1, _CHUNK_BYTES // (K * w * 4))
         for b in range(logits.shape[0]):
-            logits[b:b + 1] = logits[b:b + 1].softmax(dim=1)
+            for r in range(0, h, rows):  # bands of rows only for large maps (probabilities then differ by ~1e-9)
+                logits[b:b + 1, :, r:r + rows] = logits[b:b + 1, :, r:r + rows].softmax(dim=1)
         if logits.shape[0] == 2:
             step = max(1, logits.shape[1] // 8)
             for c in range(0, logits.shape[1], step):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -34,6 +34,7 @@ def images(draw):
     rgb = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
     kind = draw(st.sampled_from(["uint8", "grey", "rgba", "uint16", "float01", "tensor_chw_float", "tensor_hwc",
                                  "pil_rgb", "pil_l", "pil_p", "pil_i16", "pil_f", "pil_cmyk", "pil_1"]))
+    assume(not (kind == "tensor_hwc" and h == 3))  # (3, W, 3) is read as channels first, by the documented rule
     grey = rgb[:, :, 0]
     image = {
         "uint8": lambda: rgb,

@@ -105,6 +105,11 @@ ARRAY_CASES = [
     ("tensor CHW float 0..1 (torchvision)", torch.from_numpy(_rgb(GREY)).permute(2, 0, 1).float() / 255, _rgb(GREY)),
     ("tensor 1HW float", torch.from_numpy(GREY)[None].double() / 255, _rgb(GREY)),
     ("tensor HWC uint8", torch.from_numpy(_rgb(GREY)), _rgb(GREY)),
+    ("tensor one RGB pixel", torch.tensor([[[9, 8, 7]]], dtype=torch.uint8), np.array([[[9, 8, 7]]], np.uint8)),
+    ("tensor 3x1x3 is CHW", torch.arange(9, dtype=torch.uint8).view(3, 1, 3),
+     torch.arange(9, dtype=torch.uint8).view(3, 1, 3).permute(1, 2, 0).numpy()),
+    ("tensor 4xWx3 is HWC", torch.arange(36, dtype=torch.uint8).view(4, 3, 3),
+     torch.arange(36, dtype=torch.uint8).view(4, 3, 3).numpy()),
     ("tensor bfloat16 CHW", (torch.from_numpy(_rgb(GREY)).permute(2, 0, 1).float() / 255).bfloat16(),
      _rgb((torch.from_numpy(GREY).float() / 255).bfloat16().float().mul(255).round().byte().numpy())),
 ]
