@@ -92,6 +92,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     # every output is decided and checked before anything is read or written
     targets = plan_outputs(images, args.out, ".png", overwrite=args.overwrite, protected=[args.checkpoint])
     model = load_checkpoint(args.checkpoint, map_location=device)
+    if model.num_classes > 256:
+        raise UsageError(f"{args.checkpoint} has {model.num_classes} classes; PNG label maps hold at most 256 "
+                         "(use semask.Predictor from Python and store the labels another way)")
     predictor = Predictor(model, mode=args.mode, scale=tuple(args.scale) if args.scale else None,
                           crop_size=args.crop_size, stride=args.stride, device=device)
     palette = None

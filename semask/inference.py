@@ -319,8 +319,8 @@ class Predictor:
             p = self._softmax_views(self._view_logits(img, size))  # 1, K, h, w
             if p.shape[-2:] != (H0, W0):
                 p = F.interpolate(p, size=(H0, W0), mode="bilinear", align_corners=False)
-            if total is None:
-                total = p[0] if p.shape[-2:] != (H0, W0) or size != (H0, W0) else p[0].clone()
+            if total is None:  # a resized map is new; a view of the logits is copied so that they can be freed
+                total = p[0].clone() if size == (H0, W0) else p[0]
             else:
                 total += p[0]
             del p

@@ -451,3 +451,11 @@ def test_error_lines() -> None:
                                                        "traceback)"]
     batch = BatchError([("a.jpg", ValueError("bad")), ("b.jpg", ValueError("b.jpg is broken"))], 3, "images")
     assert list(error_lines(batch)) == ["a.jpg: bad", "b.jpg is broken", "2 of 3 images failed: a.jpg, b.jpg"]
+
+
+def test_predict_refuses_models_whose_labels_do_not_fit_a_png(tmp_path: Path, capsys) -> None:
+    model = semask.create_model("semask_toy_fpn", num_classes=300)
+    torch.save(to_official_checkpoint(model), tmp_path / "wide.pth")
+    image = _image(tmp_path / "x.jpg")
+    assert main(["predict", str(tmp_path / "wide.pth"), str(image), "--out", str(tmp_path / "out")]) == 2
+    assert "PNG label maps hold at most 256" in capsys.readouterr().err and not (tmp_path / "out").exists()
