@@ -10,6 +10,12 @@ line does can also be done from Python and is tested there.
     semask convert cityscapes ROOT
     semask convert coco-stuff10k ROOT
     semask benchmark [--model semask_tiny --size 512 ...]
+    semask configs [PRESET] [--set KEY=VALUE ...]
+    semask train PRESET --work-dir DIR [--set KEY=VALUE ...] [--resume]
+    semask test PRESET CHECKPOINT [--aug-test] [--mode whole|slide] [--show-dir DIR] [--json FILE]
+    semask demo [--work-dir DIR] [--data-root DIR] [--set KEY=VALUE ...]
+
+`train` and `test` also run under torchrun: ``torchrun --nproc_per_node=N -m semask train ...``.
 """
 from __future__ import annotations
 
@@ -95,6 +101,90 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return benchmark_main(args.benchmark_args)
 
 
+def _resolve_config(name_or_path: str, overrides: Sequence[str]):
+    """A preset name or a run's config.json, with ``--set`` overrides applied."""
+    from semask.config import PRESETS, apply_overrides, get_preset, load_config
+
+    if name_or_path in PRESETS or not name_or_path.endswith(".json"):
+        config = get_preset(name_or_path)
+    else:
+        config = load_config(name_or_path)
+    return apply_overrides(config, overrides)
+
+
+def _cmd_configs(args: argparse.Namespace) -> int:
+    from semask.config import PRESETS, list_presets, to_dict
+
+    if args.preset is None:
+        for name in list_presets():
+            print(f"{name:<28} {PRESETS[name].official_config or '(semask: the built-in toy data)'}")
+        return 0
+    values = to_dict(_resolve_config(args.preset, args.set))
+    if args.json:
+        print(json.dumps(values, indent=2))
+        return 0
+
+    def lines(node: dict, prefix: str = "") -> list[str]:  # one `key=value` per field, as --set takes them
+        out = []
+        for key, value in node.items():
+            if isinstance(value, dict):
+                out += lines(value, f"{prefix}{key}.")
+            else:
+                text = ",".join(map(str, value)) if isinstance(value, list) else str(value).lower() \
+                    if isinstance(value, bool) else "none" if value is None else str(value)
+                out.append(f"{prefix}{key}={text}")
+        return out
+
+    print("\n".join(lines(values)))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from semask.train import train
+
+    config = _resolve_config(args.preset, args.set)
+    result = train(config, args.work_dir, resume=args.resume, progress=not args.no_progress)
+    if result.best is not None:
+        print(f"best mIoU {100 * result.best['mIoU']:.2f} at step {result.best['iter']}; run in {result.work_dir}")
+    return 0
+
+
+def _cmd_test(args: argparse.Namespace) -> int:
+    from semask import distributed
+    from semask.checkpoint import load_checkpoint
+    from semask.evaluate import evaluate
+    from semask.train import autocast_dtype, build_datasets
+
+    config = _resolve_config(args.preset, args.set)
+    info = distributed.setup(args.device)
+    try:
+        model = load_checkpoint(args.checkpoint, map_location=info.device)
+        _, val_set = build_datasets(config)
+        dtype = autocast_dtype(args.precision, info.device)
+        result = evaluate(model, val_set, mode=args.mode or config.eval.mode, aug_test=args.aug_test,
+                          test_config=config.data.test_pipeline, crop_size=config.eval.crop_size,
+                          stride=config.eval.stride, amp_dtype=dtype, max_images=config.eval.max_images,
+                          show_dir=args.show_dir, progress=not args.no_progress)
+        if info.is_main:
+            protocol = ("multi-scale + flip" if args.aug_test else "single scale") + f", {result.mode}"
+            print(f"{args.checkpoint} on {val_set!r} ({result.num_images} images, {protocol}, "
+                  f"{result.num_images / result.seconds:.2f} img/s)")
+            print(result.table())
+            if args.json:
+                result.save_json(args.json)
+                print(f"metrics written to {args.json}")
+    finally:
+        distributed.cleanup(info)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from semask.demo import run_demo
+
+    run_demo(args.work_dir, args.data_root, args.set, progress=not args.no_progress)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `semask` command (exposed for tests and documentation)."""
@@ -137,6 +227,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="rewrite label files that already exist")
     p.set_defaults(func=_cmd_convert)
 
+    p = sub.add_parser("configs", help="list the training presets, or print one resolved config")
+    p.add_argument("preset", nargs="?", default=None, help="a preset name (or a run's config.json)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config fields, e.g. train.batch_size=4")
+    p.add_argument("--json", action="store_true", help="print the config as JSON instead of key=value lines")
+    p.set_defaults(func=_cmd_configs)
+
+    p = sub.add_parser("train", help="train a model with a preset recipe (also under torchrun)")
+    p.add_argument("preset", help="a preset name (`semask configs` lists them) or a run's config.json")
+    p.add_argument("--work-dir", required=True, help="run directory (checkpoints, log.jsonl, config.json)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config fields, e.g. data.root=/data/ADEChallengeData2016 train.batch_size=4")
+    p.add_argument("--resume", action="store_true", help="continue the run in --work-dir from its latest.pth")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("test", help="evaluate a checkpoint on a preset's validation split (also under torchrun)")
+    p.add_argument("preset", help="the preset whose dataset and test protocol to use (or a run's config.json)")
+    p.add_argument("checkpoint", help="an official SeMask FPN checkpoint or one written by semask train")
+    p.add_argument("--aug-test", action="store_true", help="multi-scale (0.5 .. 1.75) + flip")
+    p.add_argument("--mode", choices=["whole", "slide"], default=None, help="default: the preset's eval.mode")
+    p.add_argument("--show-dir", default=None, help="write an image | truth | prediction | error panel per image")
+    p.add_argument("--json", default=None, help="write the metrics (per class, per image, confusion) as JSON")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config fields, e.g. data.root=/data/ADEChallengeData2016")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_test)
+
+    p = sub.add_parser("demo", help="the main job: train SeMask on the built-in toy data, evaluate, draw (~10 min "
+                                     "on a 2-core CPU)")
+    p.add_argument("--work-dir", default=None, help="run directory (default: runs/demo-<date>-<time>)")
+    p.add_argument("--data-root", default="data/toy", help="the toy dataset (written there when missing)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override the toy preset, e.g. schedule.iters=100 for a shorter run")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+
     # the benchmark has its own parser (semask.benchmark.build_parser); main() hands it the remaining words
     p = sub.add_parser("benchmark", help="measure speed and memory (see `semask benchmark --help`)",
                        add_help=False)
@@ -152,12 +281,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = argparse.Namespace(command="benchmark", func=_cmd_benchmark, benchmark_args=argv[1:])
     else:
         args = parser.parse_args(argv)
+    from semask.train import TrainingError
+
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         # Errors raised by the package already say what was expected and what arrived: show them plainly.
         print(f"semask {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingError as exc:
+        print(f"semask {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

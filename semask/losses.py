@@ -6,7 +6,8 @@ Both maps are resized bilinearly from 1/4 resolution to the label size; label 25
 reference, each per-pixel loss is averaged over ALL label pixels, ignored ones included (they contribute 0).
 Optionally, OHEM (online hard example mining) keeps only the hardest pixels of the decoder loss: the
 `min_kept` x batch-size valid pixels with the highest loss get weight 1, the others 0 (no threshold), as in
-mmsegmentation's `OHEMPixelSampler` used by the released base/large ADE20K and all COCO-Stuff recipes.
+mmsegmentation's `OHEMPixelSampler` used by the released Large ADE20K recipe and all four COCO-Stuff 10k
+recipes (not by ADE20K tiny, small or base, nor by Cityscapes).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["SegmentationMetric", "mean_iou", "format_table", "metrics_from_areas"]
+__all__ = ["SegmentationMetric", "mean_iou", "format_table", "metrics_from_areas", "confusion_matrix"]
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -56,6 +56,36 @@ def metrics_from_areas(intersect: np.ndarray, union: np.ndarray, pred_area: np.n
         "IoU": iou,
         "Acc": acc,
     }
+
+
+@torch.no_grad()
+def confusion_matrix(pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor, num_classes: int,
+                     ignore_index: int = 255) -> torch.Tensor:
+    """Pixel counts of (ground truth, prediction) pairs, ignoring label ``ignore_index``.
+
+    Args:
+        pred: ``(H, W)`` or ``(B, H, W)`` integer class ids in ``0 .. K - 1``.
+        label: same shape; class ids or ``ignore_index``.
+        num_classes: K.
+        ignore_index: label value excluded.
+
+    Returns:
+        ``(K, K)`` int64 tensor on the inputs' device; row = ground truth, column = prediction. Its diagonal is the
+        intersection, its column sums the prediction areas and its row sums the label areas of
+        :class:`SegmentationMetric`.
+    """
+    device = pred.device if isinstance(pred, torch.Tensor) else torch.device("cpu")
+    pred_t, label_t = _as_tensor(pred, device), _as_tensor(label, device)
+    if pred_t.shape != label_t.shape:
+        raise ValueError(f"confusion_matrix: prediction shape {tuple(pred_t.shape)} differs from label shape "
+                         f"{tuple(label_t.shape)}")
+    valid = label_t != ignore_index
+    pred_v, label_v = pred_t[valid], label_t[valid]
+    for name, ids in (("prediction", pred_v), ("label", label_v)):
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_classes):
+            raise ValueError(f"confusion_matrix: {name} values outside 0..{num_classes - 1}")
+    counts = torch.bincount(label_v * num_classes + pred_v, minlength=num_classes * num_classes)
+    return counts.view(num_classes, num_classes)
 
 
 class SegmentationMetric:

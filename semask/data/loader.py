@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-__all__ = ["seed_worker", "build_dataloader", "cycle", "measure_pipeline_throughput"]
+__all__ = ["seed_worker", "build_dataloader", "cycle", "measure_pipeline_throughput", "sample_seed",
+           "TrainSampler", "AugmentedDataset", "build_train_loader"]
 
 
 def seed_worker(worker_id: int) -> None:
@@ -84,6 +85,114 @@ def cycle(loader: DataLoader) -> Iterator[Any]:
             loader.sampler.set_epoch(epoch)
         yield from loader
         epoch += 1
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample of one epoch (SplitMix64-style mixing of the three numbers)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % 2**64
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        x = ((x ^ (x >> shift)) * mult) % 2**64
+    return (x ^ (x >> 31)) % 2**63
+
+
+class TrainSampler(Sampler[int]):
+    """An endless, resumable, sharded sample order for iteration-based training.
+
+    Epoch ``e`` is a permutation of the dataset drawn from ``seed + e`` (the same on every process), padded to a
+    multiple of ``world_size`` by repeating its start, and dealt out round-robin: process ``rank`` takes positions
+    ``rank, rank + world_size, ...``. The sampler yields *keys* ``e * len(dataset) + index``, so that
+    :class:`AugmentedDataset` knows both the sample and the epoch it is drawn in. ``start`` skips that many keys of
+    this process's stream without touching the data, which is how a resumed run continues exactly where it stopped.
+
+    Args:
+        dataset_size: number of samples.
+        seed: shuffling seed (the same on every process).
+        rank, world_size: this process and the number of processes.
+        start: keys of this process's stream to skip (samples already consumed by this process).
+        shuffle: permute each epoch (else the natural order).
+    """
+
+    def __init__(self, dataset_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0,
+                 shuffle: bool = True) -> None:
+        if dataset_size < 1:
+            raise ValueError("TrainSampler: the dataset is empty")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"TrainSampler: rank {rank} is not in 0..{world_size - 1}")
+        self.dataset_size, self.seed, self.rank, self.world_size = dataset_size, seed, rank, world_size
+        self.start, self.shuffle = start, shuffle
+        self.per_epoch = -(-dataset_size // world_size)  # keys per process per epoch
+
+    def epoch_keys(self, epoch: int) -> list[int]:
+        """This process's keys of one epoch."""
+        if self.shuffle:
+            order = torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(self.seed + epoch))
+        else:
+            order = torch.arange(self.dataset_size)
+        order = order.tolist()
+        order += order[: self.per_epoch * self.world_size - len(order)]  # pad to a multiple of world_size
+        return [epoch * self.dataset_size + i for i in order[self.rank::self.world_size]]
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, offset = divmod(self.start, self.per_epoch)
+        while True:
+            yield from self.epoch_keys(epoch)[offset:]
+            epoch, offset = epoch + 1, 0
+
+
+class AugmentedDataset(Dataset):
+    """A dataset whose random augmentation is a pure function of (seed, epoch, sample).
+
+    Indexed by the keys of :class:`TrainSampler`: key ``e * len(dataset) + i`` loads sample ``i`` (without the
+    dataset's own transform) and applies ``transform(sample, generator)`` with a generator seeded by
+    ``sample_seed(seed, e, i)``. The same run gives the same batches whatever the number of loader workers, and a
+    resumed run gives the batches the uninterrupted run would have had.
+
+    Args:
+        dataset: a :class:`~semask.data.SegmentationDataset` (its ``load(i)`` returns the raw sample).
+        transform: e.g. :class:`~semask.data.TrainTransform`; called as ``transform(sample, generator)``.
+        seed: the run's seed.
+    """
+
+    def __init__(self, dataset: Any, transform: Any, seed: int = 0) -> None:
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int) -> dict[str, Any]:
+        epoch, index = divmod(int(key), len(self.dataset))
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+        return self.transform(self.dataset.load(index), generator)
+
+
+def build_train_loader(dataset: Any, transform: Any, batch_size: int, seed: int = 0, rank: int = 0,
+                       world_size: int = 1, start: int = 0, num_workers: int = 0,
+                       pin_memory: bool = False) -> DataLoader:
+    """An endless training DataLoader over ``dataset`` (see :class:`TrainSampler` and :class:`AugmentedDataset`).
+
+    Args:
+        dataset: a segmentation dataset with ``load(i)``.
+        transform: the training transform, e.g. ``TrainTransform(train_preset("ade20k_tiny"))``.
+        batch_size: images per batch of this process.
+        seed: the run's seed (data order and augmentation).
+        rank, world_size: this process among ``world_size`` training processes.
+        start: samples of this process's stream already consumed (to resume).
+        num_workers: loader processes.
+        pin_memory: page-locked batches for faster host-to-GPU copies.
+
+    Returns:
+        A DataLoader whose iterator never ends; batches are dicts with ``image`` (B, 3, h, w) and ``label``
+        (B, h, w) int64.
+    """
+    if batch_size < 1:
+        raise ValueError(f"build_train_loader: batch_size must be >= 1, got {batch_size}")
+    sampler = TrainSampler(len(dataset), seed, rank, world_size, start)
+    # its own generator: starting the loader's iterator draws the workers' base seed, which must not consume
+    # the global generator that dropout and drop-path use
+    generator = torch.Generator().manual_seed(sample_seed(seed, rank, start))
+    return DataLoader(AugmentedDataset(dataset, transform, seed), batch_size=batch_size, sampler=sampler,
+                      num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
+                      persistent_workers=False, worker_init_fn=seed_worker, generator=generator)
 
 
 def measure_pipeline_throughput(num_images: int = 24, size: tuple[int, int] = (512, 683), repeats: int = 3,

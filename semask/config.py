@@ -1,0 +1,493 @@
+"""Training configuration of SeMask FPN (arXiv 2112.12782): typed dataclasses and the published recipes.
+
+A `TrainConfig` has one section per concern — `model`, `data`, `loss`, `optim`, `schedule`, `train`, `eval` —
+each a dataclass whose defaults carry a short comment. `PRESETS` holds one named config per published SeMask FPN
+recipe (4 variants x ADE20K, Cityscapes, COCO-Stuff 10k; SPEC §5), the plain-Swin FPN baselines on the same
+recipes, and `toy` / `swin_toy` for the built-in toy data:
+
+    config = semask.config.get_preset("semask_tiny_ade20k")
+    config = apply_overrides(config, ["data.root=/data/ADEChallengeData2016", "train.batch_size=4"])
+
+Overrides are dotted ``key=value`` strings applied with type checking (never `exec` of a file): an unknown key
+or a value of the wrong type is a `ConfigError` that names the key and lists the valid ones. A resolved config
+round-trips through `to_dict` / `from_dict` (JSON), which is how it is stored in a run directory and inside
+every checkpoint.
+
+The recipes' global batch is ``images per GPU x GPUs`` (e.g. 8 x 2 = 16 for ADE20K tiny): `train.batch_size` is
+what one process puts through the model at once, `train.global_batch` what one optimizer step sees; the
+training loop accumulates gradients over ``global_batch / (batch_size x processes)`` forward passes, so a
+recipe keeps its learning rate on fewer GPUs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+from semask.data.transforms import TEST_PRESETS, TRAIN_PRESETS, TestPipelineConfig, TrainPipelineConfig
+
+__all__ = [
+    "ConfigError",
+    "ModelSection",
+    "DataSection",
+    "LossSection",
+    "OptimSection",
+    "ScheduleSection",
+    "RuntimeSection",
+    "EvalSection",
+    "TrainConfig",
+    "PRESETS",
+    "DATASETS",
+    "list_presets",
+    "get_preset",
+    "apply_overrides",
+    "set_value",
+    "to_dict",
+    "from_dict",
+    "load_config",
+    "flat_keys",
+]
+
+DATASETS = ("ade20k", "cityscapes", "coco_stuff10k", "toy", "folder")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names the key and what is valid."""
+
+
+# --------------------------------------------------------------------------------------------- sections
+@dataclass
+class ModelSection:
+    """Which model to build (any `semask.list_models()` name) and where its backbone starts from."""
+
+    name: str = "semask_tiny_fpn"  # registry name; swin_*_fpn are the plain-Swin FPN baselines
+    pretrained: Optional[str] = None  # ImageNet Swin weights (Microsoft's or timm's layout); None = from scratch
+    backbone_classes: Optional[int] = None  # classes of the semantic layers; None = the dataset's
+    semantic_global_stages: Optional[tuple[int, ...]] = None  # stages with global semantic attention; None = released rule
+    drop_path_rate: Optional[float] = None  # stochastic depth; None = the registry's (0.3 for the published sizes)
+    grad_checkpointing: bool = False  # recompute backbone stages in backward (saves memory, costs ~30% time)
+    sync_bn: Optional[bool] = None  # SyncBatchNorm in the decoder; None = on when training on several CUDA processes
+
+
+@dataclass
+class DataSection:
+    """The dataset, its augmentation (SPEC §5) and its test-time rescale (SPEC §6)."""
+
+    dataset: str = "ade20k"  # ade20k | cityscapes | coco_stuff10k | toy | folder
+    root: str = "data/ade20k"  # dataset root (for ade20k also the folder that contains ADEChallengeData2016)
+    train_split: Optional[str] = None  # None = the dataset's training split
+    val_split: Optional[str] = None  # None = the dataset's validation split
+    train_pipeline: TrainPipelineConfig = field(default_factory=TrainPipelineConfig)  # the recipe's augmentation
+    test_pipeline: TestPipelineConfig = field(default_factory=TestPipelineConfig)  # the recipe's test scale
+    num_workers: int = 4  # DataLoader processes per training process (0 = load in the main process)
+    class_names: Optional[tuple[str, ...]] = None  # folder datasets only: one name per class
+    img_suffix: str = ".jpg"  # folder datasets only: how image file names end
+    seg_map_suffix: str = ".png"  # folder datasets only: how label file names end
+    reduce_zero_label: bool = False  # folder datasets only: label 0 = unlabelled, k -> class k - 1
+
+
+@dataclass
+class LossSection:
+    """CE of the decoder + prior_weight x CE of the summed semantic prior (SPEC §3)."""
+
+    prior_weight: float = 0.4  # weight of the semantic-prior loss (0.4 in every recipe)
+    ohem_min_kept: Optional[int] = None  # OHEM: hardest pixels kept per image (100000 where the release uses it)
+
+
+@dataclass
+class OptimSection:
+    """AdamW with the paper's parameter groups (no decay on position tables and norms)."""
+
+    lr: float = 1e-4  # peak learning rate
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay (0 for rel.-pos. tables, abs. pos. embed, norms)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    clip_grad_norm: Optional[float] = None  # clip the global gradient norm to this value; None = no clipping
+
+
+@dataclass
+class ScheduleSection:
+    """Iteration-based linear warm-up then polynomial decay (mmcv's `poly` policy with `linear` warm-up)."""
+
+    iters: int = 80_000  # optimizer steps
+    warmup_iters: int = 1500  # linear warm-up steps
+    warmup_ratio: float = 1e-6  # learning rate at step 0, as a fraction of the scheduled rate
+    power: float = 1.0  # poly decay power
+    min_lr: float = 0.0  # learning rate reached at the last step
+
+
+@dataclass
+class RuntimeSection:
+    """Batch, precision, device, seeding and how often to log, evaluate and checkpoint."""
+
+    batch_size: int = 8  # images per process per forward pass (the recipe's images per GPU)
+    global_batch: int = 16  # images per optimizer step (images/GPU x GPUs); gradients are accumulated to reach it
+    precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp16; fp32 on the CPU) | fp32 | bf16 | fp16
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N (torchrun assigns one GPU per process)
+    seed: int = 0  # seeds the model's initialisation, the data order and augmentation, dropout and drop-path
+    log_interval: int = 50  # steps between log lines
+    eval_interval: int = 8000  # steps between validations (0 = only at the end)
+    checkpoint_interval: int = 8000  # steps between writes of latest.pth (it is also written at the end)
+    channels_last: bool = True  # channels-last images (faster convolutions on CPUs and tensor cores)
+    tensorboard: bool = True  # also write TensorBoard scalars when the `tensorboard` package is installed
+    threads: Optional[int] = None  # torch.set_num_threads on the CPU; None = PyTorch's default
+
+
+@dataclass
+class EvalSection:
+    """The validation protocol used during training and by `semask test`."""
+
+    mode: str = "whole"  # whole | slide (single scale); `semask test --aug-test` adds multi-scale + flip
+    crop_size: int = 512  # window of the sliding-window mode
+    stride: int = 341  # stride of the sliding-window mode
+    max_images: Optional[int] = None  # validate on the first N images only (None = the whole split)
+
+
+@dataclass
+class TrainConfig:
+    """A complete, resolved training recipe."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: RuntimeSection = field(default_factory=RuntimeSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    name: str = "custom"  # preset name (informational)
+    official_config: Optional[str] = None  # the released config file this preset reproduces
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+# --------------------------------------------------------------------------------------------- validation
+def _fail(key: str, expected: str, got: Any) -> None:
+    raise ConfigError(f"config key {key!r}: expected {expected}, got {got!r}")
+
+
+def validate(config: TrainConfig) -> None:
+    """Check the values that types alone do not constrain; raises `ConfigError` naming the key."""
+    from semask.models import list_models
+
+    if config.model.name not in list_models():
+        _fail("model.name", f"a registered model ({', '.join(list_models())})", config.model.name)
+    if config.data.dataset not in DATASETS:
+        _fail("data.dataset", f"one of {', '.join(DATASETS)}", config.data.dataset)
+    if config.data.dataset == "folder" and not config.data.class_names:
+        _fail("data.class_names", "one name per class for a folder dataset (e.g. data.class_names=sky,road,car)",
+              config.data.class_names)
+    if config.train.precision not in PRECISIONS:
+        _fail("train.precision", f"one of {', '.join(PRECISIONS)}", config.train.precision)
+    if config.eval.mode not in ("whole", "slide"):
+        _fail("eval.mode", "whole or slide (multi-scale + flip is `semask test --aug-test`)", config.eval.mode)
+    positive = {"train.batch_size": config.train.batch_size, "train.global_batch": config.train.global_batch,
+                "schedule.iters": config.schedule.iters, "train.log_interval": config.train.log_interval,
+                "eval.crop_size": config.eval.crop_size, "eval.stride": config.eval.stride}
+    for key, value in positive.items():
+        if value < 1:
+            _fail(key, "a positive integer", value)
+    non_negative = {"schedule.warmup_iters": config.schedule.warmup_iters,
+                    "train.eval_interval": config.train.eval_interval,
+                    "train.checkpoint_interval": config.train.checkpoint_interval,
+                    "data.num_workers": config.data.num_workers, "optim.weight_decay": config.optim.weight_decay,
+                    "loss.prior_weight": config.loss.prior_weight, "schedule.min_lr": config.schedule.min_lr}
+    for key, value in non_negative.items():
+        if value < 0:
+            _fail(key, "a non-negative number", value)
+    if config.train.global_batch % config.train.batch_size:
+        _fail("train.global_batch", f"a multiple of train.batch_size ({config.train.batch_size})",
+              config.train.global_batch)
+    if not config.optim.lr > 0:
+        _fail("optim.lr", "a positive learning rate", config.optim.lr)
+    if not 0 < config.schedule.warmup_ratio <= 1:
+        _fail("schedule.warmup_ratio", "a fraction in (0, 1]", config.schedule.warmup_ratio)
+    if config.optim.clip_grad_norm is not None and not config.optim.clip_grad_norm > 0:
+        _fail("optim.clip_grad_norm", "a positive norm or none", config.optim.clip_grad_norm)
+    if config.loss.ohem_min_kept is not None and config.loss.ohem_min_kept < 1:
+        _fail("loss.ohem_min_kept", "a positive pixel count or none", config.loss.ohem_min_kept)
+    if config.model.drop_path_rate is not None and not 0 <= config.model.drop_path_rate < 1:
+        _fail("model.drop_path_rate", "a probability in [0, 1)", config.model.drop_path_rate)
+    if config.eval.max_images is not None and config.eval.max_images < 1:
+        _fail("eval.max_images", "a positive count or none", config.eval.max_images)
+
+
+# --------------------------------------------------------------------------------------------- presets
+_VARIANT_ARCH = {"tiny": "patch4_window7", "small": "patch4_window7", "base": "patch4_window12",
+                 "large": "patch4_window12"}
+# ImageNet Swin weights each published recipe starts from (Microsoft's release names)
+PRETRAINED = {"tiny": "swin_tiny_patch4_window7_224.pth", "small": "swin_small_patch4_window7_224.pth",
+              "base": "swin_base_patch4_window12_384_22k.pth", "large": "swin_large_patch4_window12_384_22k.pth"}
+_DATASET_ROOTS = {"ade20k": "data/ade20k", "cityscapes": "data/cityscapes", "coco_stuff10k": "data/coco_stuff10k",
+                  "toy": "data/toy", "folder": "data/custom"}
+_OFFICIAL_DATASET = {"ade20k": "ade20k", "cityscapes": "cityscapes", "coco_stuff10k": "coco10k"}
+
+
+def _published(semantic: bool, variant: str, dataset: str) -> TrainConfig:
+    """One row of SPEC §5's recipe table (both for SeMask and for the plain-Swin baseline)."""
+    large = variant == "large"
+    crop = 768 if dataset == "cityscapes" else 640 if large else 512
+    if dataset == "ade20k":
+        per_gpu, gpus = (4, 4) if large else (8, 2)
+    elif dataset == "cityscapes":
+        per_gpu, gpus = (2, 4) if large else (4, 2)
+    else:
+        per_gpu, gpus = (2, 8) if variant in ("base", "large") else (4, 4)
+    cityscapes = dataset == "cityscapes"
+    # OHEM: the Large ADE20K recipe and every COCO-Stuff 10k recipe (SPEC §3)
+    ohem = 100_000 if (dataset == "ade20k" and large) or dataset == "coco_stuff10k" else None
+    test_key = f"{dataset}_large" if large and f"{dataset}_large" in TEST_PRESETS else dataset
+    prefix = "semask_swin" if semantic else "swin"
+    official = (f"configs/{prefix}/{dataset}/semfpn_{prefix}_{variant}_{_VARIANT_ARCH[variant]}_{crop}x{crop}_80k_"
+                f"{_OFFICIAL_DATASET[dataset]}.py")
+    return TrainConfig(
+        name=f"{'semask' if semantic else 'swin'}_{variant}_{dataset}",
+        official_config=official,
+        model=ModelSection(name=f"{'semask' if semantic else 'swin'}_{variant}_fpn", pretrained=PRETRAINED[variant]),
+        data=DataSection(dataset=dataset, root=_DATASET_ROOTS[dataset],
+                         train_pipeline=TRAIN_PRESETS[f"{dataset}_{variant}"], test_pipeline=TEST_PRESETS[test_key]),
+        loss=LossSection(prior_weight=0.4, ohem_min_kept=ohem),
+        optim=OptimSection(lr=1e-3 if cityscapes else 1e-4, weight_decay=0.05 if cityscapes else 1e-4),
+        schedule=ScheduleSection(iters=80_000, warmup_iters=1500,
+                                 warmup_ratio=1e-5 if cityscapes and variant != "base" else 1e-6),
+        train=RuntimeSection(batch_size=per_gpu, global_batch=per_gpu * gpus, eval_interval=8000,
+                             checkpoint_interval=8000),
+        eval=EvalSection(mode="whole", crop_size=crop, stride=crop * 2 // 3),
+    )
+
+
+def _toy(semantic: bool) -> TrainConfig:
+    """The built-in toy data: `semask_toy_fpn` from scratch, sized for `semask demo` on a 2-core CPU."""
+    return TrainConfig(
+        name="toy" if semantic else "swin_toy",
+        official_config=None,
+        model=ModelSection(name="semask_toy_fpn" if semantic else "swin_toy_fpn"),
+        data=DataSection(dataset="toy", root=_DATASET_ROOTS["toy"], train_pipeline=TRAIN_PRESETS["toy"],
+                         test_pipeline=TEST_PRESETS["toy"], num_workers=1),
+        loss=LossSection(prior_weight=0.4, ohem_min_kept=None),
+        optim=OptimSection(lr=1e-3, weight_decay=0.01, clip_grad_norm=5.0),
+        schedule=ScheduleSection(iters=1000, warmup_iters=50, warmup_ratio=1e-3),
+        train=RuntimeSection(batch_size=8, global_batch=8, log_interval=10, eval_interval=250,
+                             checkpoint_interval=250),
+        eval=EvalSection(mode="whole", crop_size=256, stride=171),
+    )
+
+
+def _build_presets() -> dict[str, TrainConfig]:
+    presets: dict[str, TrainConfig] = {}
+    for semantic in (True, False):
+        for dataset in ("ade20k", "cityscapes", "coco_stuff10k"):
+            for variant in ("tiny", "small", "base", "large"):
+                config = _published(semantic, variant, dataset)
+                presets[config.name] = config
+        config = _toy(semantic)
+        presets[config.name] = config
+    return presets
+
+
+PRESETS: dict[str, TrainConfig] = _build_presets()
+
+
+def list_presets(pattern: str = "*") -> list[str]:
+    """Preset names matching a shell-style pattern (e.g. ``"*_ade20k"``), sorted."""
+    import fnmatch
+
+    return sorted(n for n in PRESETS if fnmatch.fnmatch(n, pattern))
+
+
+def get_preset(name: str) -> TrainConfig:
+    """A fresh copy of a named preset; an unknown name raises `ConfigError` listing the valid ones."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(list_presets())}")
+    return from_dict(to_dict(PRESETS[name]))
+
+
+# --------------------------------------------------------------------------------------------- (de)serialising
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) of ``Optional[X]`` / ``X | None``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Bring a JSON value or a command-line string to type ``tp``, or raise `ConfigError` naming ``key``."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if optional:
+            return None
+        _fail(key, _type_name(tp), value)
+    tp = inner
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            _fail(key, f"a {tp.__name__} section (set its fields with {key}.FIELD=VALUE)", value)
+        return _build(tp, value, key)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            text = value.strip().strip("[]()")
+            value = [v.strip() for v in text.split(",") if v.strip()] if text else []
+        if not isinstance(value, (list, tuple)):
+            _fail(key, _type_name(tp), value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            _fail(key, _type_name(tp), value)
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.strip().lower() in ("true", "yes", "on", "1")
+        _fail(key, "true or false", value)
+    if tp is int:
+        if isinstance(value, bool):
+            _fail(key, "an integer", value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                pass
+        _fail(key, "an integer", value)
+    if tp is float:
+        if isinstance(value, bool):
+            _fail(key, "a number", value)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        _fail(key, "a number", value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        _fail(key, "a string", value)
+    raise ConfigError(f"config key {key!r}: unsupported type {tp!r}")  # a programming error in a section
+
+
+def _type_name(tp: Any) -> str:
+    inner, optional = _unwrap_optional(tp)
+    if typing.get_origin(inner) is tuple:
+        args = typing.get_args(inner)
+        name = (f"comma-separated {args[0].__name__}s" if len(args) == 2 and args[1] is Ellipsis
+                else f"{len(args)} comma-separated values")
+    else:
+        name = getattr(inner, "__name__", str(inner))
+    return f"{name} or none" if optional else name
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        where = f"section {prefix!r}" if prefix else "the config"
+        raise ConfigError(f"unknown key(s) {', '.join(f'{prefix}.{u}' if prefix else u for u in unknown)} in {where}; "
+                          f"valid keys: {', '.join(f'{prefix}.{n}' if prefix else n for n in names)}")
+    kwargs = {n: _coerce(values[n], hints[n], f"{prefix}.{n}" if prefix else n) for n in names if n in values}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # the pipeline dataclasses validate themselves
+        raise ConfigError(f"config section {prefix or cls.__name__!r}: {exc}") from exc
+
+
+def from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Rebuild a `TrainConfig` from `to_dict` output (missing keys take their defaults)."""
+    return _build(TrainConfig, values)
+
+
+def load_config(path: Union[str, os.PathLike]) -> TrainConfig:
+    """Read a config written by `semask train` (``config.json`` of a run directory)."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read as JSON: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a JSON object, got {type(values).__name__}")
+    return from_dict(values)
+
+
+# --------------------------------------------------------------------------------------------- overrides
+def flat_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """Every settable dotted key of a config class, e.g. ``["model.name", ..., "data.train_pipeline.crop_size"]``."""
+    keys = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        inner, _ = _unwrap_optional(hints[f.name])
+        keys += flat_keys(inner, key) if dataclasses.is_dataclass(inner) else [key]
+    return keys
+
+
+def _set_in(values: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted ``key`` in a `to_dict` tree, parsing ``value`` by the field's type."""
+    parts = key.split(".")
+    node: Any = values
+    cls: Any = TrainConfig
+    for i, part in enumerate(parts):
+        hints = _hints(cls)
+        if part not in hints:
+            section = ".".join(parts[:i])
+            valid = [k for k in flat_keys() if not section or k.startswith(section + ".")]
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+        tp, _ = _unwrap_optional(hints[part])
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"config key {key!r} is a section; set its fields: "
+                                  f"{', '.join(flat_keys(tp, key))}")
+            node[part] = json.loads(json.dumps(_coerce(value, hints[part], key)))
+        else:
+            if not dataclasses.is_dataclass(tp):
+                raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[:i + 1])} is not a section")
+            cls, node = tp, node[part]
+
+
+def set_value(config: TrainConfig, key: str, value: Any) -> TrainConfig:
+    """A copy of ``config`` with the dotted ``key`` set to ``value`` (a string is parsed by the field's type)."""
+    return apply_overrides(config, [(key, value)])
+
+
+def apply_overrides(config: TrainConfig, overrides: Sequence[Union[str, tuple[str, Any]]]) -> TrainConfig:
+    """Apply ``key=value`` strings (or ``(key, value)`` pairs) in order; the result is validated once, at the end,
+    so that settings which only make sense together (``data.dataset=folder data.class_names=...``) can be given."""
+    values = to_dict(config)
+    for item in overrides:
+        if isinstance(item, str):
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.batch_size=4)")
+            key, value = item.split("=", 1)
+        else:
+            key, value = item
+        _set_in(values, key.strip(), value)
+    return from_dict(values)

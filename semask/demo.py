@@ -1,0 +1,142 @@
+"""`semask demo`: the toolkit's main job in one command (SeMask, arXiv 2112.12782).
+
+On a fresh install, with no data and no GPU: write the built-in toy dataset if it is not there, train
+`semask_toy_fpn` with the `toy` preset (on the GPU when there is one), evaluate it on the toy validation split,
+and save into one run directory the checkpoints, ``log.jsonl``, the loss and mIoU curves, prediction panels of
+validation images and the per-stage semantic priors; then print where they are and the final mIoU.
+
+    semask demo                                   # about 10 minutes on a 2-core CPU
+    semask demo --set schedule.iters=100          # a shorter run
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from semask.config import apply_overrides, get_preset, to_dict
+from semask.data.toy import META_FILE, STUFF, ToyDataset, make_toy_dataset
+from semask.inference import Predictor, normalize
+from semask.train import train
+from semask.utils import atomic_path
+
+__all__ = ["DemoResult", "run_demo", "DEFAULT_DATA_ROOT", "DEFAULT_RUNS_DIR"]
+
+DEFAULT_DATA_ROOT = "data/toy"  # where `semask demo` writes (and later finds) the toy dataset
+DEFAULT_RUNS_DIR = "runs"  # each demo run gets runs/demo-<date>-<time> unless --work-dir is given
+PANELS = 6  # validation images drawn as prediction panels
+
+
+@dataclass
+class DemoResult:
+    """What `run_demo` produced."""
+
+    work_dir: Path
+    mIoU: float  # noqa: N815 (the metric's name)
+    seconds: float  # wall time of the whole demo
+    files: dict[str, Path] = field(default_factory=dict)  # "checkpoint", "log", "curves", "predictions", "priors", ...
+    metrics: dict[str, Any] = field(default_factory=dict)  # the final evaluation (EvalResult.to_dict without per-image)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def run_demo(work_dir: Union[str, Path, None] = None, data_root: Union[str, Path] = DEFAULT_DATA_ROOT,
+             overrides: Sequence[str] = (), progress: bool = True) -> DemoResult:
+    """Train, evaluate and draw SeMask on the toy data (see the module docstring).
+
+    Args:
+        work_dir: run directory (default ``runs/demo-<date>-<time>``); an existing run there is an error.
+        data_root: the toy dataset's folder; it is written there first when it holds none.
+        overrides: ``key=value`` config overrides on top of the `toy` preset (e.g. ``schedule.iters=100``).
+        progress: progress bars.
+
+    Returns:
+        A `DemoResult` with the final mIoU, the wall time and the paths of everything written.
+    """
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # files only; a notebook that already chose a backend keeps it
+    import matplotlib.pyplot as plt
+
+    from semask.visualize import plot_evaluation_panel, plot_stage_priors, plot_training_log
+
+    start = time.perf_counter()
+    data_root = Path(data_root)
+    if not (data_root / META_FILE).is_file():
+        _say(f"writing the toy dataset to {data_root} ...")
+        make_toy_dataset(data_root)
+    config = apply_overrides(get_preset("toy"), [f"data.root={data_root}", *overrides])
+    if work_dir is None:
+        work_dir = Path(DEFAULT_RUNS_DIR) / time.strftime("demo-%Y%m%d-%H%M%S")
+    work_dir = Path(work_dir)
+    result = train(config, work_dir, progress=progress)
+    model = result.model
+    files = {"checkpoint": work_dir / "latest.pth", "best": work_dir / "best.pth", "log": work_dir / "log.jsonl",
+             "config": work_dir / "config.json"}
+
+    fig = plot_training_log(work_dir)
+    files["curves"] = _save(fig, work_dir / "curves.png")
+    plt.close(fig)
+
+    val = ToyDataset(data_root, "validation")
+    final = result.evaluation  # the evaluation after the last step
+    panels = work_dir / "predictions"
+    panels.mkdir(exist_ok=True)
+    shown = [r["index"] for r in final.per_image[:PANELS // 2]] + [r["index"] for r in final.worst(PANELS // 2)]
+    for index in dict.fromkeys(shown):  # the first images, then the hardest ones
+        sample = val.load(index)
+        pred = Predictor(model, scale=config.data.test_pipeline.scale)(sample["image"])
+        r = final.per_image[index]
+        fig = plot_evaluation_panel(sample["image"], sample["label"], pred, model.palette, model.class_names,
+                                    title=f"{Path(sample['path']).name}: mIoU {100 * r['mIoU']:.1f}")
+        _save(fig, panels / f"{Path(sample['path']).stem}.png")
+        plt.close(fig)
+    files["predictions"] = panels
+
+    priors = work_dir / "priors"
+    priors.mkdir(exist_ok=True)
+    sample = val.load(shown[0])
+    x = torch.from_numpy(sample["image"]).permute(2, 0, 1)[None].float()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        output = model(normalize(x.to(device)))
+    output.stage_priors = [p.cpu() for p in output.stage_priors]
+    fig = plot_stage_priors(output, sample["image"], class_names=model.class_names, palette=model.palette)
+    _save(fig, priors / "argmax.png")
+    plt.close(fig)
+    things = [k for k, name in enumerate(model.class_names) if name not in STUFF and (sample["label"] == k).any()]
+    for k in things or [0]:
+        fig = plot_stage_priors(output, sample["image"], class_index=k, class_names=model.class_names)
+        _save(fig, priors / f"class_{model.class_names[k]}.png")
+        plt.close(fig)
+    files["priors"] = priors
+
+    seconds = time.perf_counter() - start
+    summary = {k: v for k, v in final.to_dict().items() if k not in ("per_image", "confusion")}
+    record = {"mIoU": final.mIoU, "seconds": seconds, "seed": config.train.seed, "steps": config.schedule.iters,
+              "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "machine": platform.machine(), "python": platform.python_version(), "metrics": summary,
+              "overrides": list(overrides), "config": to_dict(config)}
+    with atomic_path(work_dir / "demo.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    files["summary"] = work_dir / "demo.json"
+    _say(final.table())
+    _say(f"\nsemask demo: mIoU {100 * final.mIoU:.2f} on the {final.num_images} toy validation images after "
+         f"{config.schedule.iters} steps (seed {config.train.seed}), {seconds / 60:.1f} min in all.")
+    _say(f"run directory: {work_dir}\n" + "\n".join(f"  {k:<12} {v}" for k, v in files.items()))
+    return DemoResult(work_dir=work_dir, mIoU=final.mIoU, seconds=seconds, files=files, metrics=summary)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return path

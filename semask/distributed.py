@@ -1,0 +1,122 @@
+"""torch.distributed for SeMask training and evaluation (arXiv 2112.12782): process setup in a few functions.
+
+`semask train` and `semask test` run as one process, or as several under PyTorch's own launcher:
+
+    torchrun --nproc_per_node=2 -m semask train semask_tiny_ade20k --work-dir runs/tiny
+
+`torchrun` sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; `setup` reads them,
+starts the process group (NCCL on GPUs, gloo on CPUs) and gives each process its GPU. Without them it does
+nothing and the run is a single process.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "setup", "current", "resolve_device", "barrier", "all_reduce_mean", "cleanup"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: its rank among `world_size` processes, and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    started_here: bool = False  # this call initialised the process group (and `cleanup` will end it)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes files and logs."""
+        return self.rank == 0
+
+
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` -> the local GPU when CUDA is available, else the CPU; ``cuda`` -> ``cuda:<local_rank>``.
+
+    Raises:
+        ValueError: CUDA was asked for on a machine without it, or the device string is not one torch knows.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a device torch knows (use auto, cpu, cuda or cuda:N)") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for but CUDA is not available on this machine "
+                             "(use --set train.device=cpu)")
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+    return dev
+
+
+def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
+    """Start (or join) the process group when launched by torchrun, and choose this process's device.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (under torchrun, ``cuda`` means ``cuda:LOCAL_RANK``).
+        timeout_minutes: how long collective operations wait for the other processes.
+
+    Returns:
+        A `DistInfo`; single-process runs get rank 0 of 1.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world_size <= 1:
+        return DistInfo(device=dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    started = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=dev if dev.type == "cuda" else None)
+        started = True
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
+                    started_here=started)
+
+
+def current(device: Optional[torch.device] = None) -> DistInfo:
+    """The `DistInfo` of an already initialised process group (or of a single process)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                        local_rank=int(os.environ.get("LOCAL_RANK", "0")), device=dev)
+    return DistInfo(device=dev)
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every process (a no-op for a single process)."""
+    if info.distributed:
+        if info.device.type == "cuda":
+            dist.barrier(device_ids=[info.device.index])
+        else:
+            dist.barrier()
+
+
+def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """The mean over processes of a dict of numbers (every process must call it with the same keys)."""
+    if not info.distributed or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return {k: v / info.world_size for k, v in zip(keys, t.tolist())}
+
+
+def cleanup(info: DistInfo) -> None:
+    """End the process group if `setup` started it."""
+    if info.started_here and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,223 @@
+"""Evaluation of SeMask FPN with the paper's protocol (arXiv 2112.12782; SPEC §6), on one process or many.
+
+`evaluate(model, dataset)` runs every image of a split through `semask.inference.Predictor` (whole image or
+sliding window at the test scale; with ``aug_test=True`` multi-scale + flip), at the original image size, and
+accumulates mmsegmentation's metrics exactly (int64 areas). Memory does not grow with the split: each image's
+prediction is reduced to per-class areas, a (K, K) confusion matrix and two numbers before the next one.
+
+Under ``torch.distributed`` (``torchrun ... semask test``) process ``r`` of ``n`` takes images ``r, r + n, ...``;
+the areas and the confusion matrix are summed across processes, so the metrics are exactly the single-process
+ones, and every process returns the same result.
+
+    result = semask.evaluate(model, ADE20K(root, "validation"))
+    print(result.table())
+    result.metrics["mIoU"], result.confusion, result.worst(5)
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from semask.data.transforms import TestPipelineConfig
+from semask.inference import Predictor
+from semask.metrics import SegmentationMetric, confusion_matrix, format_table, metrics_from_areas
+
+__all__ = ["EvalResult", "evaluate", "check_classes"]
+
+
+@dataclass
+class EvalResult:
+    """What `evaluate` measured.
+
+    Attributes:
+        metrics: ``{"aAcc", "mIoU", "mAcc"}`` fractions and ``"IoU"``, ``"Acc"`` ``(K,)`` arrays (NaN = undefined).
+        class_names: K names.
+        confusion: ``(K, K)`` int64 pixel counts, row = ground truth, column = prediction.
+        per_image: one dict per image, in dataset order: ``index``, ``path``, ``mIoU`` and ``aAcc`` of that image
+            alone (NaN when it has no labelled pixel).
+        mode: ``whole`` or ``slide``; aug_test: multi-scale + flip was used.
+        seconds: wall time of the evaluation (slowest process).
+    """
+
+    metrics: dict[str, Any]
+    class_names: tuple[str, ...]
+    confusion: np.ndarray
+    per_image: list[dict[str, Any]] = field(default_factory=list)
+    mode: str = "whole"
+    aug_test: bool = False
+    seconds: float = 0.0
+
+    @property
+    def num_images(self) -> int:
+        return len(self.per_image)
+
+    @property
+    def mIoU(self) -> float:  # noqa: N802 (the metric's name)
+        return float(self.metrics["mIoU"])
+
+    def table(self, digits: int = 2) -> str:
+        """The per-class IoU / Acc table and the summary line (percentages)."""
+        return format_table(self.metrics, self.class_names, digits)
+
+    def worst(self, n: int = 5) -> list[dict[str, Any]]:
+        """The ``n`` images with the lowest per-image mIoU (images without labels last)."""
+        return sorted(self.per_image, key=lambda r: (math.isnan(r["mIoU"]), r["mIoU"]))[:n]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary: metrics (per class by name), protocol, timing and per-image scores."""
+        def clean(x: float) -> Optional[float]:
+            return None if math.isnan(x) else float(x)
+
+        return {
+            "aAcc": clean(self.metrics["aAcc"]), "mIoU": clean(self.metrics["mIoU"]),
+            "mAcc": clean(self.metrics["mAcc"]),
+            "IoU": {n: clean(v) for n, v in zip(self.class_names, self.metrics["IoU"])},
+            "Acc": {n: clean(v) for n, v in zip(self.class_names, self.metrics["Acc"])},
+            "mode": self.mode, "aug_test": self.aug_test, "num_images": self.num_images,
+            "seconds": self.seconds, "images_per_s": self.num_images / self.seconds if self.seconds else None,
+            "per_image": [{**r, "mIoU": clean(r["mIoU"]), "aAcc": clean(r["aAcc"])} for r in self.per_image],
+            "confusion": self.confusion.tolist(),
+        }
+
+    def save_json(self, path: Union[str, Path]) -> Path:
+        """Write `to_dict` as JSON (atomically)."""
+        from semask.utils import atomic_path
+
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return Path(path)
+
+
+def check_classes(model: nn.Module, dataset: Any) -> None:
+    """Fail with the dataset's class list when the model predicts another number of classes; warn, listing the
+    differences, when the counts agree but the names do not (released checkpoints spell some names
+    differently from one mmseg version to the next, so a different spelling alone is not an error)."""
+    model = getattr(model, "module", model)
+    theirs = tuple(getattr(dataset, "class_names", ()) or ())
+    ours = tuple(model.class_names or ())
+    if model.num_classes != len(theirs) and theirs:
+        raise ValueError(f"the model predicts {model.num_classes} classes but the dataset {dataset!r} has "
+                         f"{len(theirs)}: {', '.join(theirs[:12])}{' ...' if len(theirs) > 12 else ''}. "
+                         "Use a checkpoint trained on this dataset (or a preset for it).")
+    if ours and theirs and ours != theirs:
+        diff = [f"{k}: model {a!r} vs dataset {b!r}" for k, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+        warnings.warn(f"the model's class names differ from the dataset's at {len(diff)} of {len(ours)} positions "
+                      f"({'; '.join(diff[:5])}{' ...' if len(diff) > 5 else ''}); check that label k means the "
+                      "same class for both", stacklevel=2)
+
+
+def _shard(n: int) -> tuple[range, int, int]:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return range(rank, n, world), rank, world
+    return range(n), 0, 1
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: bool = False,
+             test_config: Optional[TestPipelineConfig] = None, crop_size: int = 512, stride: int = 341,
+             amp_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
+             max_images: Optional[int] = None, show_dir: Union[str, Path, None] = None,
+             progress: bool = True) -> EvalResult:
+    """Evaluate a model on a dataset split with the paper's protocol.
+
+    Args:
+        model: a `SeMaskFPN` (a DDP wrapper's module is used); it is run in eval mode and its mode restored.
+        dataset: a `semask.data` dataset; its raw samples (``dataset.load(i)``: image and label at the original
+            size) are used, whatever transform it carries.
+        mode: ``whole`` or ``slide`` (windows of ``crop_size`` with ``stride`` at the test scale).
+        aug_test: multi-scale (ratios of ``test_config.ratios``) + horizontal flip.
+        test_config: test scale and ratios (default: the test pipeline matching the model, see `Predictor`).
+        crop_size, stride: the sliding-window mode's window and stride.
+        amp_dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``) or None for fp32.
+        device: where to run (default: the model's device).
+        max_images: evaluate the first N images only.
+        show_dir: write a panel per image (image, ground truth, prediction, error map, class legend) here.
+        progress: show a progress bar (on the first process).
+
+    Returns:
+        An `EvalResult`; identical on every process of a distributed run.
+    """
+    module = getattr(model, "module", model)
+    check_classes(module, dataset)
+    class_names = tuple(getattr(dataset, "class_names", None) or module.class_names
+                        or [f"class {k}" for k in range(module.num_classes)])
+    n = len(dataset) if max_images is None else min(max_images, len(dataset))
+    if n < 1:
+        raise ValueError(f"evaluate: the dataset {dataset!r} has no images")
+    was_training = module.training
+    scale = tuple(test_config.scale) if test_config is not None else None
+    ratios = tuple(test_config.ratios) if (test_config is not None and aug_test) else None
+    predictor = Predictor(module, mode="msflip" if aug_test and mode == "whole" else mode, scale=scale,
+                          ratios=ratios, flip=True if aug_test else None, crop_size=crop_size, stride=stride,
+                          device=device, amp_dtype=amp_dtype)
+    k = module.num_classes
+    ignore = getattr(dataset, "ignore_index", 255)
+    metric = SegmentationMetric(k, ignore, device=predictor.device)
+    confusion = torch.zeros(k, k, dtype=torch.int64, device=predictor.device)
+    indices, rank, world = _shard(n)
+    records: list[dict[str, Any]] = []
+    if show_dir is not None:
+        Path(show_dir).mkdir(parents=True, exist_ok=True)
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="evaluate", unit="img", dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        for i in indices:
+            sample = dataset.load(i) if hasattr(dataset, "load") else dataset[i]
+            pred = torch.as_tensor(predictor(sample["image"]), device=predictor.device)
+            label = torch.as_tensor(sample["label"], device=predictor.device)
+            image_metric = SegmentationMetric(k, ignore, device=predictor.device)
+            image_metric.update(pred, label)
+            metric.merge(image_metric)
+            confusion += confusion_matrix(pred, label, k, ignore)
+            one = image_metric.compute()
+            records.append({"index": i, "path": str(sample.get("path", i)), "mIoU": one["mIoU"], "aAcc": one["aAcc"]})
+            if show_dir is not None:
+                _save_panel(Path(show_dir), sample, pred.cpu().numpy(), module, class_names, ignore, one["mIoU"])
+            if bar is not None:
+                bar.update(min(world, n - bar.n))
+    finally:
+        if bar is not None:
+            bar.close()
+        module.train(was_training)
+    seconds = time.perf_counter() - start
+    if world > 1:
+        dist.all_reduce(confusion, op=dist.ReduceOp.SUM)
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (records, seconds))
+        records = sorted((r for part, _ in gathered for r in part), key=lambda r: r["index"])
+        seconds = max(s for _, s in gathered)
+    areas = metric.all_reduced().areas.cpu().numpy()
+    return EvalResult(metrics=metrics_from_areas(*areas), class_names=class_names, confusion=confusion.cpu().numpy(),
+                      per_image=records, mode=mode, aug_test=aug_test, seconds=seconds)
+
+
+def _save_panel(folder: Path, sample: dict[str, Any], pred: np.ndarray, model: nn.Module,
+                class_names: Sequence[str], ignore_index: int, miou: float) -> None:
+    """Image | ground truth | prediction | error map, with a class legend, as ``<image stem>.png``."""
+    import matplotlib.pyplot as plt
+
+    from semask.utils import atomic_path
+    from semask.visualize import plot_evaluation_panel
+
+    fig = plot_evaluation_panel(sample["image"], sample["label"], pred, model.palette, class_names,
+                                ignore_index=ignore_index,
+                                title=f"{Path(str(sample.get('path', 'image'))).name}: mIoU {100 * miou:.1f}")
+    name = Path(str(sample.get("path", "image"))).stem + ".png"
+    with atomic_path(folder / name) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
