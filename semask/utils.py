@@ -14,7 +14,7 @@ from typing import Any, Hashable, Iterator, Optional, Union
 import numpy as np
 import torch
 
-__all__ = ["atomic_path", "seed_everything", "keep_freed_memory", "LRUCache"]
+__all__ = ["atomic_path", "seed_everything", "keep_freed_memory", "is_exporting", "LRUCache"]
 
 
 @contextlib.contextmanager
@@ -74,6 +74,16 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h parameter numbers
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+def is_exporting() -> bool:
+    """True while `torch.export` traces the model (as `torch.onnx.export` does); False on PyTorch < 2.6.
+
+    The model code asks this where a shape-dependent Python branch or a cache would otherwise tie the traced
+    graph to the size it was traced at (see `semask.export`).
+    """
+    check = getattr(torch.compiler, "is_exporting", None)
+    return bool(check()) if check is not None else False
 
 
 class LRUCache:

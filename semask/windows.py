@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from semask.utils import is_exporting
+
 __all__ = ["window_partition", "window_reverse", "pad_to_multiple"]
 
 
@@ -49,6 +51,6 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     _, H, W, _ = x.shape
     pad_h = (H + multiple - 1) // multiple * multiple - H
     pad_w = (W + multiple - 1) // multiple * multiple - W
-    if torch.compiler.is_exporting() or pad_h or pad_w:
+    if is_exporting() or pad_h or pad_w:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     return x
