@@ -46,3 +46,8 @@ def test_environment_yml_lists_the_pyproject_dependencies() -> None:
 def test_the_notebooks_extra_is_part_of_dev() -> None:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert set(extras["notebooks"]) <= set(extras["dev"])
+
+
+def test_the_export_extra_is_part_of_dev() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(extras["export"]) <= set(extras["dev"])
