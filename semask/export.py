@@ -29,7 +29,7 @@ A dynamic batch is traced with 2 images for the same reason (the graph accepts b
 
 Nothing is written unless the export succeeds and, with ``check=True`` (the default), onnxruntime
 reproduces PyTorch's logits within `atol` (max |difference|) and `min_agreement` (argmax agreement) at the
-export size and, for dynamic graphs, at a second size with different padding in every stage.
+export size and, for dynamic graphs, at a second, smaller size that pads differently.
 """
 from __future__ import annotations
 
@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 
