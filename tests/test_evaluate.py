@@ -141,3 +141,42 @@ def test_two_process_training_and_exact_evaluation_with_gloo(tiny_toy_root, tmp_
         assert one[key] == two[key], key
     assert [r["index"] for r in two["per_image"]] == [0, 1, 2, 3]
     assert [r["mIoU"] for r in one["per_image"]] == [r["mIoU"] for r in two["per_image"]]
+
+
+def test_show_dir_writes_one_panel_per_image(toy_model, tiny_toy_root, tmp_path) -> None:
+    from PIL import Image
+
+    ds = ToyDataset(tiny_toy_root, "val")
+    evaluate(toy_model, ds, test_config=TEST_PRESETS["toy"], show_dir=tmp_path / "show", progress=False)
+    panels = sorted(p.name for p in (tmp_path / "show").iterdir())
+    assert panels == sorted(Path(ds.pairs[i][0]).stem + ".png" for i in range(len(ds)))
+    with Image.open(tmp_path / "show" / panels[0]) as im:
+        assert im.width > 3 * im.height  # image | ground truth | prediction | error map, side by side
+
+
+def test_semask_demo_runs_end_to_end(tiny_toy_root, tmp_path) -> None:
+    overrides = tiny_overrides(tiny_toy_root, **{"schedule.iters": 2, "train.eval_interval": 0})
+    run = subprocess.run([sys.executable, "-m", "semask", "demo", "--work-dir", str(tmp_path / "demo"),
+                          "--data-root", str(tiny_toy_root), "--no-progress", "--set", *overrides],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    demo = tmp_path / "demo"
+    for name in ("latest.pth", "best.pth", "log.jsonl", "config.json", "curves.png", "demo.json"):
+        assert (demo / name).is_file(), name
+    assert len(list((demo / "predictions").glob("*.png"))) == 4  # the 4 validation scenes (first and hardest)
+    assert (demo / "priors" / "argmax.png").is_file() and len(list((demo / "priors").glob("class_*.png"))) >= 1
+    record = json.loads((demo / "demo.json").read_text())
+    last = [json.loads(line) for line in (demo / "log.jsonl").read_text().splitlines()][-1]
+    assert last["kind"] == "eval" and record["mIoU"] == last["mIoU"] and record["seed"] == 0
+    assert f"semask demo: mIoU {100 * last['mIoU']:.2f}" in run.stderr and str(demo) in run.stderr
+
+
+def test_demo_writes_the_toy_set_when_missing(tmp_path) -> None:
+    from semask.demo import run_demo
+
+    overrides = tiny_overrides(tmp_path / "toy", **{"schedule.iters": 1, "train.eval_interval": 0,
+                                                   "eval.max_images": 2})
+    result = run_demo(tmp_path / "demo", tmp_path / "toy", overrides, progress=False)
+    assert (tmp_path / "toy" / "toy_meta.json").is_file()
+    assert len(ToyDataset(tmp_path / "toy", "val")) == 100  # the full toy set, as `semask toy-data` writes it
+    assert result.files["curves"].is_file() and 0 <= result.mIoU <= 1
