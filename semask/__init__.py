@@ -9,6 +9,7 @@ their outputs, with datasets, metrics, inference and visualisation around it.
     labels = semask.predict(model, "image.jpg", mode="msflip")
 """
 from semask.checkpoint import load_checkpoint, load_pretrained_backbone, save_checkpoint
+from semask.export import export_onnx
 from semask.inference import Predictor, predict
 from semask.losses import SeMaskLoss, semask_loss
 from semask.models import ModelConfig, create_model, list_models
@@ -23,6 +24,7 @@ __all__ = [
     "SeMaskLoss",
     "SegmentationOutput",
     "create_model",
+    "export_onnx",
     "list_models",
     "load_checkpoint",
     "load_pretrained_backbone",

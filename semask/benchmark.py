@@ -7,12 +7,14 @@ Measures, for a variant, resolution, batch size, precision and device:
   - FLOPs per image from PyTorch's own FLOP counter (`torch.utils.flop_counter`) and the achieved FLOP/s as
     a fraction of the machine's matrix-multiply peak in the same precision, measured in the same run;
   - optionally the data pipeline (images/s per worker core), the test protocols (images/s through
-    whole-image and multi-scale + flip inference on ADE20K-sized images), and evaluation memory for a
-    growing number of images.
+    whole-image and multi-scale + flip inference on ADE20K-sized images), evaluation memory for a
+    growing number of images, and the onnxruntime row: the same model, size, batch and thread count
+    exported to ONNX (`semask.export`, fp32) and run by onnxruntime's CPU session, beside PyTorch.
 Every timing has warm-up runs and repeated measurements; the report gives median, min, max and IQR.
 
     semask benchmark --model semask_tiny_fpn --size 512 --precision bf16 --tasks inference train
     semask benchmark --tasks data protocols --json results.json
+    semask benchmark --model semask_tiny_fpn --size 512 --tasks inference onnxruntime --threads 2
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from semask.utils import atomic_path, check_device, keep_freed_memory
 
 __all__ = ["BenchmarkConfig", "run_benchmark", "matmul_peak", "count_flops", "time_it", "main", "TASKS"]
 
-TASKS = ("inference", "train", "data", "protocols", "eval_memory")
+TASKS = ("inference", "train", "data", "protocols", "eval_memory", "onnxruntime")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -383,6 +385,39 @@ def bench_data(cfg: BenchmarkConfig) -> dict[str, Any]:
     return measure_pipeline_throughput(num_images=cfg.data_images, size=cfg.protocol_size)
 
 
+def bench_onnxruntime(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+    """Inference of the same model, input size, batch and thread count through onnxruntime (CPU, fp32).
+
+    The model is exported with `semask.export.export_onnx` (a static graph at `cfg.size`) to a temporary file;
+    the session gets as many intra-op threads as PyTorch uses. Timing and peak memory cover `session.run`
+    only; the export time and the agreement with PyTorch's logits are reported beside them.
+    """
+    import tempfile
+
+    import onnxruntime
+
+    from semask.export import export_onnx, onnx_parity, onnxruntime_session
+
+    model.eval()
+    threads = torch.get_num_threads()  # what PyTorch runs with here (cfg.threads when given)
+    x = _images(cfg, cfg.batch_size, device).contiguous()
+    feed = {"image": x.numpy()}
+    with tempfile.TemporaryDirectory(prefix="semask-bench-") as tmp:
+        start = time.perf_counter()
+        exported = export_onnx(model, Path(tmp) / "model.onnx", size=cfg.size, batch_size=cfg.batch_size,
+                               check=False)
+        export_s = time.perf_counter() - start
+        session = onnxruntime_session(exported.path, threads=threads)
+        with PeakMemory(device) as mem:
+            stats = time_it(lambda: session.run(None, feed), cfg.warmup, cfg.repeats, device)
+        parity = onnx_parity(model, session, x)
+    return {"batch_size": cfg.batch_size, "latency": stats, "images_per_s": cfg.batch_size / stats["median_s"],
+            "threads": threads, "precision": "fp32", "onnxruntime": onnxruntime.__version__,
+            "opset": exported.opset, "export_s": export_s, "max_abs_diff_vs_pytorch": parity["max_abs_diff"],
+            "argmax_agreement_vs_pytorch": parity["argmax_agreement"], "peak_memory_bytes": mem.peak_bytes,
+            "baseline_memory_bytes": mem.baseline_bytes}
+
+
 def _run_task(task: str, cfg: BenchmarkConfig, count: Optional[int] = None) -> dict[str, Any]:
     """One measurement, in the calling process (used inside the spawned child of `_isolated`)."""
     device = torch.device(cfg.device)
@@ -402,6 +437,8 @@ def _run_task(task: str, cfg: BenchmarkConfig, count: Optional[int] = None) -> d
         return bench_protocols(cfg, model, device)
     if task == "eval_memory":
         return bench_eval_memory(cfg, model, device, count or 1)
+    if task == "onnxruntime":
+        return bench_onnxruntime(cfg, model, device)
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -439,6 +476,16 @@ def run_benchmark(cfg: BenchmarkConfig, progress: bool = True) -> dict[str, Any]
     if cfg.model not in semask.list_models():
         raise UnknownNameError(f"unknown model {cfg.model!r}; valid names: {', '.join(semask.list_models())}")
     device = check_device(cfg.device)
+    if "onnxruntime" in cfg.tasks:
+        if device.type != "cpu":
+            raise UsageError(f"the onnxruntime task runs onnxruntime's CPU session beside PyTorch on the CPU; "
+                             f"use --device cpu (got {cfg.device!r})")
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UsageError(f"the onnxruntime task needs {missing}; install the export extra: "
+                             "pip install 'semask[export]'")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
@@ -471,6 +518,12 @@ def run_benchmark(cfg: BenchmarkConfig, progress: bool = True) -> dict[str, Any]
         log("evaluation memory ...")
         result["eval_memory"] = {"peak_memory_bytes_by_images": {
             str(n): _isolated("eval_memory", cfg, n)["peak_memory_bytes"] for n in cfg.eval_images}}
+    if "onnxruntime" in cfg.tasks:
+        log("onnxruntime (export, then inference) ...")
+        r = _isolated("onnxruntime", cfg)
+        if "inference" in result and cfg.precision == "fp32":  # PyTorch's row of the same run
+            r["speedup_vs_pytorch"] = result["inference"]["latency"]["median_s"] / r["latency"]["median_s"]
+        result["onnxruntime"] = r
     if "data" in cfg.tasks:
         log("data pipeline ...")
         result["data"] = bench_data(cfg)
@@ -500,6 +553,14 @@ def summary(result: dict[str, Any]) -> str:
                 lines.append(f"  {cfg['precision']} vs fp32: pixel agreement {a['pixel_agreement']:.3%}, mean |dlogit| "
                              f"{a['mean_abs_logit_error']:.4f}, near-ties {a['near_tie_fraction']:.2%} of pixels "
                              f"holding {a['disagreement_in_near_ties']:.1%} of the disagreements")
+    if "onnxruntime" in result:
+        r = result["onnxruntime"]
+        lines.append(f"  onnxruntime {r['onnxruntime']} (fp32 graph, opset {r['opset']}, {r['threads']} threads): "
+                     f"batch {r['batch_size']}, {r['latency']['median_s'] * 1e3:.1f} ms "
+                     f"(IQR {r['latency']['iqr_s'] * 1e3:.1f}), {r['images_per_s']:.2f} img/s"
+                     + (f", {r['speedup_vs_pytorch']:.2f}x PyTorch's speed" if "speedup_vs_pytorch" in r else "")
+                     + f", max |dlogit| vs PyTorch {r['max_abs_diff_vs_pytorch']:.1e}, "
+                     f"peak mem {mib(r['peak_memory_bytes'])}")
     if "protocols" in result:
         p = result["protocols"]
         lines.append(f"  protocols on {p['image_size'][0]}x{p['image_size'][1]}: whole {p['whole']['images_per_s']:.2f} "

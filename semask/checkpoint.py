@@ -9,19 +9,31 @@
 - `save_checkpoint` / `load_training_state` write and restore the project's own checkpoints atomically,
   with the resolved config and, for training, the optimizer/scheduler/scaler/iteration/RNG states.
 
-Every file is read with `torch.load(..., weights_only=True)`: no code from a checkpoint is ever executed.
-Before anything is built, the architecture a file claims is checked against `LIMITS` (class counts, depths,
-widths, parameters: a few-kilobyte file with stride-0 tensors can claim millions of classes) and against the
-file's own tensor shapes on the `meta` device; each architectural number is read from every tensor that shows
-it and the majority wins, so one odd tensor is reported as the odd one. NaN or infinite weights are an error.
+- `.safetensors` files (semask's own, with the config, classes and palette as JSON strings in the metadata,
+  or bare state dicts in the official or ImageNet key layouts) are read and written with `safetensors`;
+  `convert_to_safetensors` converts a `.pth`.
+- Wherever a file is read, an ``https://`` (or ``http://``, ``file://``) URL may stand for it: it is downloaded
+  once into torch.hub's cache (``torch.hub.get_dir()/checkpoints``) with a progress bar, and checked against
+  an optional SHA-256.
+
+Every `.pth` file is read with `torch.load(..., weights_only=True)` and `.safetensors` files never touch
+pickle: no code from a checkpoint is ever executed. Before anything is built, the architecture a file claims is
+checked against `LIMITS` (class counts, depths, widths, parameters: a few-kilobyte file with stride-0 tensors
+can claim millions of classes) and against the file's own tensor shapes on the `meta` device; each
+architectural number is read from every tensor that shows it and the majority wins, so one odd tensor is
+reported as the odd one. NaN or infinite weights are an error.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import random
 import re
+import urllib.error
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,10 +68,18 @@ __all__ = [
     "save_checkpoint",
     "load_training_state",
     "load_pretrained_backbone",
+    "is_url",
+    "download_checkpoint",
+    "resolve_checkpoint_path",
+    "read_safetensors_checkpoint",
+    "save_safetensors",
+    "convert_to_safetensors",
 ]
 
 PathLike = Union[str, os.PathLike]
 FORMAT = "semask-checkpoint-v1"
+SAFETENSORS_SUFFIX = ".safetensors"
+URL_SCHEMES = ("https://", "http://", "file://")
 
 
 class CheckpointError(SemaskError, ValueError):
@@ -98,9 +118,15 @@ LIMITS = ArchitectureLimits()
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def read_checkpoint_file(path: PathLike, map_location: Any = "cpu") -> Any:
-    """`torch.load` with `weights_only=True` and errors that name the file."""
-    path = Path(path)
+def read_checkpoint_file(path: PathLike, map_location: Any = "cpu", sha256: Optional[str] = None) -> Any:
+    """`torch.load` with `weights_only=True` and errors that name the file.
+
+    A URL is downloaded first (`resolve_checkpoint_path`, checked against `sha256` when given); a
+    `.safetensors` file is read with `read_safetensors_checkpoint` instead of `torch.load`.
+    """
+    path = resolve_checkpoint_path(path, sha256=sha256)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return read_safetensors_checkpoint(path, map_location)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist" if not path.exists()
                                 else f"checkpoint {str(path)!r} is not a file")
@@ -376,14 +402,18 @@ def load_model_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], source:
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu",
-                    semantic_global_stages: Optional[tuple[int, ...]] = None) -> SeMaskFPN:
+                    semantic_global_stages: Optional[tuple[int, ...]] = None, *,
+                    sha256: Optional[str] = None) -> SeMaskFPN:
     """Load an official SeMask FPN checkpoint or one of semask's own, and return the model in eval mode.
 
     Args:
-        path: a `.pth` file.
+        path: a `.pth` or `.safetensors` file, or an ``https://`` URL of one (downloaded once into torch.hub's
+            cache, see `download_checkpoint`).
         map_location: device for the tensors (and the returned model).
         semantic_global_stages: override which stages use global semantic attention for an official file
             (by default the released models' rule; semask's own checkpoints store it).
+        sha256: expected SHA-256 of the file (hex, or a prefix of at least 8 characters); checked for local
+            files and downloads alike.
 
     Returns:
         A `SeMaskFPN` with `.class_names` and `.palette` from the checkpoint's metadata (None when absent).
@@ -391,7 +421,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu",
     source = f"checkpoint {str(path)!r}"
     if isinstance(map_location, (str, torch.device)):
         check_device(map_location)
-    obj = read_checkpoint_file(path, map_location)
+    obj = read_checkpoint_file(path, map_location, sha256=sha256)
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         name, config, sd = _own_format(obj, source)
         class_names, palette = obj.get("class_names"), obj.get("palette")
@@ -492,20 +522,33 @@ def _set_rng_state(state: Mapping) -> None:
 
 def save_checkpoint(path: PathLike, model: SeMaskFPN, *, optimizer: Optional[torch.optim.Optimizer] = None,
                     scheduler: Any = None, scaler: Any = None, iteration: Optional[int] = None,
-                    train_config: Any = None, extra: Optional[dict] = None) -> Path:
+                    train_config: Any = None, extra: Optional[dict] = None, format: Optional[str] = None) -> Path:
     """Write semask's own checkpoint atomically (temp file + rename).
 
     Args:
-        path: destination `.pth`.
+        path: destination `.pth`, or `.safetensors` (see `format`).
         model: the model (a DDP wrapper's `.module` is taken automatically).
         optimizer, scheduler, scaler: training states to resume from (optional).
         iteration: training iteration reached (optional).
         train_config: the resolved training config (a dataclass), stored as a dict.
         extra: further plain data (metrics, ...).
+        format: ``"pth"`` (torch.save) or ``"safetensors"`` (weights, with the config, classes, palette,
+            `train_config` and `extra` as JSON metadata; no optimizer/scheduler/scaler/RNG states). None: from
+            the suffix of `path`.
 
     Returns:
         The written path.
     """
+    fmt = format or ("safetensors" if Path(path).suffix == SAFETENSORS_SUFFIX else "pth")
+    if fmt == "safetensors":
+        states = [n for n, v in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler),
+                                 ("iteration", iteration)) if v is not None]
+        if states:
+            raise ValueError(f"save_checkpoint({str(path)!r}): safetensors files hold weights and metadata only, "
+                             f"not {', '.join(states)}; write training checkpoints to a .pth file")
+        return save_safetensors(path, model, train_config=train_config, extra=extra)
+    if fmt != "pth":
+        raise ValueError(f"save_checkpoint: format must be 'pth' or 'safetensors', got {format!r}")
     model = getattr(model, "module", model)
     if getattr(model, "config", None) is None:
         raise UsageError("save_checkpoint: the model has no ModelConfig (build it with semask.create_model or "
@@ -595,7 +638,7 @@ def resize_relative_position_table(table: torch.Tensor, window_size: int) -> tor
 
 
 def load_pretrained_backbone(model: nn.Module, weights: Union[PathLike, Mapping[str, torch.Tensor]],
-                             min_fraction: float = 0.5) -> LoadReport:
+                             min_fraction: float = 0.5, *, sha256: Optional[str] = None) -> LoadReport:
     """Load ImageNet-pretrained Swin weights into a SeMask/Swin backbone.
 
     Accepts Microsoft's release (weights under `model`, downsampling at the end of each stage, classifier
@@ -605,8 +648,9 @@ def load_pretrained_backbone(model: nn.Module, weights: Union[PathLike, Mapping[
 
     Args:
         model: a `SeMaskFPN` or its `SeMaskSwin` backbone.
-        weights: a file path or an already loaded dict.
+        weights: a `.pth`/`.safetensors` path, an ``https://`` URL of one, or an already loaded dict.
         min_fraction: raise if less than this fraction of the Swin-block parameters was loaded.
+        sha256: expected SHA-256 of the file (see `load_checkpoint`).
 
     Returns:
         A `LoadReport` (print it to see what was loaded, resized, missing and ignored).
@@ -615,7 +659,7 @@ def load_pretrained_backbone(model: nn.Module, weights: Union[PathLike, Mapping[
     if isinstance(weights, Mapping):
         source, obj = "pretrained weights", weights
     else:
-        source, obj = f"pretrained weights {str(weights)!r}", read_checkpoint_file(weights)
+        source, obj = f"pretrained weights {str(weights)!r}", read_checkpoint_file(weights, sha256=sha256)
     sd, _ = _unwrap(obj, source)
     check_tensors(sd, source)
     for prefix in ("module.", "backbone.", "encoder."):
@@ -654,3 +698,200 @@ def load_pretrained_backbone(model: nn.Module, weights: Union[PathLike, Mapping[
     check_finite(converted, source)
     backbone.load_state_dict(converted, strict=False)
     return report
+
+
+# ----------------------------------------------------------------------------------------------- URLs
+def is_url(path: Any) -> bool:
+    """Whether `path` is a URL that `resolve_checkpoint_path` downloads (https, http or file)."""
+    return isinstance(path, str) and path.lower().startswith(URL_SCHEMES)
+
+
+def _check_sha256(path: Path, sha256: str, source: str) -> None:
+    expected = sha256.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{8,64}", expected):
+        raise ValueError(f"sha256 for {source} must be 8 to 64 hexadecimal characters, got {sha256!r}")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(expected):
+        raise CheckpointError(f"{source}: SHA-256 of {str(path)!r} is {digest.hexdigest()}, expected {expected}"
+                              + ("..." if len(expected) < 64 else "")
+                              + ". The file is corrupt or not the one meant; delete it and download it again.")
+
+
+def download_checkpoint(url: str, sha256: Optional[str] = None, progress: bool = True,
+                        file_name: Optional[str] = None) -> Path:
+    """Download `url` once into torch.hub's cache and return the local file.
+
+    The file goes to ``torch.hub.get_dir()/checkpoints/<file name>`` (the cache `torch.hub` uses for its own
+    weights; `torch.hub.set_dir` or ``$TORCH_HOME`` move it), through a temporary file that is renamed only
+    when the download is complete and, with `sha256`, matches. A file already in the cache is not
+    downloaded again (but is checked against `sha256` too).
+
+    Args:
+        url: ``https://...`` (``http://`` and ``file://`` work the same way).
+        sha256: expected SHA-256, hex (a prefix of at least 8 characters is enough, as in torch.hub's names).
+        progress: show a progress bar on stderr.
+        file_name: name in the cache (default: the last part of the URL's path).
+
+    Returns:
+        The path of the cached file.
+    """
+    if not is_url(url):
+        raise ValueError(f"expected a URL starting with one of {URL_SCHEMES}, got {url!r}")
+    name = file_name or Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
+    if not name or name in (".", ".."):
+        raise ValueError(f"cannot tell a file name from the URL {url!r}; pass file_name=")
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / name
+    if not target.is_file():
+        if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{8,64}", sha256.strip()):
+            raise ValueError(f"sha256 for {url!r} must be 8 to 64 hexadecimal characters, got {sha256!r}")
+        try:
+            torch.hub.download_url_to_file(url, str(target), hash_prefix=sha256.strip().lower() if sha256 else None,
+                                           progress=progress)
+        except RuntimeError as exc:  # torch.hub's hash mismatch; the partial file is already removed
+            raise CheckpointError(f"download of {url!r}: {exc}; nothing was written to {str(cache)!r}") from exc
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise FileNotFoundError(f"cannot download {url!r}: {exc}") from exc
+    elif sha256 is not None:
+        _check_sha256(target, sha256, f"cached download of {url!r}")
+    return target
+
+
+def resolve_checkpoint_path(path: PathLike, sha256: Optional[str] = None, progress: bool = True) -> Path:
+    """The local file for a path or URL: URLs are downloaded (`download_checkpoint`); `sha256` is checked."""
+    if is_url(path):
+        return download_checkpoint(str(path), sha256=sha256, progress=progress)
+    path = Path(path)
+    if sha256 is not None and path.is_file():
+        _check_sha256(path, sha256, f"checkpoint {str(path)!r}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- safetensors
+def _json_meta(meta: Mapping[str, str], key: str, source: str) -> Any:
+    try:
+        return json.loads(meta[key]) if key in meta else None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{source}: metadata {key!r} is not valid JSON ({exc}): {meta[key][:80]!r}") from exc
+
+
+def read_safetensors_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
+    """Read a `.safetensors` file (never unpickling) into the dict layout `load_checkpoint` reads.
+
+    Args:
+        path: a file written by `save_safetensors` (metadata ``format`` = semask's format tag, with
+            ``model_name``, and ``config``, ``class_names``, ``palette`` as JSON), or any safetensors file of a
+            state dict (the official layout; ``CLASSES``/``PALETTE`` metadata as JSON are used when present).
+        map_location: device for the tensors.
+
+    Returns:
+        semask's checkpoint dict (``format``, ``model_name``, ``config``, ``class_names``, ``palette``,
+        ``state_dict``) or ``{"state_dict": ..., "meta": {"CLASSES", "PALETTE"}}`` for other files.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    source = f"checkpoint {str(path)!r}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{source} does not exist" if not path.exists() else f"{source} is not a file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {source} as safetensors: {exc}") from exc
+    if map_location not in (None, "cpu") and isinstance(map_location, (str, torch.device)):
+        tensors = {k: v.to(map_location) for k, v in tensors.items()}
+    if meta.get("format") == FORMAT:
+        config = _json_meta(meta, "config", source)
+        if not isinstance(config, dict) or "model_name" not in meta:
+            raise CheckpointError(f"{source}: semask safetensors metadata without a 'config' object or 'model_name'")
+        return {"format": FORMAT, "model_name": meta["model_name"],
+                "config": {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()},
+                "class_names": _json_meta(meta, "class_names", source), "palette": _json_meta(meta, "palette", source),
+                "train_config": _json_meta(meta, "train_config", source), "extra": _json_meta(meta, "extra", source),
+                "state_dict": tensors}
+    return {"state_dict": tensors,
+            "meta": {"CLASSES": _json_meta(meta, "CLASSES", source), "PALETTE": _json_meta(meta, "PALETTE", source)}}
+
+
+def save_safetensors(path: PathLike, model: SeMaskFPN, train_config: Any = None, extra: Optional[dict] = None) -> Path:
+    """Write the model's weights as `.safetensors` atomically, with its config, classes and palette as metadata.
+
+    Args:
+        path: destination (normally ending in `.safetensors`).
+        model: the model (a DDP wrapper's `.module` is taken automatically).
+        train_config, extra: optional JSON-serialisable run information, stored as JSON strings.
+
+    Returns:
+        The written path. `load_checkpoint` reads it back into an identical model.
+    """
+    from safetensors.torch import save_file
+
+    model = getattr(model, "module", model)
+    if getattr(model, "config", None) is None:
+        raise ValueError("the model has no ModelConfig (build it with semask.create_model or build_model)")
+    meta = {
+        "format": FORMAT,
+        "model_name": model.name,
+        "config": json.dumps(dataclasses.asdict(model.config)),
+        "class_names": json.dumps(list(model.class_names) if model.class_names else None),
+        "palette": json.dumps(model.palette),
+    }
+    try:
+        if train_config is not None:
+            meta["train_config"] = json.dumps(
+                dataclasses.asdict(train_config) if dataclasses.is_dataclass(train_config) else train_config)
+        if extra:
+            meta["extra"] = json.dumps(extra)
+    except TypeError as exc:
+        raise ValueError(f"save_checkpoint({str(path)!r}): safetensors metadata must be JSON: {exc}") from exc
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def convert_to_safetensors(src: PathLike, dst: PathLike, *, sha256: Optional[str] = None,
+                           overwrite: bool = False) -> Path:
+    """Convert a `.pth` checkpoint (read with ``weights_only=True``; a URL is downloaded) to `.safetensors`.
+
+    A SeMask/Swin FPN checkpoint (official or semask's own) is loaded as a model, so that the file gets the
+    inferred config, the classes and the palette (`load_checkpoint` reads it back into the same model). Any
+    other file of tensors, such as ImageNet Swin weights, is written as its bare state dict (found under
+    ``state_dict`` or ``model``), which `load_pretrained_backbone` reads.
+
+    Args:
+        src: the `.pth` file or URL.
+        dst: the `.safetensors` file to write (atomically).
+        sha256: expected SHA-256 of `src`.
+        overwrite: replace an existing `dst` (otherwise that is an error).
+
+    Returns:
+        The written path.
+    """
+    from safetensors.torch import save_file
+
+    dst = Path(dst)
+    if dst.suffix != SAFETENSORS_SUFFIX:
+        raise ValueError(f"the output {str(dst)!r} must end in {SAFETENSORS_SUFFIX}")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{str(dst)!r} exists; choose another name or pass overwrite=True (--overwrite)")
+    local = resolve_checkpoint_path(src, sha256=sha256)
+    if not is_url(src) and dst.exists() and local.resolve() == dst.resolve():
+        raise ValueError(f"input and output are the same file {str(dst)!r}")
+    obj = read_checkpoint_file(local)
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        return save_safetensors(dst, load_checkpoint(local))
+    source = f"checkpoint {str(src)!r}"
+    sd, meta = _unwrap(obj, source)
+    sd = _strip_prefix(sd, "module.")
+    if all(k in sd for k in ("backbone.patch_embed.proj.weight", "decode_head.conv_seg.weight")):
+        return save_safetensors(dst, load_checkpoint(local))
+    with atomic_path(dst) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp))
+    return dst

@@ -10,6 +10,8 @@ line does can also be done from Python and is tested there.
     semask convert cityscapes ROOT
     semask convert coco-stuff10k ROOT
     semask benchmark [--model semask_tiny --size 512 ...]
+    semask export CHECKPOINT OUT.onnx [--size H W] [--dynamic] [--prior]
+    semask convert-weights IN.pth OUT.safetensors
     semask configs [PRESET] [--set KEY=VALUE ...]
     semask train PRESET --work-dir DIR [--set KEY=VALUE ...] [--resume]
     semask test PRESET CHECKPOINT [--aug-test] [--mode whole|slide] [--show-dir DIR] [--json FILE]
@@ -47,7 +49,12 @@ def note(command: str, message: str) -> None:
 def _cmd_list_models(args: argparse.Namespace) -> int:
     from semask.models import list_models
 
-    for name in list_models(args.pattern):
+    names = list_models(args.pattern)
+    if not names:
+        print(f"semask list-models: no model matches {args.pattern!r}; registered: {', '.join(list_models())}",
+              file=sys.stderr)
+        return 1
+    for name in names:
         print(name)
     return 0
 
@@ -146,6 +153,41 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return benchmark_main(args.benchmark_args)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from semask.checkpoint import load_checkpoint
+    from semask.export import ExportError, export_onnx
+
+    if len(args.size) not in (1, 2):
+        raise ValueError(f"--size takes one or two numbers (height [width]), got {args.size}")
+    if Path(args.out).exists() and not args.overwrite:
+        print(f"semask export: error: {args.out!r} exists; choose another name or pass --overwrite", file=sys.stderr)
+        return 2
+    model = load_checkpoint(args.checkpoint, map_location="cpu", sha256=args.sha256)
+    try:
+        result = export_onnx(model, args.out, size=(args.size[0], args.size[-1]), batch_size=args.batch_size,
+                             dynamic=args.dynamic, prior=args.prior, opset=args.opset, check=not args.no_check)
+    except (ExportError, ImportError) as exc:
+        print(f"semask export: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"path": str(result.path), "model": model.name, "size": list(result.size),
+                      "batch_size": "dynamic" if result.dynamic else result.batch_size, "dynamic": result.dynamic,
+                      "min_size": result.min_size, "outputs": list(result.outputs), "opset": result.opset,
+                      "checks": result.checks}, indent=2))
+    return 0
+
+
+def _cmd_convert_weights(args: argparse.Namespace) -> int:
+    from semask.checkpoint import convert_to_safetensors
+
+    try:
+        out = convert_to_safetensors(args.input, args.output, sha256=args.sha256, overwrite=args.overwrite)
+    except FileExistsError as exc:  # the user's file is kept unless --overwrite: say so, no traceback
+        print(f"semask convert-weights: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.input} -> {out}")
+    return 0
+
+
 def _resolve_config(name_or_path: str, overrides: Sequence[str]):
     """A preset name or a run's config.json, with ``--set`` overrides applied."""
     from semask.config import PRESETS, apply_overrides, get_preset, load_config
@@ -233,9 +275,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `semask` command (exposed for tests and documentation)."""
+    from semask import __version__
+
     parser = argparse.ArgumentParser(prog="semask", description="SeMask semantic segmentation toolkit.",
                                      epilog="Errors print one line each; exit status 2 for usage errors, 1 for "
                                             "failures.")
+    parser.add_argument("--version", action="version", version=f"semask {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (allowed anywhere)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -319,6 +364,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("export", help="export a checkpoint to ONNX, checked against PyTorch with onnxruntime")
+    p.add_argument("checkpoint", help="a .pth or .safetensors checkpoint, or an https:// URL of one")
+    p.add_argument("out", help="the .onnx file to write")
+    p.add_argument("--size", type=int, nargs="+", default=[512, 512], metavar="PX",
+                   help="input height and width the graph is traced at (one number: square; default 512 512)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch of a static graph (default 1)")
+    p.add_argument("--dynamic", action="store_true",
+                   help="symbolic batch, height and width (heights/widths from 33 px; trace size > 32 x window)")
+    p.add_argument("--prior", action="store_true", help="also output the semantic prior (prior_logits)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
+    p.add_argument("--sha256", default=None, help="expected SHA-256 of the checkpoint (or a prefix)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("convert-weights", help="convert a .pth checkpoint (read safely) to .safetensors")
+    p.add_argument("input", help="a .pth checkpoint (official SeMask FPN, semask's own, ImageNet Swin) or URL")
+    p.add_argument("output", help="the .safetensors file to write")
+    p.add_argument("--sha256", default=None, help="expected SHA-256 of the input (or a prefix)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_cmd_convert_weights)
+
     # the benchmark has its own parser (semask.benchmark.build_parser); main() hands it the remaining words
     p = sub.add_parser("benchmark", help="measure speed and memory (see `semask benchmark --help`)",
                        add_help=False)
@@ -345,11 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             Image.MAX_IMAGE_PIXELS = int(limit)
         if argv[:1] == ["benchmark"]:
             args = argparse.Namespace(command="benchmark", func=_cmd_benchmark, benchmark_args=argv[1:])
-        else:
-            try:
-                args = build_parser().parse_args(argv)
-            except SystemExit as exc:  # argparse has printed the usage and its one-line error (or --help)
-                return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else 2
+        else:  # argparse prints its usage and one error line and exits 2 itself (0 for --help, --version)
+            args = build_parser().parse_args(argv)
         command = args.command
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

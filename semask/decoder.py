@@ -18,12 +18,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from semask.utils import is_exporting
+
 __all__ = ["ConvBNReLU", "Upsample2x", "SemanticFPNHead"]
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resize (align_corners False) of a (B, C, H, W) map; a no-op when the size already matches."""
-    if tuple(x.shape[-2:]) == tuple(size):
+    """Bilinear resize (align_corners False) of a (B, C, H, W) map; a no-op when the size already matches.
+
+    While `torch.export` traces the model the resize is always applied (to the same size it is the identity),
+    so that the traced graph holds for every input size (see `semask.export`).
+    """
+    if not is_exporting() and tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 

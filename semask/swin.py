@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, trunc_normal_
 
 from semask.semantic import SemanticAttentionMap, SemanticLayer
-from semask.utils import LRUCache
+from semask.utils import LRUCache, is_exporting
 from semask.windows import pad_to_multiple, window_partition, window_reverse
 
 __all__ = [
@@ -133,8 +133,10 @@ class WindowAttention(nn.Module):
                 and rebuilt when the bias table changes.
         """
         table = self.relative_position_bias_table
-        caching = not (torch.is_grad_enabled() and table.requires_grad) and (shift_mask is None or cache_key is not None)
-        key = (table._version, table.data_ptr(), table.device, dtype, cache_key if shift_mask is not None else None)
+        caching = (not (torch.is_grad_enabled() and table.requires_grad) and (shift_mask is None or cache_key is not None)
+                   and not is_exporting())  # an export traces fake tensors: never cache those
+        key = (table._version, table.data_ptr(), table.device, dtype,
+               cache_key if shift_mask is not None else None) if caching else None
         if caching and (cached := self._cache.get(key)) is not None:
             return cached
         bias = self.relative_position_bias().unsqueeze(0)  # 1, heads, N, N
@@ -155,7 +157,7 @@ class WindowAttention(nn.Module):
         Bw = q.shape[0]
         attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # B*nW, heads, N, N
         bias = self.attention_mask(mask, attn.dtype, mask_key)  # 1 or nW, heads, N, N
-        if bias.shape[0] not in (1, Bw):
+        if mask is not None:  # one mask per window, shared by the images of the batch
             attn = (attn.view(Bw // bias.shape[0], *bias.shape) + bias).view(Bw, *bias.shape[1:])  # per image
         else:
             attn = attn + bias
@@ -179,7 +181,7 @@ class WindowAttention(nn.Module):
         Bw, N, C = x.shape
         qkv = self.qkv(x).view(Bw, N, 3, self.num_heads, C // self.num_heads)  # B*nW, N, 3, heads, d
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B*nW, heads, N, d
-        if q.device.type == "cpu" and q.dtype != torch.float32:
+        if (q.device.type == "cpu" and q.dtype != torch.float32) or is_exporting():
             out = self._attend_unfused(q, k, v, mask, mask_key)
         else:
             attn_mask = self.attention_mask(mask, q.dtype, mask_key)  # 1 or nW, heads, N, N
@@ -243,8 +245,9 @@ class PatchEmbed(nn.Module):
         """(B, 3, H, W) -> (B, ceil(H/4), ceil(W/4), C)."""
         H, W = x.shape[2:]
         p = self.patch_size
-        if H % p or W % p:
-            x = F.pad(x, (0, (-W) % p, 0, (-H) % p))
+        pad_h, pad_w = (H + p - 1) // p * p - H, (W + p - 1) // p * p - W
+        if is_exporting() or pad_h or pad_w:  # see pad_to_multiple: traced for every size
+            x = F.pad(x, (0, pad_w, 0, pad_h))
         x = self.proj(x).permute(0, 2, 3, 1)  # B, H/4, W/4, C
         return self.norm(x)
 
@@ -299,7 +302,9 @@ class SwinStage(nn.Module):
     def shift_mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         """Cached (nW, N, N) shift mask for a feature map of size (height, width) before padding."""
         w = self.window_size
-        hp, wp = height + (-height) % w, width + (-width) % w
+        hp, wp = (height + w - 1) // w * w, (width + w - 1) // w * w
+        if is_exporting():  # traced sizes may be symbolic, and traced tensors must not be cached
+            return shift_window_mask(hp, wp, w, w // 2, device=device)
         key = (hp, wp, device)
         mask = self._mask_cache.get(key)
         if mask is None:

@@ -41,7 +41,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from semask import distributed
-from semask.checkpoint import load_pretrained_backbone, load_training_state, save_checkpoint
+from semask.checkpoint import is_url, load_pretrained_backbone, load_training_state, save_checkpoint
 from semask.config import ConfigError, TrainConfig, to_dict
 from semask.data.datasets import ADE20K, COCOStuff10k, Cityscapes, FolderDataset, SegmentationDataset
 from semask.data.loader import build_train_loader, sample_seed
@@ -284,7 +284,8 @@ def _train(config: TrainConfig, work_dir: Path, resume: bool, callback: Optional
                           f"= {rt.batch_size} x {info.world_size}; change one of them")
     accum = rt.global_batch // per_step
     resume_from = _check_work_dir(work_dir, resume)
-    if config.model.pretrained and resume_from is None and not Path(config.model.pretrained).is_file():
+    if (config.model.pretrained and resume_from is None and not is_url(config.model.pretrained)
+            and not Path(config.model.pretrained).is_file()):  # URLs are downloaded by load_pretrained_backbone
         raise FileNotFoundError(
             f"model.pretrained: ImageNet weights {config.model.pretrained!r} not found. The {config.name} recipe "
             "starts from them (Microsoft's Swin Transformer release, github.com/microsoft/Swin-Transformer); pass "

@@ -32,6 +32,7 @@ __all__ = [
     "check_device",
     "seed_everything",
     "keep_freed_memory",
+    "is_exporting",
     "LRUCache",
 ]
 
@@ -298,6 +299,16 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h parameter numbers
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+def is_exporting() -> bool:
+    """True while `torch.export` traces the model (as `torch.onnx.export` does); False on PyTorch < 2.6.
+
+    The model code asks this where a shape-dependent Python branch or a cache would otherwise tie the traced
+    graph to the size it was traced at (see `semask.export`).
+    """
+    check = getattr(torch.compiler, "is_exporting", None)
+    return bool(check()) if check is not None else False
 
 
 class LRUCache:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from semask.utils import is_exporting
+
 __all__ = ["window_partition", "window_reverse", "pad_to_multiple"]
 
 
@@ -40,9 +42,15 @@ def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: 
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad a (B, H, W, C) map on the bottom/right so that H and W are multiples of `multiple`."""
+    """Zero-pad a (B, H, W, C) map on the bottom/right so that H and W are multiples of `multiple`.
+
+    The padded size is written as ``ceil(H / multiple) * multiple`` and, while `torch.export` traces the model
+    (ONNX export with dynamic sizes), the pad is applied even when it is zero: the traced graph then holds
+    for every input size instead of the one it was traced at (see `semask.export`).
+    """
     _, H, W, _ = x.shape
-    pad_h, pad_w = (-H) % multiple, (-W) % multiple
-    if pad_h or pad_w:
+    pad_h = (H + multiple - 1) // multiple * multiple - H
+    pad_w = (W + multiple - 1) // multiple * multiple - W
+    if is_exporting() or pad_h or pad_w:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     return x

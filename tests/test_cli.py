@@ -71,3 +71,16 @@ def test_module_entry_point() -> None:
     result = subprocess.run([sys.executable, "-m", "semask", "list-models", "semask_t*"], capture_output=True,
                             text=True, check=True)
     assert result.stdout.split() == ["semask_tiny_fpn", "semask_toy_fpn"]
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"semask {semask.__version__}"
+
+
+def test_list_models_without_a_match_says_so(capsys) -> None:
+    assert main(["list-models", "resnet*"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no model matches 'resnet*'" in captured.err and "semask_tiny_fpn" in captured.err

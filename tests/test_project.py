@@ -68,3 +68,8 @@ def test_models_are_not_patched_after_they_are_built() -> None:
                for i, line in enumerate(path.read_text().splitlines())
                if re.search(r"\bmodel\.(class_names|palette|config)\s*=(?!=)", line)]
     assert not patched, patched
+
+
+def test_the_export_extra_is_part_of_dev() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(extras["export"]) <= set(extras["dev"])
