@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from semask.utils import check_device
+
 __all__ = ["DistInfo", "setup", "current", "resolve_device", "barrier", "all_reduce_mean", "cleanup"]
 
 
@@ -45,19 +47,13 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto`` -> the local GPU when CUDA is available, else the CPU; ``cuda`` -> ``cuda:<local_rank>``.
 
     Raises:
-        ValueError: CUDA was asked for on a machine without it, or the device string is not one torch knows.
+        UsageError: a device this machine does not have, or not a device name (`semask.utils.check_device`).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device {device!r} is not a device torch knows (use auto, cpu, cuda or cuda:N)") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was asked for but CUDA is not available on this machine "
-                             "(use --set train.device=cpu)")
-        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+    dev = check_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = check_device(f"cuda:{local_rank}")
     return dev
 
 

@@ -137,7 +137,7 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
             size) are used, whatever transform it carries.
         mode: ``whole`` or ``slide`` (windows of ``crop_size`` with ``stride`` at the test scale).
         aug_test: multi-scale (ratios of ``test_config.ratios``) + horizontal flip.
-        test_config: test scale and ratios (default: the test pipeline matching the model, see `Predictor`).
+        test_config: test scale and ratios (default: the model's recipe, `semask.inference.test_config_for`).
         crop_size, stride: the sliding-window mode's window and stride.
         amp_dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``) or None for fp32.
         device: where to run (default: the model's device).
@@ -156,11 +156,10 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
     if n < 1:
         raise ValueError(f"evaluate: the dataset {dataset!r} has no images")
     was_training = module.training
-    scale = tuple(test_config.scale) if test_config is not None else None
-    ratios = tuple(test_config.ratios) if (test_config is not None and aug_test) else None
-    predictor = Predictor(module, mode="msflip" if aug_test and mode == "whole" else mode, scale=scale,
-                          ratios=ratios, flip=True if aug_test else None, crop_size=crop_size, stride=stride,
-                          device=device, amp_dtype=amp_dtype)
+    predictor = Predictor(module, mode="msflip" if aug_test and mode == "whole" else mode,
+                          flip=True if aug_test else None, crop_size=crop_size, stride=stride, device=device,
+                          amp_dtype=amp_dtype, test_config=test_config,
+                          ratios=(test_config.ratios if test_config is not None else None) if aug_test else None)
     k = module.num_classes
     ignore = getattr(dataset, "ignore_index", 255)
     metric = SegmentationMetric(k, ignore, device=predictor.device)
@@ -178,7 +177,7 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
     try:
         for i in indices:
             sample = dataset.load(i) if hasattr(dataset, "load") else dataset[i]
-            pred = torch.as_tensor(predictor(sample["image"]), device=predictor.device)
+            pred = predictor.predict_labels(sample["image"])
             label = torch.as_tensor(sample["label"], device=predictor.device)
             image_metric = SegmentationMetric(k, ignore, device=predictor.device)
             image_metric.update(pred, label)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from semask.data.classes import default_palette
 from semask.data.datasets import SegmentationDataset
 from semask.data.transforms import TestPipelineConfig, TestTransform, test_preset
-from semask.inference import ImageInput, default_test_scale, load_image
+from semask.inference import ImageInput, load_image, test_config_for
 from semask.metrics import mean_iou
 from semask.semantic import SemanticAttentionMap
 from semask.utils import LRUCache
@@ -87,7 +87,7 @@ def _resolve_test_pipeline(model: nn.Module, preset: TestPreset) -> TestPipeline
     if isinstance(preset, str):
         return test_preset(preset)
     if preset is None:
-        return TestPipelineConfig(scale=default_test_scale(model))
+        return test_config_for(model)
     raise TypeError(f"test_preset must be a preset name (e.g. 'toy', 'ade20k'), a TestPipelineConfig or None, "
                     f"got {type(preset).__name__}")
 
@@ -218,7 +218,7 @@ def analyse_image(model: nn.Module, image: ImageInput, label: Optional[np.ndarra
         image: (H, W, 3) uint8 RGB, a path, PIL image or tensor (see `semask.inference.load_image`).
         label: (H, W) ground truth at the image's size (255 = ignore), or None.
         test_preset: a test-pipeline preset name (``"toy"``, ``"ade20k"``, ...) or `TestPipelineConfig`; None:
-            the released test scale for the model (`semask.inference.default_test_scale`).
+            the test pipeline of the model's recipe (`semask.inference.test_config_for`).
         attention: also keep every semantic layer's attention weights.
         device: where to run (default: the model's device); the model is moved there.
 
@@ -427,7 +427,7 @@ class Explorer:
         titles: a name per image (default: file names, or ``#i``).
         class_names, palette: K names and (K, 3) colours (default: the model's, else the dataset's).
         test_preset: test-pipeline preset or config (``"toy"`` keeps the toy set's 256-pixel images at their
-            size); None: `semask.inference.default_test_scale(model)`, the released (2048, 512) / (2048, 1024).
+            size); None: `semask.inference.test_config_for(model)`, the test pipeline of the model's recipe.
         device: where the model runs (default: its own device).
         cache_size: analysed images kept (each the model's output for one image, with every semantic layer's
             attention weights: a few MB for an ADE20K-sized image); revisiting one of them does not run the model
