@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from semask.errors import LimitError, NonFiniteError, SemaskError, UsageError
 from semask.models import (ModelConfig, build_model, check_class_metadata, model_config, released_global_stages,
                            variant_size)
-from semask.segmentor import SeMaskFPN
+from semask.segmentor import ExternalSegmentor, SeMaskFPN
 from semask.utils import atomic_path, check_device
 
 __all__ = [
@@ -455,6 +455,10 @@ def _own_format(obj: Mapping[str, Any], source: str) -> tuple[str, ModelConfig, 
     if missing:
         raise CheckpointError(f"{source}: a {FORMAT} file without {missing}; it is damaged or not from semask")
     name, raw, sd = obj["model_name"], obj["config"], obj["state_dict"]
+    if raw is None and isinstance(name, str):
+        raise CheckpointError(f"{source} holds the weights of an external network ({name!r}, trained through "
+                              "semask.segmentor.ExternalSegmentor), which semask cannot build from the file: build "
+                              "the network again and restore them with semask.checkpoint.load_training_state")
     if not isinstance(name, str) or not isinstance(raw, Mapping) or not isinstance(sd, Mapping):
         raise CheckpointError(f"{source}: model_name, config and state_dict must be a str and two dicts, got "
                               f"{type(name).__name__}, {type(raw).__name__}, {type(sd).__name__}")
@@ -550,13 +554,13 @@ def save_checkpoint(path: PathLike, model: SeMaskFPN, *, optimizer: Optional[tor
     if fmt != "pth":
         raise ValueError(f"save_checkpoint: format must be 'pth' or 'safetensors', got {format!r}")
     model = getattr(model, "module", model)
-    if getattr(model, "config", None) is None:
+    if getattr(model, "config", None) is None and not isinstance(model, ExternalSegmentor):
         raise UsageError("save_checkpoint: the model has no ModelConfig (build it with semask.create_model or "
                          "semask.models.build_model)")
     obj: dict[str, Any] = {
         "format": FORMAT,
         "model_name": model.name,
-        "config": dataclasses.asdict(model.config),
+        "config": dataclasses.asdict(model.config) if model.config is not None else None,  # None: external
         "class_names": tuple(model.class_names) if model.class_names else None,
         "palette": model.palette,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},

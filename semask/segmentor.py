@@ -20,7 +20,7 @@ from semask.swin import SeMaskSwin
 if TYPE_CHECKING:  # models.py builds SeMaskFPN, so it cannot be imported here at run time
     from semask.models import ModelConfig
 
-__all__ = ["SegmentationOutput", "SeMaskFPN", "check_input"]
+__all__ = ["SegmentationOutput", "SeMaskFPN", "ExternalSegmentor", "check_input"]
 
 
 @dataclass
@@ -125,3 +125,68 @@ class SeMaskFPN(nn.Module):
             logits = F.interpolate(decoder_logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return SegmentationOutput(logits=logits, prior_logits=prior, decoder_logits=decoder_logits,
                                   stage_priors=feats.priors, attentions=feats.attentions)
+
+
+class ExternalSegmentor(nn.Module):
+    """Any segmentation network behind semask's interface, so that `semask.train` and `semask.evaluate` can run
+    outside baselines (e.g. a `segmentation_models_pytorch` FPN) with the same recipe, data and metrics.
+
+    The network maps a normalised (B, 3, H, W) batch to (B, K, h, w) class scores. Inputs are zero-padded on the
+    right and bottom to a multiple of `size_divisor` (smp's encoders need 32) and the scores are cropped back and
+    resized to the input size. There is no semantic prior, so the loss is the decoder's cross-entropy alone.
+
+    Args:
+        net: the network.
+        num_classes: K, the classes it predicts.
+        name: shown in logs and stored in checkpoints (e.g. ``"smp_fpn_mobilenet_v2"``).
+        class_names, palette: dataset metadata, as `SeMaskFPN` carries it.
+        size_divisor: pad inputs to a multiple of this (1 = no padding).
+
+    Checkpoints of an external model hold its weights and training state but cannot rebuild the network: build it
+    again and restore them with `semask.checkpoint.load_training_state`.
+    """
+
+    config = None  # no `ModelConfig`: semask cannot build this network from a checkpoint alone
+
+    def __init__(self, net: nn.Module, num_classes: int, name: str = "external",
+                 class_names: Optional[Sequence[str]] = None, palette: Optional[Sequence[Sequence[int]]] = None,
+                 size_divisor: int = 32):
+        super().__init__()
+        if class_names is not None and len(class_names) != num_classes:
+            raise UsageError(f"ExternalSegmentor: {len(class_names)} class names for num_classes={num_classes}")
+        if size_divisor < 1:
+            raise UsageError(f"ExternalSegmentor: size_divisor must be a positive integer, got {size_divisor}")
+        self.net = net
+        self.name = name
+        self._num_classes = num_classes
+        self.size_divisor = size_divisor
+        self.class_names = tuple(class_names) if class_names else None
+        self.palette = [list(map(int, c)) for c in palette] if palette else None
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> SegmentationOutput:
+        """Args:
+            x: (B, 3, H, W) normalised images; any H and W.
+            return_attention: accepted for interface compatibility; an external network has no semantic layers.
+
+        Returns:
+            `SegmentationOutput` with `.logits` (B, K, H, W) and no priors.
+        """
+        check_input(x)
+        H, W = x.shape[-2:]
+        d = self.size_divisor
+        padded = F.pad(x, (0, -W % d, 0, -H % d))  # B, 3, ceil(H/d)*d, ceil(W/d)*d
+        scores = self.net(padded)
+        if scores.ndim != 4 or scores.shape[1] != self.num_classes:
+            raise UsageError(f"{self.name}: the network returned shape {tuple(scores.shape)}; expected (B, "
+                             f"{self.num_classes}, h, w) class scores")
+        h = round(scores.shape[-2] * H / padded.shape[-2])  # the part of the scores that covers the image
+        w = round(scores.shape[-1] * W / padded.shape[-1])
+        scores = scores[..., :h, :w].float()
+        with torch.autocast(x.device.type, enabled=False):
+            logits = scores if scores.shape[-2:] == (H, W) else F.interpolate(
+                scores, size=(H, W), mode="bilinear", align_corners=False)
+        return SegmentationOutput(logits=logits, prior_logits=None, decoder_logits=scores)

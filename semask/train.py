@@ -249,7 +249,8 @@ def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
 
 # --------------------------------------------------------------------------------------------- the loop
 def train(config: TrainConfig, work_dir: Union[str, Path], *, resume: bool = False,
-          callback: Optional[Callable[[dict[str, Any]], None]] = None, progress: bool = True) -> TrainResult:
+          callback: Optional[Callable[[dict[str, Any]], None]] = None, progress: bool = True,
+          model: Optional[nn.Module] = None) -> TrainResult:
     """Train a model with a `TrainConfig` (one process, or one of several started by torchrun).
 
     Args:
@@ -258,6 +259,9 @@ def train(config: TrainConfig, work_dir: Union[str, Path], *, resume: bool = Fal
         resume: continue from ``work_dir/latest.pth`` (model, optimizer, scaler, step, data position).
         callback: called with every log record (train and eval lines) on the first process, e.g. to plot live.
         progress: show a tqdm progress bar (first process only).
+        model: train this network instead of the one ``config.model`` names, with the same recipe, e.g. an outside
+            baseline wrapped in `semask.segmentor.ExternalSegmentor` (fresh weights; it must predict the dataset's
+            classes). ``config.model`` is then not used (``model.pretrained`` is an error).
 
     Returns:
         A `TrainResult` with the history, the best evaluation record and the trained model.
@@ -270,13 +274,13 @@ def train(config: TrainConfig, work_dir: Union[str, Path], *, resume: bool = Fal
     """
     info = distributed.setup(config.train.device)
     try:
-        return _train(config, Path(work_dir), resume, callback, progress, info)
+        return _train(config, Path(work_dir), resume, callback, progress, info, model)
     finally:
         distributed.cleanup(info)
 
 
 def _train(config: TrainConfig, work_dir: Path, resume: bool, callback: Optional[Callable[[dict[str, Any]], None]],
-           progress: bool, info: distributed.DistInfo) -> TrainResult:
+           progress: bool, info: distributed.DistInfo, given: Optional[nn.Module]) -> TrainResult:
     rt, device = config.train, info.device
     per_step = rt.batch_size * info.world_size
     if rt.global_batch % per_step:
@@ -304,7 +308,11 @@ def _train(config: TrainConfig, work_dir: Path, resume: bool, callback: Optional
     if sync_bn and device.type != "cuda" and info.distributed:
         raise ConfigError("model.sync_bn=true needs CUDA processes (SyncBatchNorm has no CPU/gloo kernel); "
                           "set model.sync_bn=false for CPU training")
-    model = model_from_config(config, train_set, sync_bn=sync_bn).to(device)
+    if given is not None and config.model.pretrained:
+        raise ConfigError("model.pretrained loads ImageNet Swin weights into the configured model; it cannot be "
+                          "used with a model passed to train(model=...): load its weights yourself")
+    model = (given if given is not None else model_from_config(config, train_set, sync_bn=sync_bn)).to(device)
+    check_classes(model, train_set)
     check_classes(model, val_set)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -244,3 +244,37 @@ def test_a_missing_dataset_shows_the_expected_layout(tmp_path) -> None:
     config = apply_overrides(get_preset("semask_tiny_ade20k"), [f"data.root={tmp_path}", "model.pretrained=none"])
     with pytest.raises(FileNotFoundError, match="ADEChallengeData2016"):
         train(config, tmp_path / "run", progress=False)
+
+
+def test_an_external_network_trains_with_the_same_recipe(tiny_toy_root, tmp_path) -> None:
+    import segmentation_models_pytorch as smp
+
+    from semask.checkpoint import load_training_state
+    from semask.data import TOY_CLASSES, TOY_PALETTE
+    from semask.segmentor import ExternalSegmentor
+
+    def build() -> ExternalSegmentor:
+        torch.manual_seed(0)
+        net = smp.FPN("mobilenet_v2", encoder_weights=None, classes=11, decoder_pyramid_channels=128,
+                      decoder_segmentation_channels=64)
+        return ExternalSegmentor(net, 11, "smp_fpn_mobilenet_v2", class_names=TOY_CLASSES, palette=TOY_PALETTE)
+
+    model = build()
+    out = model.eval()(torch.randn(2, 3, 50, 70))  # padded to 64 x 96 inside, cropped back
+    assert out.logits.shape == (2, 11, 50, 70) and out.prior_logits is None and out.stage_priors == []
+    result = train(_config(tiny_toy_root, **{"schedule.iters": 2}), tmp_path / "run", progress=False,
+                   model=model.train())
+    lines = [r for r in result.history if r["kind"] == "train"]
+    assert lines and "loss_prior" not in lines[0] and lines[0]["loss"] == lines[0]["loss_decode"]
+    assert result.last_eval is not None and result.model is model
+    with pytest.raises(CheckpointError, match="external network .*smp_fpn_mobilenet_v2.*load_training_state"):
+        semask.load_checkpoint(tmp_path / "run" / "latest.pth")
+    again = build()
+    load_training_state(tmp_path / "run" / "latest.pth", again)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(ConfigError, match="model.pretrained .* train\\(model=...\\)"):
+        train(_config(tiny_toy_root, **{"model.pretrained": tmp_path / "run" / "latest.pth"}), tmp_path / "run2",
+              progress=False, model=build())
+    wrong = ExternalSegmentor(torch.nn.Conv2d(3, 5, 1), 5, "five")
+    with pytest.raises(ValueError, match="predicts 5 classes but the dataset"):
+        train(_config(tiny_toy_root), tmp_path / "run3", progress=False, model=wrong)
