@@ -7,23 +7,35 @@ their outputs, with datasets, metrics, inference and visualisation around it.
     model = semask.create_model("semask_tiny_fpn", num_classes=150)
     model = semask.load_checkpoint("semask_tiny_fpn_ade20k.pth")
     labels = semask.predict(model, "image.jpg", mode="msflip")
+    result = semask.train(semask.config.get_preset("toy"), work_dir="runs/toy")
+    print(semask.evaluate(result.model, dataset).table())
+
+`semask.train` and `semask.evaluate` are the functions; their modules are imported as
+``from semask.train import ...`` and ``from semask.evaluate import ...``.
 """
+from semask import config
 from semask.checkpoint import load_checkpoint, load_pretrained_backbone, save_checkpoint
+from semask.evaluate import EvalResult, evaluate
 from semask.export import export_onnx
 from semask.inference import Predictor, predict
 from semask.losses import SeMaskLoss, semask_loss
 from semask.models import ModelConfig, create_model, list_models
 from semask.segmentor import SegmentationOutput, SeMaskFPN
+from semask.train import TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EvalResult",
     "ModelConfig",
     "Predictor",
     "SeMaskFPN",
     "SeMaskLoss",
     "SegmentationOutput",
+    "TrainResult",
+    "config",
     "create_model",
+    "evaluate",
     "export_onnx",
     "list_models",
     "load_checkpoint",
@@ -31,5 +43,6 @@ __all__ = [
     "predict",
     "save_checkpoint",
     "semask_loss",
+    "train",
     "__version__",
 ]
