@@ -8,7 +8,8 @@ into, and imports pyplot only when called (importing semask selects no matplotli
 - `plot_samples`: a grid of images with their label maps (dataset samples, augmented views, batches);
 - `plot_stage_priors`: the semantic prior of each backbone stage, the "semantic masks" SeMask is named after;
 - `plot_attention`: where one query token of a semantic layer attends;
-- `plot_training_log`: loss terms, learning rate and validation mIoU of one or several runs' `log.jsonl`;
+- `plot_training_log`: loss terms, learning rate and validation mIoU of one or several runs' `log.jsonl`, and
+  `LiveTrainingPlot`, a `semask.train` callback that redraws them in place in a notebook while a run goes on;
 - `plot_class_iou`: per-class IoU bars of one or several results;
 - `plot_results` (with `results_table`): several runs grouped by setting, mean and spread over seeds;
 - `plot_confusion`: a row-normalised confusion matrix;
@@ -59,6 +60,7 @@ __all__ = [
     "plot_evaluation_panel",
     "read_training_log",
     "plot_training_log",
+    "LiveTrainingPlot",
     "plot_class_iou",
     "ResultsTable",
     "results_table",
@@ -783,6 +785,61 @@ def plot_training_log(runs: Union[LogSource, Mapping[str, LogSource], Sequence[U
 
 
 # ----------------------------------------------------------------------------------------------- per-class IoU
+class LiveTrainingPlot:
+    """A `semask.train` callback that redraws `plot_training_log` in place in a notebook while a run goes on.
+
+        live = LiveTrainingPlot(every=5)
+        result = semask.train(config, work_dir, callback=live)
+
+    Args:
+        panels, smooth: as for `plot_training_log`.
+        every: redraw after every ``every``-th training line (and after every evaluation).
+        show: how to show a figure; default: IPython's ``display`` with a display id, updated in place (outside
+            IPython nothing is shown). Tests pass a function.
+
+    Attributes:
+        records: every record received so far (the run's history).
+        draws: how many times the curves were drawn.
+    """
+
+    def __init__(self, panels: Sequence[str] = ("loss", "lr", "mIoU"), every: int = 1, smooth: int = 1,
+                 show: Optional[Any] = None) -> None:
+        if every < 1:
+            raise ValueError(f"LiveTrainingPlot: every must be at least 1, got {every}")
+        self.panels, self.every, self.smooth, self.show = tuple(panels), every, smooth, show
+        self.records: list[dict[str, Any]] = []
+        self.draws = 0
+        self._handle: Any = None
+
+    def __call__(self, record: Mapping[str, Any]) -> None:
+        self.records.append(dict(record))
+        trains = sum(r["kind"] == "train" for r in self.records)
+        if record.get("kind") == "eval" or (record.get("kind") == "train" and trains % self.every == 0):
+            self.redraw()
+
+    def redraw(self) -> None:
+        """Draw the curves of the records so far (replacing the previous drawing)."""
+        import matplotlib.pyplot as plt
+
+        if not any(r.get("kind") == "train" for r in self.records):
+            return
+        fig = plot_training_log(self.records, self.panels, smooth=self.smooth)
+        self.draws += 1
+        if self.show is not None:
+            self.show(fig)
+        else:
+            try:
+                from IPython.display import display
+            except ImportError:  # not in IPython: the log file and the progress bar are the live view
+                pass
+            else:
+                if self._handle is None:
+                    self._handle = display(fig, display_id=True)
+                else:
+                    self._handle.update(fig)
+        plt.close(fig)
+
+
 def _metric_results(results: Mapping[str, Any], metric: str, who: str) -> list[tuple[Optional[str], Mapping]]:
     """(label, result) pairs: one result dict (label None) or a mapping {label: result}."""
     if not isinstance(results, Mapping) or not results:

@@ -322,3 +322,24 @@ def test_plot_training_log_reads_a_real_training_run(tiny_toy_root, tmp_path):
     assert np.allclose(_line(fig.axes[1], "run: lr").get_xdata(), [r["iter"] for r in train_lines])
     assert np.allclose(_line(fig.axes[2], "run: mIoU").get_ydata(), [100 * r["mIoU"] for r in evals])
     assert len(fig.axes[3].lines) == 1
+
+
+def test_live_training_plot_redraws_as_records_arrive() -> None:
+    import matplotlib.pyplot as plt
+
+    from semask.visualize import LiveTrainingPlot
+
+    shown = []
+    live = LiveTrainingPlot(every=2, show=lambda fig: shown.append([ax.get_ylabel() for ax in fig.axes]))
+    live({"kind": "pretrained", "iter": 0})
+    assert live.draws == 0  # nothing to draw before the first training line
+    for i in (1, 2, 3, 4):
+        live({"kind": "train", "iter": i, "loss": 2.0 / i, "loss_decode": 1.5 / i, "loss_prior": 0.5 / i,
+              "lr": 1e-3})
+    assert live.draws == 2  # after the 2nd and 4th training line
+    live({"kind": "eval", "iter": 4, "mIoU": 0.5, "mAcc": 0.6, "aAcc": 0.9})
+    assert live.draws == 3 and len(live.records) == 6
+    assert shown[-1] == ["training loss", "learning rate", "validation mIoU (%)"]
+    assert not plt.get_fignums()  # every drawn figure was closed
+    with pytest.raises(ValueError, match="every must be at least 1"):
+        LiveTrainingPlot(every=0)
