@@ -213,9 +213,13 @@ def _read_log(path: Path, upto: int) -> list[dict[str, Any]]:
     return [r for r in records if r.get("iter", 0) <= upto]
 
 
-def _check_work_dir(work_dir: Path, resume: bool) -> Optional[Path]:
+def _check_work_dir(work_dir: Path, resume: Union[bool, str]) -> Optional[Path]:
     """The checkpoint to resume from, or None; refuses to write over an existing run."""
     latest = work_dir / LATEST
+    if resume not in (True, False, "auto"):
+        raise ConfigError(f"resume must be True, False or 'auto', got {resume!r}")
+    if resume == "auto":
+        resume = latest.is_file()
     if resume:
         if not latest.is_file():
             raise TrainingError(f"--resume: {latest} does not exist; nothing to resume in {work_dir} "
@@ -248,7 +252,7 @@ def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- the loop
-def train(config: TrainConfig, work_dir: Union[str, Path], *, resume: bool = False,
+def train(config: TrainConfig, work_dir: Union[str, Path], *, resume: Union[bool, str] = False,
           callback: Optional[Callable[[dict[str, Any]], None]] = None, progress: bool = True,
           model: Optional[nn.Module] = None) -> TrainResult:
     """Train a model with a `TrainConfig` (one process, or one of several started by torchrun).
@@ -256,7 +260,9 @@ def train(config: TrainConfig, work_dir: Union[str, Path], *, resume: bool = Fal
     Args:
         config: the resolved config (e.g. ``semask.config.get_preset("toy")`` with overrides applied).
         work_dir: run directory (created; an existing run in it is an error unless ``resume``).
-        resume: continue from ``work_dir/latest.pth`` (model, optimizer, scaler, step, data position).
+        resume: continue from ``work_dir/latest.pth`` (model, optimizer, scaler, step, data position);
+            ``"auto"``: continue when there is one, else start (a finished run then just loads: notebooks use this
+            to train once and reuse the run afterwards).
         callback: called with every log record (train and eval lines) on the first process, e.g. to plot live.
         progress: show a tqdm progress bar (first process only).
         model: train this network instead of the one ``config.model`` names, with the same recipe, e.g. an outside
@@ -279,7 +285,7 @@ def train(config: TrainConfig, work_dir: Union[str, Path], *, resume: bool = Fal
         distributed.cleanup(info)
 
 
-def _train(config: TrainConfig, work_dir: Path, resume: bool, callback: Optional[Callable[[dict[str, Any]], None]],
+def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str], callback: Optional[Callable[[dict[str, Any]], None]],
            progress: bool, info: distributed.DistInfo, given: Optional[nn.Module]) -> TrainResult:
     rt, device = config.train, info.device
     per_step = rt.batch_size * info.world_size

@@ -278,3 +278,14 @@ def test_an_external_network_trains_with_the_same_recipe(tiny_toy_root, tmp_path
     wrong = ExternalSegmentor(torch.nn.Conv2d(3, 5, 1), 5, "five")
     with pytest.raises(ValueError, match="predicts 5 classes but the dataset"):
         train(_config(tiny_toy_root), tmp_path / "run3", progress=False, model=wrong)
+
+
+def test_resume_auto_starts_or_continues(tiny_toy_root, tmp_path) -> None:
+    config = _config(tiny_toy_root, **{"schedule.iters": 2, "train.eval_interval": 0})
+    first = train(config, tmp_path / "run", resume="auto", progress=False)
+    again = train(config, tmp_path / "run", resume="auto", progress=False)  # finished: loads, trains nothing
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
+    assert [r["iter"] for r in again.history] == [r["iter"] for r in first.history]
+    assert "resuming" in (tmp_path / "run" / "train.log").read_text()
+    with pytest.raises(ConfigError, match="resume must be True, False or 'auto'"):
+        train(config, tmp_path / "run", resume="yes", progress=False)
