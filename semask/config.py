@@ -97,6 +97,7 @@ class LossSection:
 
     prior_weight: float = 0.4  # weight of the semantic-prior loss (0.4 in every recipe)
     ohem_min_kept: Optional[int] = None  # OHEM: hardest pixels kept per image (100000 where the release uses it)
+    class_weight: Optional[tuple[float, ...]] = None  # per-class loss weights (none in the released recipes)
 
 
 @dataclass
@@ -211,6 +212,9 @@ def validate(config: TrainConfig) -> None:
         _fail("optim.clip_grad_norm", "a positive norm or none", config.optim.clip_grad_norm)
     if config.loss.ohem_min_kept is not None and config.loss.ohem_min_kept < 1:
         _fail("loss.ohem_min_kept", "a positive pixel count or none", config.loss.ohem_min_kept)
+    if config.loss.class_weight is not None and (not config.loss.class_weight
+                                                 or min(config.loss.class_weight) < 0):
+        _fail("loss.class_weight", "non-negative weights, one per class, or none", config.loss.class_weight)
     if config.model.drop_path_rate is not None and not 0 <= config.model.drop_path_rate < 1:
         _fail("model.drop_path_rate", "a probability in [0, 1)", config.model.drop_path_rate)
     if config.eval.max_images is not None and config.eval.max_images < 1:

@@ -12,7 +12,7 @@ recipes (not by ADE20K tiny, small or base, nor by Cityscapes).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -128,7 +128,8 @@ def ohem_weights(pixel_loss: torch.Tensor, labels: torch.Tensor, min_kept: int, 
 
 
 def semask_loss(output: SegmentationOutput, labels: torch.Tensor, prior_weight: float = 0.4,
-                ignore_index: int = 255, ohem_min_kept: Optional[int] = None) -> LossOutput:
+                ignore_index: int = 255, ohem_min_kept: Optional[int] = None,
+                class_weight: Optional[Sequence[float]] = None) -> LossOutput:
     """The SeMask FPN training loss.
 
     Args:
@@ -138,6 +139,8 @@ def semask_loss(output: SegmentationOutput, labels: torch.Tensor, prior_weight: 
         prior_weight: weight of the semantic-prior loss (0.4 in every recipe).
         ignore_index: ignored label.
         ohem_min_kept: enable OHEM on the decoder loss with this many pixels per image (100000 in the recipes).
+        class_weight: K per-class weights of both cross-entropies (mmseg's `class_weight`): a pixel of class k
+            counts `class_weight[k]` times; OHEM then ranks the weighted losses. None: all 1 (every released recipe).
 
     Returns:
         `LossOutput` with `total = decode + prior`.
@@ -148,12 +151,22 @@ def semask_loss(output: SegmentationOutput, labels: torch.Tensor, prior_weight: 
     # the model's logits are already the decoder logits resized to the input size: reuse them when it matches
     logits = output.logits if output.logits.shape[-2:] == size else _resize(output.decoder_logits, size)
     decode = pixel_cross_entropy(logits, labels, ignore_index)
+    weight = None
+    if class_weight is not None:
+        num_classes = output.decoder_logits.shape[1]
+        if len(class_weight) != num_classes:
+            raise ValueError(f"class_weight has {len(class_weight)} values for {num_classes} classes")
+        table = torch.ones(256 if ignore_index < 256 else ignore_index + 1, device=labels.device)
+        table[:num_classes] = torch.as_tensor(class_weight, dtype=torch.float32, device=labels.device)
+        weight = table[labels.clamp(0, table.numel() - 1)]  # B, H, W (ignored pixels have loss 0 anyway)
+        decode = decode * weight
     if ohem_min_kept is not None:
         decode = decode * ohem_weights(decode.detach(), labels, ohem_min_kept, ignore_index)
     decode = decode.mean()
     prior = None
     if output.prior_logits is not None and prior_weight > 0:
-        prior = pixel_cross_entropy(_resize(output.prior_logits, size), labels, ignore_index).mean() * prior_weight
+        prior = pixel_cross_entropy(_resize(output.prior_logits, size), labels, ignore_index)
+        prior = (prior * weight if weight is not None else prior).mean() * prior_weight
     total = decode + prior if prior is not None else decode
     return LossOutput(total=total, decode=decode, prior=prior)
 
@@ -161,9 +174,12 @@ def semask_loss(output: SegmentationOutput, labels: torch.Tensor, prior_weight: 
 class SeMaskLoss(nn.Module):
     """`semask_loss` as a module with its settings fixed (see there for the arguments)."""
 
-    def __init__(self, prior_weight: float = 0.4, ignore_index: int = 255, ohem_min_kept: Optional[int] = None):
+    def __init__(self, prior_weight: float = 0.4, ignore_index: int = 255, ohem_min_kept: Optional[int] = None,
+                 class_weight: Optional[Sequence[float]] = None):
         super().__init__()
         self.prior_weight, self.ignore_index, self.ohem_min_kept = prior_weight, ignore_index, ohem_min_kept
+        self.class_weight = tuple(class_weight) if class_weight is not None else None
 
     def forward(self, output: SegmentationOutput, labels: torch.Tensor) -> LossOutput:
-        return semask_loss(output, labels, self.prior_weight, self.ignore_index, self.ohem_min_kept)
+        return semask_loss(output, labels, self.prior_weight, self.ignore_index, self.ohem_min_kept,
+                           self.class_weight)

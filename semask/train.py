@@ -326,7 +326,11 @@ def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str], callba
     optimizer = torch.optim.AdamW(param_groups(model, config.optim.weight_decay), lr=config.optim.lr,
                                   betas=config.optim.betas, eps=config.optim.eps, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loss_fn = SeMaskLoss(config.loss.prior_weight, ohem_min_kept=config.loss.ohem_min_kept)
+    if config.loss.class_weight is not None and len(config.loss.class_weight) != model.num_classes:
+        raise ConfigError(f"loss.class_weight has {len(config.loss.class_weight)} values but the model predicts "
+                          f"{model.num_classes} classes ({', '.join(train_set.class_names[:12])} ...)")
+    loss_fn = SeMaskLoss(config.loss.prior_weight, ohem_min_kept=config.loss.ohem_min_kept,
+                         class_weight=config.loss.class_weight)
 
     start_step, best, history = 0, None, []
     evaluation: Optional[EvalResult] = None

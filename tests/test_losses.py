@@ -112,3 +112,24 @@ def test_bad_labels_are_explained() -> None:
         semask_loss(out, y[0])
     with pytest.raises(ValueError, match="integer"):
         semask_loss(out, y.float())
+
+
+def test_class_weights_scale_each_pixel_loss() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8)
+    out = SegmentationOutput(logits=logits, prior_logits=torch.randn(2, 3, 2, 2), decoder_logits=logits)
+    labels = torch.randint(0, 3, (2, 8, 8))
+    labels[0, 0, :4] = 255
+    weights = (1.0, 3.0, 0.5)
+    got = semask_loss(out, labels, class_weight=weights)
+    table = torch.tensor(weights)
+    w = torch.where(labels == 255, torch.zeros(()), table[labels.clamp(max=2)])
+    ce = F.cross_entropy(logits, labels, ignore_index=255, reduction="none")
+    assert torch.allclose(got.decode, (ce * w).mean())  # mmseg: weighted, averaged over all label pixels
+    prior = F.interpolate(out.prior_logits, size=(8, 8), mode="bilinear", align_corners=False)
+    prior_ce = F.cross_entropy(prior, labels, ignore_index=255, reduction="none")
+    assert torch.allclose(got.prior, 0.4 * (prior_ce * w).mean())
+    same = semask_loss(out, labels, class_weight=(1.0, 1.0, 1.0))
+    assert torch.allclose(same.total, semask_loss(out, labels).total)
+    with pytest.raises(ValueError, match="class_weight has 2 values for 3 classes"):
+        semask_loss(out, labels, class_weight=(1.0, 2.0))
