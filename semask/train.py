@@ -90,6 +90,21 @@ class TrainResult:
         """The final evaluation record (None when no evaluation ran)."""
         return next((r for r in reversed(self.history) if r.get("kind") == "eval"), None)
 
+    def summary(self) -> dict[str, Any]:
+        """One flat record of the run for tables (`semask.visualize.results_table`): the final and best validation
+        mIoU, the final per-class IoU (``IoU/<class>``), the parameter count, the steps and the training time in
+        seconds (evaluations included)."""
+        last = self.last_eval or {}
+        trains = [r for r in self.history if r.get("kind") == "train"]
+        out: dict[str, Any] = {
+            "mIoU": last.get("mIoU"), "best_mIoU": self.best["mIoU"] if self.best else None,
+            "params": sum(p.numel() for p in self.model.parameters()) if self.model is not None else None,
+            "steps": trains[-1]["iter"] if trains else 0,
+            "train_sec": max((r.get("time", 0.0) for r in self.history), default=0.0),
+        }
+        out.update({f"IoU/{name}": value for name, value in (last.get("IoU") or {}).items()})
+        return out
+
 
 # --------------------------------------------------------------------------------------------- building blocks
 def build_datasets(config: TrainConfig) -> tuple[SegmentationDataset, SegmentationDataset]:
@@ -378,7 +393,8 @@ def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str], callba
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.schedule.iters, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-    run_start = time.perf_counter()
+    # a resumed run's clock continues from its last record, so that "time" is the run's total
+    run_start = time.perf_counter() - max((r.get("time", 0.0) for r in history), default=0.0)
     sums: dict[str, float] = {}
     window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
     grad_norm: Optional[float] = None
@@ -478,7 +494,7 @@ def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str], callba
         log.close()
     distributed.barrier(info)
     module.eval()
-    log.print(f"done: {config.schedule.iters} steps in {time.perf_counter() - run_start:.0f} s"
+    log.print(f"done: {config.schedule.iters} steps, {time.perf_counter() - run_start:.0f} s in all"
               + (f"; best mIoU {100 * best['mIoU']:.2f} at step {best['iter']}" if best else ""))
     return TrainResult(work_dir=work_dir, history=history, best=best, model=module, config=config,
                        evaluation=evaluation)

@@ -289,3 +289,11 @@ def test_resume_auto_starts_or_continues(tiny_toy_root, tmp_path) -> None:
     assert "resuming" in (tmp_path / "run" / "train.log").read_text()
     with pytest.raises(ConfigError, match="resume must be True, False or 'auto'"):
         train(config, tmp_path / "run", resume="yes", progress=False)
+
+
+def test_train_result_summary(tiny_toy_root, tmp_path) -> None:
+    result = train(_config(tiny_toy_root, **{"schedule.iters": 2}), tmp_path / "run", progress=False)
+    s = result.summary()
+    assert s["mIoU"] == result.last_eval["mIoU"] and s["best_mIoU"] == result.best["mIoU"] and s["steps"] == 2
+    assert s["params"] == sum(p.numel() for p in result.model.parameters()) and s["train_sec"] > 0
+    assert s["IoU/sky"] == result.last_eval["IoU"]["sky"]
