@@ -73,6 +73,8 @@ class BenchmarkConfig:
     data_images: int = 64  # JPEGs through the training pipeline
     eval_images: tuple[int, ...] = (4, 32)  # image counts for the evaluation-memory check
     agreement_images: int = 4  # toy scenes on which bf16/fp16 predictions are compared with fp32
+    agreement_root: Optional[str] = None  # compare on this dataset's validation images instead (ADE20K layout)
+    preset: Optional[str] = None  # a training preset: its model, classes, crop (size) and images per GPU (train)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -202,6 +204,23 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+DATASET_CLASSES = {"ade20k": 150, "cityscapes": 19, "coco_stuff10k": 171, "toy": 11}
+
+
+def preset_config(cfg: BenchmarkConfig) -> BenchmarkConfig:
+    """`cfg` with the model, class count, input size (the crop) and training batch (images per GPU) of the
+    training preset `cfg.preset` (`semask configs` lists them)."""
+    from semask.config import get_preset
+
+    recipe = get_preset(cfg.preset)
+    if recipe.data.dataset not in DATASET_CLASSES:
+        raise UsageError(f"--preset {cfg.preset}: a {recipe.data.dataset} dataset has no fixed class count; give "
+                         "--model and --num-classes instead")
+    return dataclasses.replace(cfg, model=recipe.model.name, num_classes=DATASET_CLASSES[recipe.data.dataset],
+                               size=tuple(recipe.data.train_pipeline.crop_size),
+                               train_batch_size=recipe.train.batch_size)
+
+
 # ----------------------------------------------------------------------------------------------- tasks
 def _build(cfg: BenchmarkConfig, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
@@ -241,7 +260,8 @@ def bench_inference(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.
     if cfg.precision != "fp32":
         out["speedup_vs_fp32"] = interleaved_speedup(forward, x, device, cfg.precision, cfg.warmup, cfg.repeats)
         out["agreement_with_fp32"] = prediction_agreement(model, device, cfg.precision, cfg.size,
-                                                          cfg.agreement_images)
+                                                          cfg.agreement_images, cfg.agreement_root)
+        out["agreement_with_fp32"]["images"] = cfg.agreement_root or "toy scenes (render_scene)"
     return out
 
 
@@ -272,8 +292,10 @@ def interleaved_speedup(forward: Callable, x: torch.Tensor, device: torch.device
 
 
 def prediction_agreement(model: torch.nn.Module, device: torch.device, precision: str, size: tuple[int, int],
-                         images: int) -> dict[str, float]:
-    """How far `precision` autocast changes the predictions of `model`, on built-in toy scenes at `size`.
+                         images: int, root: Optional[str] = None) -> dict[str, float]:
+    """How far `precision` autocast changes the predictions of `model`, on built-in toy scenes at `size`, or on the
+    first `images` validation images of the dataset at `root` (``images/validation/*.jpg``, e.g. the toy set that
+    a trained toy model saw; each at its own size).
 
     Returns:
         `pixel_agreement`: fraction of pixels with the same predicted class as in fp32;
@@ -288,8 +310,19 @@ def prediction_agreement(model: torch.nn.Module, device: torch.device, precision
     rng = np.random.default_rng(0)
     same = total = near = disagree = disagree_near = 0
     err_sum = 0.0
-    for _ in range(images):
-        scene = render_scene(rng, size=max(size))[0][: size[0], : size[1]]
+    files = []
+    if root is not None:
+        from semask.images import read_rgb
+
+        files = sorted((Path(root) / "images" / "validation").glob("*.jpg"))[:images]
+        if not files:
+            raise UsageError(f"--agreement-root {root}: no images/validation/*.jpg there (ADE20K or toy layout)")
+        images = len(files)
+    for i in range(images):
+        if files:
+            scene = read_rgb(files[i])  # the validation image at its own size (the toy set's test scale)
+        else:
+            scene = render_scene(rng, size=max(size))[0][: size[0], : size[1]]
         x = normalize(torch.from_numpy(scene).permute(2, 0, 1)[None].float().to(device))
         with torch.inference_mode():
             ref = model(x).logits.float()
@@ -347,15 +380,36 @@ def bench_train(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.devi
 def bench_protocols(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
     from semask.inference import Predictor
 
+    from semask.inference import normalize
+    from semask.data.transforms import rescale_size, resize_image
+
     model.eval()
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(*cfg.protocol_size, 3), dtype=np.uint8)
     amp = DTYPES[cfg.precision] if cfg.precision != "fp32" else None
-    out = {"image_size": list(cfg.protocol_size)}
+    out: dict[str, Any] = {"image_size": list(cfg.protocol_size)}
+    # the model's forward pass alone on the image as the single-scale protocol rescales it: the protocol's cost
+    # beyond it (resizing, normalising, argmax back at the original size) is what `semask test` adds
+    whole = Predictor(model, mode="whole", device=device, amp_dtype=amp)
+    size = rescale_size(*cfg.protocol_size, whole.scale)
+    img = torch.from_numpy(image).permute(2, 0, 1)[None].to(device)  # 1, 3, H, W uint8
+    x = normalize(resize_image(img, size).float() if size != tuple(cfg.protocol_size) else img.float())
+    x = x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+
+    def forward() -> None:
+        with torch.inference_mode(), _autocast(device, cfg.precision):
+            model(x)
+
+    forward_stats = time_it(forward, warmup=1, repeats=cfg.protocol_repeats, device=device)
+    out["forward"] = {"latency": forward_stats, "input_size": list(size)}
     for mode in ("whole", "msflip"):
-        predictor = Predictor(model, mode=mode, device=device, amp_dtype=amp)
-        stats = time_it(lambda: predictor(image), warmup=1, repeats=cfg.protocol_repeats, device=device)
-        out[mode] = {"latency": stats, "images_per_s": 1.0 / stats["median_s"]}
+        predictor = whole if mode == "whole" else Predictor(model, mode=mode, device=device, amp_dtype=amp)
+        with PeakMemory(device) as mem:
+            stats = time_it(lambda: predictor.predict_labels(image), warmup=1, repeats=cfg.protocol_repeats,
+                            device=device)
+        out[mode] = {"latency": stats, "images_per_s": 1.0 / stats["median_s"], "peak_memory_bytes": mem.peak_bytes,
+                     "baseline_memory_bytes": mem.baseline_bytes,
+                     "relative_to_forward": stats["median_s"] / forward_stats["median_s"]}
     return out
 
 
@@ -469,6 +523,8 @@ def run_benchmark(cfg: BenchmarkConfig, progress: bool = True) -> dict[str, Any]
              if v < 1]
     if small:
         raise UsageError(f"these must be at least 1: {', '.join(small)}")
+    if cfg.preset:  # the recipe decides the model, its classes, the crop and the per-GPU batch
+        cfg = preset_config(cfg)
     if cfg.checkpoint:  # the file decides the architecture and the class count
         loaded = semask.load_checkpoint(cfg.checkpoint)
         cfg = dataclasses.replace(cfg, model=loaded.name, num_classes=loaded.num_classes)
@@ -564,7 +620,8 @@ def summary(result: dict[str, Any]) -> str:
     if "protocols" in result:
         p = result["protocols"]
         lines.append(f"  protocols on {p['image_size'][0]}x{p['image_size'][1]}: whole {p['whole']['images_per_s']:.2f} "
-                     f"img/s, msflip {p['msflip']['images_per_s']:.3f} img/s")
+                     f"img/s ({p['whole']['relative_to_forward']:.2f}x the forward pass), msflip "
+                     f"{p['msflip']['images_per_s']:.3f} img/s (peak mem {mib(p['msflip']['peak_memory_bytes'])})")
     if "eval_memory" in result:
         lines.append("  eval peak memory by images: " + ", ".join(
             f"{k}: {mib(v)}" for k, v in result["eval_memory"]["peak_memory_bytes_by_images"].items()))
@@ -602,6 +659,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image counts for the evaluation-memory task (default 4 32)")
     p.add_argument("--agreement-images", type=int, default=d.agreement_images,
                    help="toy scenes for the bf16/fp16-vs-fp32 prediction agreement")
+    p.add_argument("--agreement-root", default=None,
+                   help="compare bf16/fp16 with fp32 on this dataset's validation images (images/validation/*.jpg)")
+    p.add_argument("--preset", default=None,
+                   help="take the model, classes, crop (--size) and images per GPU (--train-batch-size) from a "
+                        "training preset, e.g. toy or semask_tiny_ade20k")
     p.add_argument("--json", default=None, help="also write the full result to this file")
     return p
 
@@ -619,7 +681,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         channels_last=not args.no_channels_last, threads=args.threads,
         keep_freed_memory=not args.default_allocator, matmul_size=args.matmul_size,
         protocol_repeats=args.protocol_repeats, data_images=args.data_images,
-        agreement_images=args.agreement_images, eval_images=tuple(args.eval_images))
+        agreement_images=args.agreement_images, eval_images=tuple(args.eval_images),
+        agreement_root=args.agreement_root, preset=args.preset)
     result = run_benchmark(cfg)
     print(summary(result), file=sys.stderr)
     text = json.dumps(result, indent=2)

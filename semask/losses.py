@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from semask.segmentor import SegmentationOutput
 
-__all__ = ["LossOutput", "SeMaskLoss", "semask_loss", "ohem_weights", "pixel_cross_entropy"]
+__all__ = ["LossOutput", "SeMaskLoss", "semask_loss", "ohem_weights", "pixel_cross_entropy", "balanced_class_weights"]
 
 
 @dataclass
@@ -125,6 +125,31 @@ def ohem_weights(pixel_loss: torch.Tensor, labels: torch.Tensor, min_kept: int, 
     valid_weights[torch.topk(valid_loss, keep, sorted=False).indices] = 1.0
     weights[valid] = valid_weights
     return weights.view_as(pixel_loss)
+
+
+def balanced_class_weights(pixel_counts: Sequence[int], power: float = 0.5) -> tuple[float, ...]:
+    """Per-class loss weights that lift rare classes: ``w_k ~ frequency_k ** -power``.
+
+    The weights are scaled so that their mean over the labelled pixels is 1 (``sum_k f_k w_k = 1``), which keeps the
+    loss on its usual scale; ``power=0.5`` (inverse square root of the frequency) is the common compromise between
+    no weighting (0) and full inverse frequency (1). Classes without pixels get weight 1.
+
+    Args:
+        pixel_counts: (K,) labelled pixels per class, e.g. `SegmentationDataset.pixel_counts()`.
+        power: how strongly to weight by rarity.
+
+    Returns:
+        K weights, for `semask_loss(class_weight=...)` / the config's ``loss.class_weight``.
+    """
+    counts = torch.as_tensor(pixel_counts, dtype=torch.float64)
+    if counts.ndim != 1 or counts.numel() == 0 or bool((counts < 0).any()) or counts.sum() <= 0:
+        raise ValueError(f"pixel_counts must be K non-negative counts with a positive sum, got {list(pixel_counts)}")
+    freq = counts / counts.sum()
+    present = freq > 0
+    weights = torch.ones_like(freq)
+    weights[present] = freq[present] ** -power
+    weights[present] /= (freq[present] * weights[present]).sum()
+    return tuple(float(w) for w in weights)
 
 
 def semask_loss(output: SegmentationOutput, labels: torch.Tensor, prior_weight: float = 0.4,

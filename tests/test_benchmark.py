@@ -47,7 +47,12 @@ def test_every_task_on_the_toy_model(tmp_path: Path) -> None:
         assert r["best_fraction_of_matmul_peak"] >= r["fraction_of_matmul_peak"]
     assert result["train"]["flops_per_image"] > 2 * result["inference"]["flops_per_image"]  # backward ~ 2x forward
     assert 0.0 <= result["inference"]["agreement_with_fp32"]["pixel_agreement"] <= 1.0
-    assert set(result["protocols"]) == {"image_size", "whole", "msflip"}
+    assert set(result["protocols"]) == {"image_size", "forward", "whole", "msflip"}
+    for mode in ("whole", "msflip"):
+        p = result["protocols"][mode]
+        assert p["relative_to_forward"] == pytest.approx(p["latency"]["median_s"]
+                                                         / result["protocols"]["forward"]["latency"]["median_s"])
+        assert p["peak_memory_bytes"] > 0
     assert set(result["eval_memory"]["peak_memory_bytes_by_images"]) == {"1", "3"}
     assert result["data"]["images_per_s_per_core"] > 0
     assert "semask_toy_fpn 64x64 bf16" in summary(result)
@@ -76,3 +81,18 @@ def test_bad_options() -> None:
 def test_cuda_requested_without_cuda() -> None:
     with pytest.raises(ValueError, match="CUDA is not available"):
         run_benchmark(BenchmarkConfig(device="cuda"), progress=False)
+
+
+def test_a_training_preset_sets_model_classes_crop_and_batch(tiny_toy_root) -> None:
+    from semask.benchmark import preset_config
+
+    cfg = preset_config(BenchmarkConfig(preset="toy"))
+    assert (cfg.model, cfg.num_classes, cfg.size, cfg.train_batch_size) == ("semask_toy_fpn", 11, (256, 256), 8)
+    cfg = preset_config(BenchmarkConfig(preset="semask_large_coco_stuff10k"))
+    assert (cfg.model, cfg.num_classes, cfg.size, cfg.train_batch_size) == ("semask_large_fpn", 171, (640, 640), 2)
+    result = run_benchmark(BenchmarkConfig(preset="swin_toy", tasks=("inference",), precision="bf16", warmup=1,
+                                           repeats=1, matmul_size=128, agreement_images=2,
+                                           agreement_root=str(tiny_toy_root)), progress=False)
+    assert result["config"]["model"] == "swin_toy_fpn" and tuple(result["config"]["size"]) == (256, 256)
+    agreement = result["inference"]["agreement_with_fp32"]
+    assert agreement["images"] == str(tiny_toy_root) and 0 <= agreement["pixel_agreement"] <= 1

@@ -108,7 +108,8 @@ def jupyter_lab(workdir: Path, home: Path, log_path: Path) -> Iterator[str]:
                JUPYTER_DATA_DIR=str(home / "data"), IPYTHONDIR=str(home / "ipython"),
                MPLCONFIGDIR=str(home / "matplotlib"), JUPYTER_PLATFORM_DIRS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
-               OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+               OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
+               SEMASK_NOTEBOOKS="ci")  # the notebook's small CI setting (see notebooks/conftest.py)
     env.pop("MPLBACKEND", None)  # the kernel's default (inline) backend, as for a user
     command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
                f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",

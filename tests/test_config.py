@@ -172,3 +172,15 @@ def test_cli_configs_errors_in_a_subprocess() -> None:
                          capture_output=True, text=True)
     assert run.returncode == 2
     assert "'optim.lr': expected a number, got 'fast'" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.slow
+def test_the_toy_class_weights_come_from_the_toy_data(tmp_path) -> None:
+    from semask.config import TOY_CLASS_WEIGHTS
+    from semask.data import ToyDataset, make_toy_dataset
+    from semask.losses import balanced_class_weights
+
+    root = make_toy_dataset(tmp_path / "toy", seed=0)  # the set `semask demo` trains on
+    weights = balanced_class_weights(ToyDataset(root, "train").pixel_counts())
+    assert TOY_CLASS_WEIGHTS == pytest.approx(weights, abs=0.005)
+    assert get_preset("toy").loss.class_weight == TOY_CLASS_WEIGHTS

@@ -213,3 +213,20 @@ def test_folder_dataset_recursive_suffixes_and_default_palette(tmp_path):
         FolderDataset(tmp_path / "img", tmp_path / "ann", ["bg"])
     with pytest.raises(FileNotFoundError, match="label folder .*missing does not exist"):
         FolderDataset(tmp_path / "img", tmp_path / "missing", ["bg"])
+
+
+def test_pixel_counts_follow_the_label_rule(tmp_path) -> None:
+    from semask.data import ToyDataset, make_toy_dataset
+
+    root = make_toy_dataset(tmp_path / "toy", num_train=3, num_val=1, size=64)
+    ds = ToyDataset(root, "train")
+    expected = np.zeros(11, dtype=np.int64)
+    for i in range(len(ds)):
+        label = ds.load(i)["label"]
+        expected += np.bincount(label[label != 255], minlength=11)
+    counts = ds.pixel_counts()
+    assert counts.dtype == np.int64 and counts.tolist() == expected.tolist()
+    from semask.data import read_label
+
+    unlabelled = sum(int((read_label(lab) == 0).sum()) for _, lab in ds.pairs)  # stored 0 -> ignore
+    assert counts.sum() == 3 * 64 * 64 - unlabelled

@@ -133,3 +133,16 @@ def test_class_weights_scale_each_pixel_loss() -> None:
     assert torch.allclose(same.total, semask_loss(out, labels).total)
     with pytest.raises(ValueError, match="class_weight has 2 values for 3 classes"):
         semask_loss(out, labels, class_weight=(1.0, 2.0))
+
+
+def test_balanced_class_weights() -> None:
+    from semask.losses import balanced_class_weights
+
+    counts = [900, 90, 9, 0]
+    w = balanced_class_weights(counts)
+    freq = torch.tensor(counts[:3], dtype=torch.float64) / 999
+    assert sum(f * x for f, x in zip(freq.tolist(), w)) == pytest.approx(1.0)  # mean weight over pixels is 1
+    assert w[0] < w[1] < w[2] and w[1] / w[0] == pytest.approx(10 ** 0.5) and w[3] == 1.0
+    assert balanced_class_weights(counts, power=0) == pytest.approx((1.0, 1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="non-negative counts"):
+        balanced_class_weights([0, 0])

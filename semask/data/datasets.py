@@ -281,6 +281,19 @@ class SegmentationDataset(torch.utils.data.Dataset):
         label[(raw == 0) | (raw == self.ignore_index)] = self.ignore_index
         return label
 
+    def pixel_counts(self) -> np.ndarray:
+        """How many labelled pixels each class has over the whole split (label files only, after the label rule).
+
+        Returns:
+            ``(num_classes,)`` int64 counts (ignored pixels not counted); e.g. for
+            `semask.losses.balanced_class_weights`.
+        """
+        counts = np.zeros(self.num_classes, dtype=np.int64)
+        for _, label_path in self.pairs:
+            label = self.map_label(read_label(label_path), label_path)
+            counts += np.bincount(label[label != self.ignore_index].ravel(), minlength=self.num_classes)
+        return counts
+
     def load(self, index: int) -> dict[str, Any]:
         """The checked sample ``index`` without the transform."""
         image_path, label_path = self.pairs[index]
