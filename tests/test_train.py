@@ -297,3 +297,19 @@ def test_train_result_summary(tiny_toy_root, tmp_path) -> None:
     assert s["mIoU"] == result.last_eval["mIoU"] and s["best_mIoU"] == result.best["mIoU"] and s["steps"] == 2
     assert s["params"] == sum(p.numel() for p in result.model.parameters()) and s["train_sec"] > 0
     assert s["IoU/sky"] == result.last_eval["IoU"]["sky"]
+
+
+def test_out_of_memory_says_what_to_change(tiny_toy_root, tmp_path) -> None:
+    from semask.segmentor import ExternalSegmentor
+
+    class Exhausted(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model = ExternalSegmentor(Exhausted(), 11, "exhausted", class_names=semask.data.TOY_CLASSES)
+    with pytest.raises(TrainingError) as info:
+        train(_config(tiny_toy_root), tmp_path / "run", progress=False, model=model)
+    message = str(info.value)
+    assert "ran out of memory with train.batch_size=2" in message
+    assert "model.grad_checkpointing=true" in message and "train.precision=bf16" in message
+    assert "accumulation" in message
