@@ -313,3 +313,18 @@ def test_out_of_memory_says_what_to_change(tiny_toy_root, tmp_path) -> None:
     assert "ran out of memory with train.batch_size=2" in message
     assert "model.grad_checkpointing=true" in message and "train.precision=bf16" in message
     assert "accumulation" in message
+
+
+def test_tensorboard_gets_the_logged_scalars(tiny_toy_root, tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(_config(tiny_toy_root, **{"train.tensorboard": "true", "schedule.iters": 2}), tmp_path / "run",
+          progress=False)
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss_decode", "train/loss_prior", "train/lr", "eval/mIoU"} <= tags
+    records = _records(tmp_path / "run")
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(
+        [r["loss"] for r in records if r["kind"] == "train"])
+    assert [e.step for e in events.Scalars("eval/mIoU")] == [r["iter"] for r in records if r["kind"] == "eval"]
