@@ -68,7 +68,7 @@ class ModelSection:
     name: str = "semask_tiny_fpn"  # registry name; swin_*_fpn are the plain-Swin FPN baselines
     pretrained: Optional[str] = None  # ImageNet Swin weights (Microsoft's or timm's layout); None = from scratch
     backbone_classes: Optional[int] = None  # classes of the semantic layers; None = the dataset's
-    semantic_global_stages: Optional[tuple[int, ...]] = None  # stages with global semantic attention; None = released rule
+    semantic_global_stages: Optional[tuple[int, ...]] = None  # global semantic attention; None = released rule
     drop_path_rate: Optional[float] = None  # stochastic depth; None = the registry's (0.3 for the published sizes)
     grad_checkpointing: bool = False  # recompute backbone stages in backward (saves memory, costs ~30% time)
     sync_bn: Optional[bool] = None  # SyncBatchNorm in the decoder; None = on when training on several CUDA processes

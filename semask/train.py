@@ -300,8 +300,9 @@ def train(config: TrainConfig, work_dir: Union[str, Path], *, resume: Union[bool
         distributed.cleanup(info)
 
 
-def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str], callback: Optional[Callable[[dict[str, Any]], None]],
-           progress: bool, info: distributed.DistInfo, given: Optional[nn.Module]) -> TrainResult:
+def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
+           callback: Optional[Callable[[dict[str, Any]], None]], progress: bool, info: distributed.DistInfo,
+           given: Optional[nn.Module]) -> TrainResult:
     rt, device = config.train, info.device
     per_step = rt.batch_size * info.world_size
     if rt.global_batch % per_step:
@@ -337,13 +338,13 @@ def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str], callba
     check_classes(model, val_set)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if config.loss.class_weight is not None and len(config.loss.class_weight) != model.num_classes:
+        raise ConfigError(f"loss.class_weight has {len(config.loss.class_weight)} values but the model predicts "
+                          f"{model.num_classes} classes ({', '.join(train_set.class_names[:12])} ...)")
     dtype = autocast_dtype(rt.precision, device)
     optimizer = torch.optim.AdamW(param_groups(model, config.optim.weight_decay), lr=config.optim.lr,
                                   betas=config.optim.betas, eps=config.optim.eps, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if config.loss.class_weight is not None and len(config.loss.class_weight) != model.num_classes:
-        raise ConfigError(f"loss.class_weight has {len(config.loss.class_weight)} values but the model predicts "
-                          f"{model.num_classes} classes ({', '.join(train_set.class_names[:12])} ...)")
     loss_fn = SeMaskLoss(config.loss.prior_weight, ohem_min_kept=config.loss.ohem_min_kept,
                          class_weight=config.loss.class_weight)
 
@@ -353,6 +354,7 @@ def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str], callba
     def emit(rec: dict[str, Any]) -> None:
         history.append(rec)
         log.record(rec)
+
     if resume_from is not None:
         state = load_training_state(resume_from, model, optimizer, scaler=scaler if scaler.is_enabled() else None,
                                     map_location=device, restore_rng=False)
@@ -369,8 +371,8 @@ def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str], callba
         report = load_pretrained_backbone(model, config.model.pretrained)  # raises when mostly unloaded
         log.print(str(report))
         emit({"kind": "pretrained", "iter": 0, "source": config.model.pretrained, "layout": report.layout,
-                    "loaded_fraction": report.loaded_fraction, "loaded": len(report.loaded),
-                    "resized": report.resized, "missing": report.missing})
+              "loaded_fraction": report.loaded_fraction, "loaded": len(report.loaded), "resized": report.resized,
+              "missing": report.missing})
     if info.is_main:
         with atomic_path(work_dir / CONFIG_FILE) as tmp:
             tmp.write_text(json.dumps(to_dict(config), indent=2) + "\n")
@@ -458,9 +460,10 @@ def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str], callba
 
             last = done == config.schedule.iters
             if (rt.eval_interval and done % rt.eval_interval == 0) or last:
-                evaluation = result = evaluate(module, val_set, mode=config.eval.mode, test_config=config.data.test_pipeline,
-                                  crop_size=config.eval.crop_size, stride=config.eval.stride,
-                                  max_images=config.eval.max_images, progress=progress)
+                evaluation = result = evaluate(
+                    module, val_set, mode=config.eval.mode, test_config=config.data.test_pipeline,
+                    crop_size=config.eval.crop_size, stride=config.eval.stride, max_images=config.eval.max_images,
+                    progress=progress)
                 module.train()
                 rec = {"kind": "eval", "iter": done, "mIoU": result.mIoU, "mAcc": result.metrics["mAcc"],
                        "aAcc": result.metrics["aAcc"], "IoU": result.to_dict()["IoU"], "Acc": result.to_dict()["Acc"],
@@ -485,8 +488,8 @@ def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str], callba
                 window_start = time.perf_counter()
     except torch.OutOfMemoryError as exc:
         raise TrainingError(
-            f"CUDA ran out of memory with train.batch_size={rt.batch_size} at {tuple(config.data.train_pipeline.crop_size)} "
-            f"crops ({exc}). Try model.grad_checkpointing=true, a smaller train.batch_size (the global batch "
+            f"CUDA ran out of memory with train.batch_size={rt.batch_size} at "
+            f"{tuple(config.data.train_pipeline.crop_size)} crops ({exc}). Try model.grad_checkpointing=true, a smaller train.batch_size (the global batch "
             f"{rt.global_batch} is kept by gradient accumulation), or train.precision=bf16.") from exc
     finally:
         if bar is not None:

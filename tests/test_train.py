@@ -212,7 +212,8 @@ def test_gradient_accumulation_reaches_the_global_batch(tiny_toy_root, tmp_path)
     result = train(config, tmp_path / "run", progress=False)
     line = next(r for r in result.history if r["kind"] == "train")
     assert line["epoch"] == pytest.approx(2 * 4 / 12)  # 4 images per step = 1 image x 4 accumulation steps
-    assert "4 images per step = 1 x 1 process(es) x 4 accumulation step(s)" in (tmp_path / "run" / "train.log").read_text()
+    text = (tmp_path / "run" / "train.log").read_text()
+    assert "4 images per step = 1 x 1 process(es) x 4 accumulation step(s)" in text
     with pytest.raises(ConfigError, match="a multiple of train.batch_size"):
         _config(tiny_toy_root, **{"train.batch_size": 3, "train.global_batch": 4})
 
