@@ -13,7 +13,7 @@ import semask
 from semask.checkpoint import (CheckpointError, load_model_weights, load_pretrained_backbone,
                                load_training_state, save_checkpoint, to_official_checkpoint)
 
-from conftest import randomize_gammas
+from helpers import randomize_gammas
 
 CLASSES = ("road", "grass", "water", "sky", "car")
 PALETTE = [[128, 64, 128], [0, 200, 0], [0, 0, 200], [135, 206, 235], [200, 0, 0]]

@@ -19,7 +19,7 @@ from semask.evaluate import EvalResult, check_classes, evaluate
 from semask.inference import Predictor
 from semask.metrics import confusion_matrix, mean_iou
 from semask.train import train
-from tests.conftest import tiny_overrides
+from helpers import tiny_overrides
 
 
 @pytest.fixture(scope="module")

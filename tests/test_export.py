@@ -21,7 +21,7 @@ import semask
 from semask.cli import main
 from semask.export import (ExportError, MIN_DYNAMIC_SIZE, export_onnx, min_dynamic_trace_size, onnx_parity,
                            onnxruntime_session)
-from tests.conftest import randomize_gammas
+from helpers import randomize_gammas
 
 ATOL, MIN_AGREEMENT = 1e-3, 0.999
 

@@ -12,7 +12,7 @@ from PIL import Image
 import semask
 from semask.inference import MS_RATIOS, Predictor, default_test_scale, load_image, normalize
 
-from conftest import randomize_gammas
+from helpers import randomize_gammas
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from semask.windows import window_partition, window_reverse
 
 from semask.losses import semask_loss
 
-from conftest import randomize_gammas
+from helpers import randomize_gammas
 
 # SPEC §1: exact parameter counts (millions, two decimals) for 150 / 19 / 171 classes
 PUBLISHED = {

@@ -309,7 +309,7 @@ def test_plot_training_log_reads_a_real_training_run(tiny_toy_root, tmp_path):
     """The contract with `semask.train`: its log.jsonl (train, eval and other kinds of lines) plots as written."""
     from semask.config import apply_overrides, get_preset
     from semask.train import train
-    from tests.conftest import tiny_overrides
+    from helpers import tiny_overrides
 
     train(apply_overrides(get_preset("toy"), tiny_overrides(tiny_toy_root)), tmp_path / "run", progress=False)
     records = read_training_log(tmp_path / "run")

@@ -12,7 +12,7 @@ from PIL import Image
 import semask
 from semask.inference import Predictor
 
-from conftest import randomize_gammas
+from helpers import randomize_gammas
 
 NUM_CLASSES = 3
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -208,7 +208,7 @@ def test_hub_entry_points_check_their_arguments(toy, tmp_path: Path) -> None:
 def test_training_starts_from_imagenet_weights_at_a_url(tiny_toy_root, tmp_path: Path, hub_dir: Path) -> None:
     from semask.config import apply_overrides, get_preset
     from semask.train import train
-    from tests.conftest import tiny_overrides
+    from helpers import tiny_overrides
 
     donor = semask.create_model("swin_toy_fpn").backbone.state_dict()
     served = tmp_path / "served"

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import semask
 from semask.checkpoint import CheckpointError, convert_to_safetensors, to_official_checkpoint
 from semask.cli import main
-from tests.conftest import randomize_gammas
+from helpers import randomize_gammas
 
 CLASSES = ("sky", "sea", "boat")
 PALETTE = [[0, 0, 255], [0, 100, 200], [255, 0, 0]]

@@ -25,7 +25,7 @@ from semask.errors import (ImageError, LimitError, NonFiniteError, UnknownNameEr
 from semask.inference import Predictor, eval_mode, load_image, test_config_for, test_preset_for
 from semask.models import ModelConfig, build_model
 
-from conftest import randomize_gammas
+from helpers import randomize_gammas
 
 GREY = np.arange(12 * 10, dtype=np.uint8).reshape(12, 10) * 2  # 0..238
 

@@ -15,7 +15,7 @@ from semask.data.loader import AugmentedDataset, TrainSampler, build_train_loade
 from semask.data.toy import ToyDataset
 from semask.data.transforms import TrainTransform, train_preset
 from semask.train import (TrainingError, autocast_dtype, learning_rate, model_from_config, param_groups, train)
-from tests.conftest import tiny_overrides
+from helpers import tiny_overrides
 
 
 def _config(root: Path, **extra):

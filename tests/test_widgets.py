@@ -23,7 +23,7 @@ import torch.nn.functional as F  # noqa: E402
 from matplotlib.backend_bases import MouseEvent  # noqa: E402
 
 import semask  # noqa: E402
-from conftest import randomize_gammas  # noqa: E402
+from helpers import randomize_gammas  # noqa: E402
 from semask.data import TOY_CLASSES, TOY_PALETTE, TestPipelineConfig, TestTransform, ToyDataset, make_toy_dataset  # noqa: E402
 from semask.metrics import mean_iou  # noqa: E402
 from semask.visualize import ERROR_PALETTE, error_map, overlay  # noqa: E402
