@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder that holds them all; never an input file, existing ones only with --overwrite")
     p.add_argument("--mode", choices=["whole", "slide", "msflip"], default="whole")
     p.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"), default=None,
-                   help="keep-ratio test scale (default: (2048, 512), Cityscapes-sized models (2048, 1024))")
+                   help="keep-ratio test scale (default: the one the model's recipe tests at, e.g. (2048, 512) for "
+                        "ADE20K, (2048, 1024) for Cityscapes, (2560, 640) for Large ADE20K / COCO-Stuff models)")
     p.add_argument("--crop-size", type=int, default=512, help="window size for --mode slide")
     p.add_argument("--stride", type=int, default=341, help="window stride for --mode slide")
     p.add_argument("--device", default="cpu")

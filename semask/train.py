@@ -489,8 +489,9 @@ def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
     except torch.OutOfMemoryError as exc:
         raise TrainingError(
             f"CUDA ran out of memory with train.batch_size={rt.batch_size} at "
-            f"{tuple(config.data.train_pipeline.crop_size)} crops ({exc}). Try model.grad_checkpointing=true, a smaller train.batch_size (the global batch "
-            f"{rt.global_batch} is kept by gradient accumulation), or train.precision=bf16.") from exc
+            f"{tuple(config.data.train_pipeline.crop_size)} crops ({exc}). Try model.grad_checkpointing=true, "
+            f"a smaller train.batch_size (the global batch {rt.global_batch} is kept by gradient accumulation), "
+            "or train.precision=bf16.") from exc
     finally:
         if bar is not None:
             bar.close()

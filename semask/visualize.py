@@ -784,7 +784,6 @@ def plot_training_log(runs: Union[LogSource, Mapping[str, LogSource], Sequence[U
     return fig
 
 
-# ----------------------------------------------------------------------------------------------- per-class IoU
 class LiveTrainingPlot:
     """A `semask.train` callback that redraws `plot_training_log` in place in a notebook while a run goes on.
 
@@ -840,6 +839,7 @@ class LiveTrainingPlot:
         plt.close(fig)
 
 
+# ----------------------------------------------------------------------------------------------- per-class IoU
 def _metric_results(results: Mapping[str, Any], metric: str, who: str) -> list[tuple[Optional[str], Mapping]]:
     """(label, result) pairs: one result dict (label None) or a mapping {label: result}."""
     if not isinstance(results, Mapping) or not results:
