@@ -378,10 +378,8 @@ def bench_train(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.devi
 
 
 def bench_protocols(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
-    from semask.inference import Predictor
-
-    from semask.inference import normalize
     from semask.data.transforms import rescale_size, resize_image
+    from semask.inference import Predictor, normalize
 
     model.eval()
     rng = np.random.default_rng(0)
