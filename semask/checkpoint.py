@@ -37,7 +37,7 @@ import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -115,6 +115,19 @@ class ArchitectureLimits:
 
 
 LIMITS = ArchitectureLimits()
+
+
+def _check_limits(values: Sequence[tuple[str, float, str]], claim: str) -> None:
+    """Refuse the first ``(what, value, limit_name)`` whose value is above ``LIMITS.<limit_name>``.
+
+    Raises:
+        CheckpointLimitError: ``"<claim> <what> = <value>, above semask.checkpoint.LIMITS.<limit_name> = ..."``.
+    """
+    for what, value, limit_name in values:
+        limit = getattr(LIMITS, limit_name)
+        if value > limit:
+            raise CheckpointLimitError(f"{claim} {what} = {value:,}, above semask.checkpoint.LIMITS.{limit_name} = "
+                                       f"{limit:,} (nothing was built); raise that limit only if the file is trusted")
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -278,19 +291,14 @@ def infer_model_config(sd: Mapping[str, torch.Tensor], source: str = "checkpoint
     backbone_classes = _vote(sem_classes, "semantic-layer classes (mlp_cls_q)", source) if semantic else None
     num_sem_blocks = _vote([(str(i), len(b)) for i, b in sorted(sem_blocks.items())], "semantic blocks",
                            source) if semantic else 1
-    limits = [("num_classes", num_classes, LIMITS.max_classes, "max_classes"),
-              ("backbone_classes", backbone_classes or 0, LIMITS.max_classes, "max_classes"),
-              ("embed_dim", embed_dim, LIMITS.max_embed_dim, "max_embed_dim"),
-              ("num_heads", max(heads), LIMITS.max_heads, "max_heads"),
-              ("window_size", window, LIMITS.max_window, "max_window"),
-              ("mlp_ratio", mlp_ratio, LIMITS.max_mlp_ratio, "max_mlp_ratio"),
-              ("num_sem_blocks", num_sem_blocks, LIMITS.max_sem_blocks, "max_sem_blocks"),
-              ("decoder_channels", decoder_channels, LIMITS.max_decoder_channels, "max_decoder_channels")]
-    for what, value, limit, limit_name in limits:
-        if value > limit:
-            raise CheckpointLimitError(f"{source}: the weights claim {what} = {value:,}, above "
-                                       f"semask.checkpoint.LIMITS.{limit_name} = {limit:,} (nothing was built); "
-                                       "raise that limit only if the file is trusted")
+    _check_limits([("num_classes", num_classes, "max_classes"),
+                   ("backbone_classes", backbone_classes or 0, "max_classes"),
+                   ("embed_dim", embed_dim, "max_embed_dim"),
+                   ("num_heads", max(heads), "max_heads"),
+                   ("window_size", window, "max_window"),
+                   ("mlp_ratio", mlp_ratio, "max_mlp_ratio"),
+                   ("num_sem_blocks", num_sem_blocks, "max_sem_blocks"),
+                   ("decoder_channels", decoder_channels, "max_decoder_channels")], f"{source}: the weights claim")
     try:
         config = ModelConfig(
             embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(heads), window_size=window,
@@ -471,21 +479,17 @@ def _own_format(obj: Mapping[str, Any], source: str) -> tuple[str, ModelConfig, 
         config = ModelConfig(**raw)
     except UsageError as exc:
         raise CheckpointError(f"{source}: its config is invalid: {exc}") from exc
-    limits = [(config.num_classes, LIMITS.max_classes, "num_classes", "max_classes"),
-              (config.backbone_classes or 0, LIMITS.max_classes, "backbone_classes", "max_classes"),
-              (len(config.depths), LIMITS.max_stages, "stages", "max_stages"),
-              (max(config.depths), LIMITS.max_depth, "depth", "max_depth"),
-              (config.embed_dim, LIMITS.max_embed_dim, "embed_dim", "max_embed_dim"),
-              (max(config.num_heads), LIMITS.max_heads, "num_heads", "max_heads"),
-              (config.window_size, LIMITS.max_window, "window_size", "max_window"),
-              (config.mlp_ratio, LIMITS.max_mlp_ratio, "mlp_ratio", "max_mlp_ratio"),
-              (config.num_sem_blocks, LIMITS.max_sem_blocks, "num_sem_blocks", "max_sem_blocks"),
-              (config.decoder_channels, LIMITS.max_decoder_channels, "decoder_channels", "max_decoder_channels")]
-    for value, limit, what, limit_name in limits:
-        if value > limit:
-            raise CheckpointLimitError(f"{source}: its config has {what} = {value:,}, above "
-                                       f"semask.checkpoint.LIMITS.{limit_name} = {limit:,} (nothing was built); "
-                                       "raise that limit only if the file is trusted")
+    _check_limits([("num_classes", config.num_classes, "max_classes"),
+                   ("backbone_classes", config.backbone_classes or 0, "max_classes"),
+                   ("stages", len(config.depths), "max_stages"),
+                   ("depth", max(config.depths), "max_depth"),
+                   ("embed_dim", config.embed_dim, "max_embed_dim"),
+                   ("num_heads", max(config.num_heads), "max_heads"),
+                   ("window_size", config.window_size, "max_window"),
+                   ("mlp_ratio", config.mlp_ratio, "max_mlp_ratio"),
+                   ("num_sem_blocks", config.num_sem_blocks, "max_sem_blocks"),
+                   ("decoder_channels", config.decoder_channels, "max_decoder_channels")],
+                  f"{source}: its config has")
     check_tensors(sd, source)
     return name, config, sd
 
