@@ -398,7 +398,7 @@ def make_toy_dataset(root: str | Path, seed: int = 0, num_train: int | None = No
         counts = {"training": num_train, "validation": num_val}
         for split, count in counts.items():
             stem = "toy_train" if split == "training" else "toy_val"
-            for kind, ext, fmt in (("images", "jpg", "JPEG"), ("annotations", "png", "PNG")):
+            for kind in ("images", "annotations"):
                 (staging / kind / split).mkdir(parents=True)
             for index in range(count):
                 image, label, _ = render_scene(_scene_rng(seed, split, index), size)
