@@ -68,7 +68,7 @@ def _entry(name: str) -> _t.Callable[..., _t.Any]:
 
 
 def _register() -> None:
-    from semask.models import list_models
+    from semask.model.registry import list_models
 
     for model_name in list_models():
         globals()[model_name] = _entry(model_name)

@@ -10,18 +10,19 @@ their outputs, with datasets, metrics, inference and visualisation around it.
     result = semask.train(semask.config.get_preset("toy"), work_dir="runs/toy")
     print(semask.evaluate(result.model, dataset).table())
 
-`semask.train` and `semask.evaluate` are the functions; their modules are imported as
-``from semask.train import ...`` and ``from semask.evaluate import ...``.
+`semask.train` and `semask.evaluate` are the functions; their modules are `semask.engine.train` and
+`semask.engine.evaluate`. `semask.config` is the training config module `semask.engine.config`.
 """
-from semask import config
+from semask.engine import config
 from semask.checkpoint import load_checkpoint, load_pretrained_backbone, save_checkpoint
-from semask.evaluate import EvalResult, evaluate
-from semask.export import export_onnx
-from semask.inference import Predictor, predict
-from semask.losses import SeMaskLoss, semask_loss
-from semask.models import ModelConfig, create_model, list_models
-from semask.segmentor import SegmentationOutput, SeMaskFPN
-from semask.train import TrainResult, train
+from semask.engine.evaluate import EvalResult, evaluate
+from semask.apps.export import export_onnx
+from semask.engine.inference import Predictor, predict
+from semask.engine.losses import SeMaskLoss, semask_loss
+from semask.model.config import ModelConfig
+from semask.model.registry import create_model, list_models
+from semask.model.segmentor import SegmentationOutput, SeMaskFPN
+from semask.engine.train import TrainResult, train
 
 __version__ = "0.1.0"
 

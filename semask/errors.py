@@ -14,7 +14,7 @@ by their exit status:
 Each class also derives from the built-in exception a Python caller would expect (``ValueError``,
 ``TypeError``, ``KeyError``), so ``except ValueError`` keeps working.
 
-Sub-commands of ``semask`` get this policy by raising these errors: :func:`semask.cli.main` prints one line per
+Sub-commands of ``semask`` get this policy by raising these errors: :func:`semask.apps.cli.main` prints one line per
 error (``semask COMMAND: error: ...``), no traceback unless ``--debug`` is given, and returns
 :func:`exit_status`.
 """

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from semask.benchmark import BenchmarkConfig, count_flops, main, matmul_peak, run_benchmark, summary, time_it
-from semask.cli import main as cli_main
+from semask.apps.benchmark import BenchmarkConfig, count_flops, main, matmul_peak, run_benchmark, summary, time_it
+from semask.apps.cli import main as cli_main
 
 
 def test_count_flops_counts_matmuls_convs_and_cpu_attention() -> None:
@@ -84,7 +84,7 @@ def test_cuda_requested_without_cuda() -> None:
 
 
 def test_a_training_preset_sets_model_classes_crop_and_batch(tiny_toy_root) -> None:
-    from semask.benchmark import preset_config
+    from semask.apps.benchmark import preset_config
 
     cfg = preset_config(BenchmarkConfig(preset="toy"))
     assert (cfg.model, cfg.num_classes, cfg.size, cfg.train_batch_size) == ("semask_toy_fpn", 11, (256, 256), 8)

@@ -13,7 +13,7 @@ from PIL import Image
 
 import semask
 from semask.checkpoint import to_official_checkpoint
-from semask.cli import main
+from semask.apps.cli import main
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from semask.cli import main
-from semask.config import (PRESETS, ConfigError, TrainConfig, apply_overrides, flat_keys, from_dict, get_preset,
+from semask.apps.cli import main
+from semask.engine.config import (PRESETS, ConfigError, TrainConfig, apply_overrides, flat_keys, from_dict, get_preset,
                            list_presets, load_config, set_value, to_dict)
 from semask.data.transforms import TRAIN_RATIOS
 
@@ -176,9 +176,9 @@ def test_cli_configs_errors_in_a_subprocess() -> None:
 
 @pytest.mark.slow
 def test_the_toy_class_weights_come_from_the_toy_data(tmp_path) -> None:
-    from semask.config import TOY_CLASS_WEIGHTS
+    from semask.engine.config import TOY_CLASS_WEIGHTS
     from semask.data import ToyDataset, make_toy_dataset
-    from semask.losses import balanced_class_weights
+    from semask.engine.losses import balanced_class_weights
 
     root = make_toy_dataset(tmp_path / "toy", seed=0)  # the set `semask demo` trains on
     weights = balanced_class_weights(ToyDataset(root, "train").pixel_counts())

@@ -8,7 +8,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from semask.cli import main
+from semask.apps.cli import main
 from semask.data import COCOStuff10k, Cityscapes, DatasetError
 from semask.data import convert
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import semask
-from semask.config import apply_overrides, get_preset
+from semask.engine.config import apply_overrides, get_preset
 from semask.data import TOY_CLASSES, TOY_PALETTE, ToyDataset
 from semask.data.transforms import TEST_PRESETS
-from semask.evaluate import EvalResult, check_classes, evaluate
-from semask.inference import Predictor
-from semask.metrics import confusion_matrix, mean_iou
-from semask.train import train
+from semask.engine.evaluate import EvalResult, check_classes, evaluate
+from semask.engine.inference import Predictor
+from semask.engine.metrics import confusion_matrix, mean_iou
+from semask.engine.train import train
 from helpers import tiny_overrides
 
 
@@ -172,7 +172,7 @@ def test_semask_demo_runs_end_to_end(tiny_toy_root, tmp_path) -> None:
 
 
 def test_demo_writes_the_toy_set_when_missing(tmp_path) -> None:
-    from semask.demo import run_demo
+    from semask.apps.demo import run_demo
 
     overrides = tiny_overrides(tmp_path / "toy", **{"schedule.iters": 1, "train.eval_interval": 0,
                                                    "eval.max_images": 2})

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import semask
-from semask.cli import main
-from semask.export import (ExportError, MIN_DYNAMIC_SIZE, export_onnx, min_dynamic_trace_size, onnx_parity,
+from semask.apps.cli import main
+from semask.apps.export import (ExportError, MIN_DYNAMIC_SIZE, export_onnx, min_dynamic_trace_size, onnx_parity,
                            onnxruntime_session)
 from helpers import randomize_gammas
 
@@ -174,7 +174,7 @@ def test_benchmark_onnxruntime_row(tmp_path: Path, capsys) -> None:
 
 
 def test_benchmark_onnxruntime_row_is_cpu_only() -> None:
-    from semask.benchmark import BenchmarkConfig, run_benchmark
+    from semask.apps.benchmark import BenchmarkConfig, run_benchmark
 
     with pytest.raises(ValueError, match="--device cpu"):
         run_benchmark(BenchmarkConfig(model="semask_toy_fpn", device="cuda", tasks=("onnxruntime",)), progress=False)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import semask
-from semask.inference import MS_RATIOS, Predictor, default_test_scale, load_image, normalize
+from semask.engine.inference import MS_RATIOS, Predictor, default_test_scale, load_image, normalize
 
 from helpers import randomize_gammas
 
@@ -144,7 +144,7 @@ def test_fast_label_paths_give_the_protocols_labels(model, size, mode) -> None:
 
 def test_large_outputs_are_resized_in_groups_of_classes(model, monkeypatch) -> None:
     """Above the chunk budget the final resize + argmax runs class group by class group, with the same labels."""
-    import semask.inference as inference
+    import semask.engine.inference as inference
 
     image = np.random.default_rng(7).integers(0, 256, (45, 71, 3), dtype=np.uint8)
     predictor = Predictor(model, scale=(256, 64))

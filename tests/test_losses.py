@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semask.losses import SeMaskLoss, ohem_weights, pixel_cross_entropy, semask_loss
-from semask.segmentor import SegmentationOutput
+from semask.engine.losses import SeMaskLoss, ohem_weights, pixel_cross_entropy, semask_loss
+from semask.model.segmentor import SegmentationOutput
 
 
 def _output(k: int = 4, b: int = 2, h: int = 6, w: int = 8, seed: int = 0, grad: bool = False
@@ -136,7 +136,7 @@ def test_class_weights_scale_each_pixel_loss() -> None:
 
 
 def test_balanced_class_weights() -> None:
-    from semask.losses import balanced_class_weights
+    from semask.engine.losses import balanced_class_weights
 
     counts = [900, 90, 9, 0]
     w = balanced_class_weights(counts)

@@ -1,4 +1,4 @@
-"""Tests of semask.metrics: SPEC §6 definitions, streaming, smp cross-check, real torch.distributed merging."""
+"""Tests of semask.engine.metrics: SPEC §6 definitions, streaming, smp cross-check, real torch.distributed merging."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from semask.metrics import SegmentationMetric, format_table, mean_iou
+from semask.engine.metrics import SegmentationMetric, format_table, mean_iou
 
 
 def _random_set(seed: int, n: int = 6, k: int = 7, shape: tuple[int, int] = (19, 23), ignore_share: float = 0.1):

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 import semask
-from semask.models import released_global_stages
-from semask.semantic import SemanticAttention, SemanticLayer
-from semask.swin import SeMaskSwin, WindowAttention, relative_position_index, shift_window_mask
-from semask.windows import window_partition, window_reverse
+from semask.model.config import released_global_stages
+from semask.model.semantic import SemanticAttention, SemanticLayer
+from semask.model.swin import SeMaskSwin, WindowAttention, relative_position_index, shift_window_mask
+from semask.model.windows import window_partition, window_reverse
 
-from semask.losses import semask_loss
+from semask.engine.losses import semask_loss
 
 from helpers import randomize_gammas
 

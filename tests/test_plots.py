@@ -1,4 +1,4 @@
-"""Tests for the result plots of semask.visualize: training logs, per-class IoU, run tables, confusion, error maps."""
+"""Tests for the result plots of semask.viz.visualize: training logs, per-class IoU, run tables, confusion, error maps."""
 from __future__ import annotations
 
 import json
@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from semask.metrics import mean_iou  # noqa: E402
-from semask.visualize import (ERROR_PALETTE, ResultsTable, error_map, overlay, plot_class_iou,  # noqa: E402
+from semask.engine.metrics import mean_iou  # noqa: E402
+from semask.viz.visualize import (ERROR_PALETTE, ResultsTable, error_map, overlay, plot_class_iou,  # noqa: E402
                               plot_confusion, plot_evaluation_panel, plot_results, plot_training_log,
                               read_training_log, results_table)
 
@@ -306,9 +306,9 @@ def test_plot_evaluation_panel_shows_image_truth_prediction_and_errors():
 
 
 def test_plot_training_log_reads_a_real_training_run(tiny_toy_root, tmp_path):
-    """The contract with `semask.train`: its log.jsonl (train, eval and other kinds of lines) plots as written."""
-    from semask.config import apply_overrides, get_preset
-    from semask.train import train
+    """The contract with `semask.engine.train`: its log.jsonl (train, eval and other kinds of lines) plots as written."""
+    from semask.engine.config import apply_overrides, get_preset
+    from semask.engine.train import train
     from helpers import tiny_overrides
 
     train(apply_overrides(get_preset("toy"), tiny_overrides(tiny_toy_root)), tmp_path / "run", progress=False)
@@ -327,7 +327,7 @@ def test_plot_training_log_reads_a_real_training_run(tiny_toy_root, tmp_path):
 def test_live_training_plot_redraws_as_records_arrive() -> None:
     import matplotlib.pyplot as plt
 
-    from semask.visualize import LiveTrainingPlot
+    from semask.viz.visualize import LiveTrainingPlot
 
     shown = []
     live = LiveTrainingPlot(every=2, show=lambda fig: shown.append([ax.get_ylabel() for ax in fig.axes]))

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import semask
-from semask.inference import Predictor
+from semask.engine.inference import Predictor
 
 from helpers import randomize_gammas
 

@@ -206,8 +206,8 @@ def test_hub_entry_points_check_their_arguments(toy, tmp_path: Path) -> None:
 
 
 def test_training_starts_from_imagenet_weights_at_a_url(tiny_toy_root, tmp_path: Path, hub_dir: Path) -> None:
-    from semask.config import apply_overrides, get_preset
-    from semask.train import train
+    from semask.engine.config import apply_overrides, get_preset
+    from semask.engine.train import train
     from helpers import tiny_overrides
 
     donor = semask.create_model("swin_toy_fpn").backbone.state_dict()

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import semask
 from semask.checkpoint import CheckpointError, convert_to_safetensors, to_official_checkpoint
-from semask.cli import main
+from semask.apps.cli import main
 from helpers import randomize_gammas
 
 CLASSES = ("sky", "sea", "boat")

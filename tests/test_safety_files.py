@@ -25,10 +25,10 @@ from PIL import Image
 
 import semask
 from semask.checkpoint import save_checkpoint, to_official_checkpoint
-from semask.cli import main
+from semask.apps.cli import main
 from semask.data import ToyDataset, make_toy_dataset
 from semask.errors import BatchError, OutputError, OutputExistsError, UsageError, error_lines, exit_status
-from semask.utils import atomic_path, plan_outputs, remove_stale_temp_files
+from semask.io import atomic_path, plan_outputs, remove_stale_temp_files
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -142,7 +142,7 @@ def test_color_without_a_palette_uses_the_default_and_says_so(files, tmp_path: P
     assert main(["predict", str(files["plain"]), str(files["img"]), "--out", str(out), "--color"]) == 0
     assert "has no palette: using semask's default palette for 3 classes" in capsys.readouterr().err
     with Image.open(out / "a.png") as im:
-        assert im.mode == "P" and im.getpalette()[:9] == [c for rgb in semask.visualize.default_palette(3)
+        assert im.mode == "P" and im.getpalette()[:9] == [c for rgb in semask.viz.visualize.default_palette(3)
                                                           for c in rgb]
 
 
@@ -327,7 +327,7 @@ def test_atomic_writes_fsync_the_file_before_the_rename_and_the_folder_after(tmp
 UMASK_WRITES = """
 import os, sys, numpy as np, torch, semask
 from semask.checkpoint import save_checkpoint
-from semask.visualize import save_label_map
+from semask.viz.visualize import save_label_map
 os.umask(0o027)
 out = sys.argv[1]
 save_checkpoint(os.path.join(out, "ckpt.pth"), semask.create_model("semask_toy_fpn", num_classes=3))

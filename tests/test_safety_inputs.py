@@ -22,8 +22,9 @@ from semask.checkpoint import (LIMITS, CheckpointError, CheckpointLimitError, Ch
 from semask.data import TEST_PRESETS, DatasetError, FolderDataset, make_toy_dataset
 from semask.data.transforms import multi_scale_sizes
 from semask.errors import (ImageError, LimitError, NonFiniteError, UnknownNameError, UsageError, UsageTypeError)
-from semask.inference import Predictor, eval_mode, load_image, test_config_for, test_preset_for
-from semask.models import ModelConfig, build_model
+from semask.engine.inference import Predictor, eval_mode, load_image, test_config_for, test_preset_for
+from semask.model.config import ModelConfig
+from semask.model.registry import build_model
 
 from helpers import randomize_gammas
 

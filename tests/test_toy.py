@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from semask.cli import main
+from semask.apps.cli import main
 from semask.data import ADE20K, ToyDataset, make_toy_dataset
 from semask.data.toy import SHAPE_COLOURS, TOY_CLASSES, TOY_CONTEXT, render_scene
 

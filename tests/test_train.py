@@ -10,11 +10,11 @@ import torch
 
 import semask
 from semask.checkpoint import CheckpointError, read_checkpoint_file
-from semask.config import ConfigError, apply_overrides, get_preset
+from semask.engine.config import ConfigError, apply_overrides, get_preset
 from semask.data.loader import AugmentedDataset, TrainSampler, build_train_loader
 from semask.data.toy import ToyDataset
 from semask.data.transforms import TrainTransform, train_preset
-from semask.train import (TrainingError, autocast_dtype, learning_rate, model_from_config, param_groups, train)
+from semask.engine.train import (TrainingError, autocast_dtype, learning_rate, model_from_config, param_groups, train)
 from helpers import tiny_overrides
 
 
@@ -252,7 +252,7 @@ def test_an_external_network_trains_with_the_same_recipe(tiny_toy_root, tmp_path
 
     from semask.checkpoint import load_training_state
     from semask.data import TOY_CLASSES, TOY_PALETTE
-    from semask.segmentor import ExternalSegmentor
+    from semask.model.segmentor import ExternalSegmentor
 
     def build() -> ExternalSegmentor:
         torch.manual_seed(0)
@@ -301,7 +301,7 @@ def test_train_result_summary(tiny_toy_root, tmp_path) -> None:
 
 
 def test_out_of_memory_says_what_to_change(tiny_toy_root, tmp_path) -> None:
-    from semask.segmentor import ExternalSegmentor
+    from semask.model.segmentor import ExternalSegmentor
 
     class Exhausted(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Tests for semask.visualize: label-map colouring, PNG writing, and the notebook figures."""
+"""Tests for semask.viz.visualize: label-map colouring, PNG writing, and the notebook figures."""
 from __future__ import annotations
 
 import matplotlib
@@ -13,8 +13,8 @@ from PIL import Image  # noqa: E402
 
 import semask  # noqa: E402
 from semask.data.transforms import normalize  # noqa: E402
-from semask.semantic import SemanticAttentionMap  # noqa: E402
-from semask.visualize import (colorize, default_palette, denormalize, overlay, plot_attention,  # noqa: E402
+from semask.model.semantic import SemanticAttentionMap  # noqa: E402
+from semask.viz.visualize import (colorize, default_palette, denormalize, overlay, plot_attention,  # noqa: E402
                               plot_samples, plot_segmentation, plot_stage_priors, save_label_map)
 
 PALETTE = [[255, 0, 0], [0, 255, 0], [0, 0, 255], [10, 20, 30]]
@@ -334,7 +334,7 @@ def test_plot_attention_rejects_bad_inputs():
 
 
 def test_palettes_out_of_range_are_rejected_not_wrapped(tmp_path) -> None:
-    from semask.visualize import colorize, save_label_map
+    from semask.viz.visualize import colorize, save_label_map
 
     label = np.zeros((2, 2), dtype=np.int64)
     with pytest.raises(ValueError, match=r"colorize: palette values must lie in 0..255, got 0..300"):

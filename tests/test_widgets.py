@@ -1,4 +1,4 @@
-"""Tests for semask.widgets: the explorer's and the comparison's callbacks, driven without a browser.
+"""Tests for semask.viz.widgets: the explorer's and the comparison's callbacks, driven without a browser.
 
 Each test changes a control the way the mouse would (``control.value = ...`` fires the same observers) and checks
 the figure's data against an independent computation, and that the model ran once per image, not per change.
@@ -25,9 +25,9 @@ from matplotlib.backend_bases import MouseEvent  # noqa: E402
 import semask  # noqa: E402
 from helpers import randomize_gammas  # noqa: E402
 from semask.data import TOY_CLASSES, TOY_PALETTE, TestPipelineConfig, TestTransform, ToyDataset, make_toy_dataset  # noqa: E402
-from semask.metrics import mean_iou  # noqa: E402
-from semask.visualize import ERROR_PALETTE, error_map, overlay  # noqa: E402
-from semask.widgets import VIEWS, Comparison, Explorer, analyse_image, compare, semantic_gammas  # noqa: E402
+from semask.engine.metrics import mean_iou  # noqa: E402
+from semask.viz.visualize import ERROR_PALETTE, error_map, overlay  # noqa: E402
+from semask.viz.widgets import VIEWS, Comparison, Explorer, analyse_image, compare, semantic_gammas  # noqa: E402
 
 PRESET = TestPipelineConfig(scale=(256, 64))  # keeps the 64-pixel test scenes at their size
 
@@ -282,7 +282,7 @@ def test_creating_an_explorer_leaves_the_matplotlib_backend_alone(tmp_path):
     process, so that no earlier import of ipympl hides the effect)."""
     script = (
         "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt; import numpy as np\n"
-        "import semask; from semask.widgets import Explorer\n"
+        "import semask; from semask.viz.widgets import Explorer\n"
         "fig = plt.figure()\n"
         "explorer = Explorer(semask.create_model('semask_toy_fpn'), np.zeros((64, 64, 3), np.uint8),"
         " test_preset='toy')\n"

@@ -7,7 +7,7 @@
   ``annotations/{train2014,test2014}/<name>_labelTrainIds.png`` with the 171 classes numbered 1..171
   (0 = unlabelled, so ``reduce_zero_label`` gives 0..170).
 
-Every output is written with :func:`semask.utils.atomic_path` (a temporary file in the target folder, flushed
+Every output is written with :func:`semask.io.atomic_path` (a temporary file in the target folder, flushed
 to disk, then renamed into place), so an interrupted run never leaves a half-written file under the final
 name. Existing outputs are kept unless ``overwrite``.
 """
@@ -24,7 +24,7 @@ import scipy.io
 from PIL import Image
 
 from semask.data.datasets import DatasetError, preview_list, read_label
-from semask.utils import atomic_path
+from semask.io import atomic_path
 
 __all__ = [
     "CITYSCAPES_ID_TO_TRAIN_ID",

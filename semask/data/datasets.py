@@ -22,7 +22,7 @@ from PIL import Image
 from semask.data.classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE,
                                  COCO_STUFF_CLASSES, COCO_STUFF_PALETTE, default_palette)
 from semask.errors import ImageError, LimitError, SemaskError, UnknownNameError, UsageError
-from semask.images import open_image, pil_to_rgb
+from semask.data.images import open_image, pil_to_rgb
 
 __all__ = [
     "IGNORE_INDEX",
@@ -96,7 +96,7 @@ def _open(path: Path, what: str) -> Image.Image:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image as RGB by the rules of :mod:`semask.images`.
+    """Read an image as RGB by the rules of :mod:`semask.data.images`.
 
     EXIF orientation is not applied: label maps have none, so the stored pixel grid is what they align with.
 
@@ -286,7 +286,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
         Returns:
             ``(num_classes,)`` int64 counts (ignored pixels not counted); e.g. for
-            `semask.losses.balanced_class_weights`.
+            `semask.engine.losses.balanced_class_weights`.
         """
         counts = np.zeros(self.num_classes, dtype=np.int64)
         for _, label_path in self.pairs:

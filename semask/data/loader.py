@@ -5,7 +5,7 @@ derives each worker's torch seed from it (``base_seed + worker_id``), and the tr
 numbers from torch's generator, so every worker has its own stream and a run is repeatable. :func:`seed_worker`
 also seeds Python's ``random`` and numpy's global generator in each worker for any user code that uses them.
 With ``num_workers=0`` the transforms run in the main process and draw from its global torch generator, which
-this module does not touch: seed it first (:func:`semask.utils.seed_everything`) for a repeatable run.
+this module does not touch: seed it first (:func:`semask.device.seed_everything`) for a repeatable run.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool = True, nu
         shuffle: shuffle every epoch (training) or keep the order (evaluation).
         num_workers: loader processes (0: load in the main process).
         seed: seeds the shuffling and the workers' random streams (with ``num_workers=0`` the augmentation
-            uses the main process's global generator: seed it with :func:`semask.utils.seed_everything`).
+            uses the main process's global generator: seed it with :func:`semask.device.seed_everything`).
         distributed: split the dataset across torch.distributed processes; call
             ``loader.sampler.set_epoch(epoch)`` each epoch (or iterate with :func:`cycle`, which does it).
         drop_last: drop the last incomplete batch (default: ``shuffle``, i.e. on for training).

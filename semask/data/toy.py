@@ -35,7 +35,7 @@ from PIL import Image
 
 from semask.data.datasets import SegmentationDataset, Transform, pair_files, resolve_split, split_dirs
 from semask.errors import OutputError, OutputExistsError, UsageError, UsageTypeError
-from semask.utils import fsync_directory, process_alive
+from semask.io import fsync_directory, process_alive
 
 __all__ = [
     "TOY_CLASSES",

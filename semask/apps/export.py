@@ -18,7 +18,7 @@ cannot stay symbolic it silently falls back to a graph fixed to the traced size.
 
 Dynamic sizes. Swin pads each stage's feature map to a multiple of the window and PatchEmbed/PatchMerging
 pad to even sizes; the model code writes these pads as ``ceil(n / w) * w`` and applies them unconditionally
-while exporting (`semask.utils.is_exporting`), so one graph covers every padding case. What remains is
+while exporting (`semask.model.util.is_exporting`), so one graph covers every padding case. What remains is
 PyTorch's rule that a symbolic size equal to 1 at trace time becomes the constant 1, which limits sizes twice:
 - the trace: every stage must have at least two windows per side at the traced size, i.e. height and width
   of at least `min_dynamic_trace_size(model)` (225 for window 7, 385 for window 12; 512 x 512 is fine);
@@ -45,8 +45,8 @@ import torch
 import torch.nn as nn
 
 from semask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from semask.segmentor import SeMaskFPN
-from semask.utils import atomic_path
+from semask.model.segmentor import SeMaskFPN
+from semask.io import atomic_path
 
 __all__ = [
     "MIN_DYNAMIC_SIZE",

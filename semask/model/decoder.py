@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from semask.utils import is_exporting
+from semask.model.util import is_exporting
 
 __all__ = ["ConvBNReLU", "Upsample2x", "SemanticFPNHead"]
 
@@ -27,7 +27,7 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear resize (align_corners False) of a (B, C, H, W) map; a no-op when the size already matches.
 
     While `torch.export` traces the model the resize is always applied (to the same size it is the identity),
-    so that the traced graph holds for every input size (see `semask.export`).
+    so that the traced graph holds for every input size (see `semask.apps.export`).
     """
     if not is_exporting() and tuple(x.shape[-2:]) == tuple(size):
         return x

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from semask.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TEST_PRESETS, TEST_RATIOS, TestPipelineConfig,
                                     multi_scale_sizes, resize_image, test_preset)
 from semask.errors import NonFiniteError, UsageError, UsageTypeError
-from semask.images import ImageInput, rgb_tensor
-from semask.models import model_config
-from semask.utils import check_device
+from semask.data.images import ImageInput, rgb_tensor
+from semask.model.registry import model_config
+from semask.device import check_device
 
 __all__ = [
     "MS_RATIOS",
@@ -62,7 +62,7 @@ _CHUNK_BYTES = 256 << 20  # above this, the final resize + argmax of one view wo
 def load_image(image: ImageInput) -> np.ndarray:
     """Bring a path, PIL image, array or tensor to an (H, W, 3) uint8 RGB array.
 
-    The rules (PIL modes, 16-bit and float images, layouts, size limit) are `semask.images`'; for example a
+    The rules (PIL modes, 16-bit and float images, layouts, size limit) are `semask.data.images`'; for example a
     float tensor in torchvision's convention (0..1, (3, H, W)) is accepted, a float array of 0..255 values is
     refused, and a 16-bit PNG is scaled to 8 bits.
     """
@@ -335,7 +335,7 @@ class Predictor:
         """The label map of one image, as a tensor on the model's device (no copy to the host).
 
         Args:
-            image: a path, PIL image, array or tensor (see `semask.images` for what is accepted).
+            image: a path, PIL image, array or tensor (see `semask.data.images` for what is accepted).
 
         Returns:
             (H, W) int64 class indices at the original size.

@@ -1,6 +1,6 @@
 """Training SeMask FPN (arXiv 2112.12782): one readable iteration loop, on the CPU, one GPU or many.
 
-    from semask.config import get_preset
+    from semask.engine.config import get_preset
     result = semask.train(get_preset("toy"), work_dir="runs/toy")
     result.best["mIoU"], result.history[-1]
 
@@ -42,17 +42,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from semask import distributed
 from semask.checkpoint import is_url, load_pretrained_backbone, load_training_state, save_checkpoint
-from semask.config import ConfigError, TrainConfig, to_dict
+from semask.engine.config import ConfigError, TrainConfig, to_dict
 from semask.data.datasets import ADE20K, COCOStuff10k, Cityscapes, FolderDataset, SegmentationDataset
 from semask.data.loader import build_train_loader, sample_seed
 from semask.data.toy import ToyDataset
 from semask.data.transforms import TrainTransform
 from semask.errors import SemaskError
-from semask.evaluate import EvalResult, check_classes, evaluate
-from semask.losses import SeMaskLoss
-from semask.models import create_model
-from semask.segmentor import SeMaskFPN
-from semask.utils import atomic_path, seed_everything
+from semask.engine.evaluate import EvalResult, check_classes, evaluate
+from semask.engine.losses import SeMaskLoss
+from semask.model.registry import create_model
+from semask.model.segmentor import SeMaskFPN
+from semask.device import seed_everything
+from semask.io import atomic_path
 
 __all__ = ["TrainingError", "TrainResult", "build_datasets", "model_from_config", "param_groups",
            "learning_rate", "autocast_dtype", "train"]
@@ -91,7 +92,7 @@ class TrainResult:
         return next((r for r in reversed(self.history) if r.get("kind") == "eval"), None)
 
     def summary(self) -> dict[str, Any]:
-        """One flat record of the run for tables (`semask.visualize.results_table`): the final and best validation
+        """One flat record of the run for tables (`semask.viz.visualize.results_table`): the final and best validation
         mIoU, the final per-class IoU (``IoU/<class>``), the parameter count, the steps and the training time in
         seconds (evaluations included)."""
         last = self.last_eval or {}
@@ -273,7 +274,7 @@ def train(config: TrainConfig, work_dir: Union[str, Path], *, resume: Union[bool
     """Train a model with a `TrainConfig` (one process, or one of several started by torchrun).
 
     Args:
-        config: the resolved config (e.g. ``semask.config.get_preset("toy")`` with overrides applied).
+        config: the resolved config (e.g. ``semask.engine.config.get_preset("toy")`` with overrides applied).
         work_dir: run directory (created; an existing run in it is an error unless ``resume``).
         resume: continue from ``work_dir/latest.pth`` (model, optimizer, scaler, step, data position);
             ``"auto"``: continue when there is one, else start (a finished run then just loads: notebooks use this
@@ -281,7 +282,7 @@ def train(config: TrainConfig, work_dir: Union[str, Path], *, resume: Union[bool
         callback: called with every log record (train and eval lines) on the first process, e.g. to plot live.
         progress: show a tqdm progress bar (first process only).
         model: train this network instead of the one ``config.model`` names, with the same recipe, e.g. an outside
-            baseline wrapped in `semask.segmentor.ExternalSegmentor` (fresh weights; it must predict the dataset's
+            baseline wrapped in `semask.model.segmentor.ExternalSegmentor` (fresh weights; it must predict the dataset's
             classes). ``config.model`` is then not used (``model.pretrained`` is an error).
 
     Returns:

@@ -47,7 +47,7 @@ def note(command: str, message: str) -> None:
 
 # --------------------------------------------------------------------------------------------- commands
 def _cmd_list_models(args: argparse.Namespace) -> int:
-    from semask.models import list_models
+    from semask.model.registry import list_models
 
     names = list_models(args.pattern)
     if not names:
@@ -79,9 +79,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from semask.checkpoint import load_checkpoint
     from semask.data.classes import default_palette
     from semask.errors import SemaskError
-    from semask.inference import Predictor
-    from semask.utils import check_device, plan_outputs
-    from semask.visualize import save_label_map
+    from semask.engine.inference import Predictor
+    from semask.device import check_device
+    from semask.io import plan_outputs
+    from semask.viz.visualize import save_label_map
 
     device = check_device(args.device)
     images, seen = [], set()
@@ -148,14 +149,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from semask.benchmark import main as benchmark_main
+    from semask.apps.benchmark import main as benchmark_main
 
     return benchmark_main(args.benchmark_args)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from semask.checkpoint import load_checkpoint
-    from semask.export import ExportError, export_onnx
+    from semask.apps.export import ExportError, export_onnx
 
     if len(args.size) not in (1, 2):
         raise ValueError(f"--size takes one or two numbers (height [width]), got {args.size}")
@@ -190,7 +191,7 @@ def _cmd_convert_weights(args: argparse.Namespace) -> int:
 
 def _resolve_config(name_or_path: str, overrides: Sequence[str]):
     """A preset name or a run's config.json, with ``--set`` overrides applied."""
-    from semask.config import PRESETS, apply_overrides, get_preset, load_config
+    from semask.engine.config import PRESETS, apply_overrides, get_preset, load_config
 
     if name_or_path in PRESETS or not name_or_path.endswith(".json"):
         config = get_preset(name_or_path)
@@ -200,7 +201,7 @@ def _resolve_config(name_or_path: str, overrides: Sequence[str]):
 
 
 def _cmd_configs(args: argparse.Namespace) -> int:
-    from semask.config import PRESETS, list_presets, to_dict
+    from semask.engine.config import PRESETS, list_presets, to_dict
 
     if args.preset is None:
         for name in list_presets():
@@ -227,7 +228,7 @@ def _cmd_configs(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from semask.train import train
+    from semask.engine.train import train
 
     config = _resolve_config(args.preset, args.set)
     result = train(config, args.work_dir, resume=args.resume, progress=not args.no_progress)
@@ -239,8 +240,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_test(args: argparse.Namespace) -> int:
     from semask import distributed
     from semask.checkpoint import load_checkpoint
-    from semask.evaluate import evaluate
-    from semask.train import autocast_dtype, build_datasets
+    from semask.engine.evaluate import evaluate
+    from semask.engine.train import autocast_dtype, build_datasets
 
     config = _resolve_config(args.preset, args.set)
     info = distributed.setup(args.device)
@@ -266,7 +267,7 @@ def _cmd_test(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from semask.demo import run_demo
+    from semask.apps.demo import run_demo
 
     run_demo(args.work_dir, args.data_root, args.set, progress=not args.no_progress)
     return 0
@@ -387,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_convert_weights)
 
-    # the benchmark has its own parser (semask.benchmark.build_parser); main() hands it the remaining words
+    # the benchmark has its own parser (semask.apps.benchmark.build_parser); main() hands it the remaining words
     p = sub.add_parser("benchmark", help="measure speed and memory (see `semask benchmark --help`)",
                        add_help=False)
     p.set_defaults(func=_cmd_benchmark)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from semask.utils import check_device
+from semask.device import check_device
 
 __all__ = ["DistInfo", "setup", "current", "resolve_device", "barrier", "all_reduce_mean", "cleanup"]
 
@@ -47,7 +47,7 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto`` -> the local GPU when CUDA is available, else the CPU; ``cuda`` -> ``cuda:<local_rank>``.
 
     Raises:
-        UsageError: a device this machine does not have, or not a device name (`semask.utils.check_device`).
+        UsageError: a device this machine does not have, or not a device name (`semask.device.check_device`).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from semask.utils import is_exporting
+from semask.model.util import is_exporting
 
 __all__ = ["window_partition", "window_reverse", "pad_to_multiple"]
 
@@ -46,7 +46,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
     The padded size is written as ``ceil(H / multiple) * multiple`` and, while `torch.export` traces the model
     (ONNX export with dynamic sizes), the pad is applied even when it is zero: the traced graph then holds
-    for every input size instead of the one it was traced at (see `semask.export`).
+    for every input size instead of the one it was traced at (see `semask.apps.export`).
     """
     _, H, W, _ = x.shape
     pad_h = (H + multiple - 1) // multiple * multiple - H

@@ -1,6 +1,6 @@
 """Evaluation of SeMask FPN with the paper's protocol (arXiv 2112.12782; SPEC §6), on one process or many.
 
-`evaluate(model, dataset)` runs every image of a split through `semask.inference.Predictor` (whole image or
+`evaluate(model, dataset)` runs every image of a split through `semask.engine.inference.Predictor` (whole image or
 sliding window at the test scale; with ``aug_test=True`` multi-scale + flip), at the original image size, and
 accumulates mmsegmentation's metrics exactly (int64 areas). Memory does not grow with the split: each image's
 prediction is reduced to per-class areas, a (K, K) confusion matrix and two numbers before the next one.
@@ -29,8 +29,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from semask.data.transforms import TestPipelineConfig
-from semask.inference import Predictor
-from semask.metrics import SegmentationMetric, confusion_matrix, format_table, metrics_from_areas
+from semask.engine.inference import Predictor
+from semask.engine.metrics import SegmentationMetric, confusion_matrix, format_table, metrics_from_areas
 
 __all__ = ["EvalResult", "evaluate", "check_classes"]
 
@@ -91,7 +91,7 @@ class EvalResult:
 
     def save_json(self, path: Union[str, Path]) -> Path:
         """Write `to_dict` as JSON (atomically)."""
-        from semask.utils import atomic_path
+        from semask.io import atomic_path
 
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -137,7 +137,7 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
             size) are used, whatever transform it carries.
         mode: ``whole`` or ``slide`` (windows of ``crop_size`` with ``stride`` at the test scale).
         aug_test: multi-scale (ratios of ``test_config.ratios``) + horizontal flip.
-        test_config: test scale and ratios (default: the model's recipe, `semask.inference.test_config_for`).
+        test_config: test scale and ratios (default: the model's recipe, `semask.engine.inference.test_config_for`).
         crop_size, stride: the sliding-window mode's window and stride.
         amp_dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``) or None for fp32.
         device: where to run (default: the model's device).
@@ -210,8 +210,8 @@ def _save_panel(folder: Path, sample: dict[str, Any], pred: np.ndarray, model: n
     """Image | ground truth | prediction | error map, with a class legend, as ``<image stem>.png``."""
     import matplotlib.pyplot as plt
 
-    from semask.utils import atomic_path
-    from semask.visualize import plot_evaluation_panel
+    from semask.io import atomic_path
+    from semask.viz.visualize import plot_evaluation_panel
 
     fig = plot_evaluation_panel(sample["image"], sample["label"], pred, model.palette, class_names,
                                 ignore_index=ignore_index,

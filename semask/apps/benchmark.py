@@ -9,7 +9,7 @@ Measures, for a variant, resolution, batch size, precision and device:
   - optionally the data pipeline (images/s per worker core), the test protocols (images/s through
     whole-image and multi-scale + flip inference on ADE20K-sized images), evaluation memory for a
     growing number of images, and the onnxruntime row: the same model, size, batch and thread count
-    exported to ONNX (`semask.export`, fp32) and run by onnxruntime's CPU session, beside PyTorch.
+    exported to ONNX (`semask.apps.export`, fp32) and run by onnxruntime's CPU session, beside PyTorch.
 Every timing has warm-up runs and repeated measurements; the report gives median, min, max and IQR.
 
     semask benchmark --model semask_tiny_fpn --size 512 --precision bf16 --tasks inference train
@@ -37,9 +37,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import semask
-from semask.losses import semask_loss
+from semask.engine.losses import semask_loss
 from semask.errors import UnknownNameError, UsageError
-from semask.utils import atomic_path, check_device, keep_freed_memory
+from semask.device import check_device, keep_freed_memory
+from semask.io import atomic_path
 
 __all__ = ["BenchmarkConfig", "run_benchmark", "matmul_peak", "count_flops", "time_it", "main", "TASKS"]
 
@@ -66,7 +67,7 @@ class BenchmarkConfig:
     grad_checkpointing: bool = False  # recompute backbone blocks in backward (training)
     channels_last: bool = True  # channels-last memory for the images (and the conv head)
     threads: Optional[int] = None  # torch.set_num_threads (CPU); None = PyTorch's default
-    keep_freed_memory: bool = True  # CPU timings: reuse freed heap memory instead of fresh mmaps (semask.utils)
+    keep_freed_memory: bool = True  # CPU timings: reuse freed heap memory instead of fresh mmaps (semask.io)
     matmul_size: int = 4096  # side of the square matmul that measures the peak (CPU; GPU uses 8192)
     protocol_size: tuple[int, int] = (512, 683)  # ADE20K-sized image for the inference protocols
     protocol_repeats: int = 2  # images timed per protocol
@@ -210,7 +211,7 @@ DATASET_CLASSES = {"ade20k": 150, "cityscapes": 19, "coco_stuff10k": 171, "toy":
 def preset_config(cfg: BenchmarkConfig) -> BenchmarkConfig:
     """`cfg` with the model, class count, input size (the crop) and training batch (images per GPU) of the
     training preset `cfg.preset` (`semask configs` lists them)."""
-    from semask.config import get_preset
+    from semask.engine.config import get_preset
 
     recipe = get_preset(cfg.preset)
     if recipe.data.dataset not in DATASET_CLASSES:
@@ -305,14 +306,14 @@ def prediction_agreement(model: torch.nn.Module, device: torch.device, precision
         pixels that are near-ties. Untrained or synthetic weights have many near-ties; trained ones few.
     """
     from semask.data.toy import render_scene
-    from semask.inference import normalize
+    from semask.engine.inference import normalize
 
     rng = np.random.default_rng(0)
     same = total = near = disagree = disagree_near = 0
     err_sum = 0.0
     files = []
     if root is not None:
-        from semask.images import read_rgb
+        from semask.data.images import read_rgb
 
         files = sorted((Path(root) / "images" / "validation").glob("*.jpg"))[:images]
         if not files:
@@ -379,7 +380,7 @@ def bench_train(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.devi
 
 def bench_protocols(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
     from semask.data.transforms import rescale_size, resize_image
-    from semask.inference import Predictor, normalize
+    from semask.engine.inference import Predictor, normalize
 
     model.eval()
     rng = np.random.default_rng(0)
@@ -415,8 +416,8 @@ def bench_eval_memory(cfg: BenchmarkConfig, model: torch.nn.Module, device: torc
                       count: int) -> dict[str, Any]:
     """Peak memory of whole-image inference + metric accumulation over `count` images (run once per count
     in a fresh process: equal peaks for different counts show memory independent of the split size)."""
-    from semask.inference import Predictor
-    from semask.metrics import SegmentationMetric
+    from semask.engine.inference import Predictor
+    from semask.engine.metrics import SegmentationMetric
 
     model.eval()
     predictor = Predictor(model, mode="whole", device=device, scale=(2048, min(cfg.size)))
@@ -440,7 +441,7 @@ def bench_data(cfg: BenchmarkConfig) -> dict[str, Any]:
 def bench_onnxruntime(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
     """Inference of the same model, input size, batch and thread count through onnxruntime (CPU, fp32).
 
-    The model is exported with `semask.export.export_onnx` (a static graph at `cfg.size`) to a temporary file;
+    The model is exported with `semask.apps.export.export_onnx` (a static graph at `cfg.size`) to a temporary file;
     the session gets as many intra-op threads as PyTorch uses. Timing and peak memory cover `session.run`
     only; the export time and the agreement with PyTorch's logits are reported beside them.
     """
@@ -448,7 +449,7 @@ def bench_onnxruntime(cfg: BenchmarkConfig, model: torch.nn.Module, device: torc
 
     import onnxruntime
 
-    from semask.export import export_onnx, onnx_parity, onnxruntime_session
+    from semask.apps.export import export_onnx, onnx_parity, onnxruntime_session
 
     model.eval()
     threads = torch.get_num_threads()  # what PyTorch runs with here (cfg.threads when given)
@@ -649,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--default-allocator", action="store_true",
-                   help="do not call semask.utils.keep_freed_memory() (CPU); see docs/benchmarks.md")
+                   help="do not call semask.device.keep_freed_memory() (CPU); see docs/benchmarks.md")
     p.add_argument("--matmul-size", type=int, default=d.matmul_size)
     p.add_argument("--protocol-repeats", type=int, default=d.protocol_repeats)
     p.add_argument("--data-images", type=int, default=d.data_images)

@@ -6,7 +6,7 @@ feature map to a multiple of the window BEFORE the cyclic shift, and the shift m
 size. timm's Swin shifts before padding and therefore gives different numbers on sizes that are not
 multiples of the window; the released SeMask checkpoints need this order.
 
-Every stage may end with a semantic layer (`semask.semantic.SemanticLayer`) that produces the stage's
+Every stage may end with a semantic layer (`semask.model.semantic.SemanticLayer`) that produces the stage's
 semantic prior and replaces the stage's features; without it the backbone is the plain Swin baseline.
 Module and parameter names follow the released checkpoints (`layers.{i}.blocks.{j}.attn.qkv.weight`,
 `layers.{i}.semantic_layer...`, `norm{i}`), so official weights load without renaming.
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, trunc_normal_
 
-from semask.semantic import SemanticAttentionMap, SemanticLayer
-from semask.utils import LRUCache, is_exporting
-from semask.windows import pad_to_multiple, window_partition, window_reverse
+from semask.model.semantic import SemanticAttentionMap, SemanticLayer
+from semask.model.util import LRUCache, is_exporting
+from semask.model.windows import pad_to_multiple, window_partition, window_reverse
 
 __all__ = [
     "relative_position_index",

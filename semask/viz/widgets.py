@@ -39,11 +39,11 @@ import torch.nn.functional as F
 from semask.data.classes import default_palette
 from semask.data.datasets import SegmentationDataset
 from semask.data.transforms import TestPipelineConfig, TestTransform, test_preset
-from semask.inference import ImageInput, load_image, test_config_for
-from semask.metrics import mean_iou
-from semask.semantic import SemanticAttentionMap
-from semask.utils import LRUCache
-from semask.visualize import ERROR_CLASSES, ERROR_PALETTE, class_legend, error_map, overlay
+from semask.engine.inference import ImageInput, load_image, test_config_for
+from semask.engine.metrics import mean_iou
+from semask.model.semantic import SemanticAttentionMap
+from semask.model.util import LRUCache
+from semask.viz.visualize import ERROR_CLASSES, ERROR_PALETTE, class_legend, error_map, overlay
 
 if TYPE_CHECKING:
     import ipywidgets
@@ -215,10 +215,10 @@ def analyse_image(model: nn.Module, image: ImageInput, label: Optional[np.ndarra
 
     Args:
         model: a `SeMaskFPN` (or plain-Swin baseline); put in eval mode (and moved to `device`, when given) here.
-        image: (H, W, 3) uint8 RGB, a path, PIL image or tensor (see `semask.inference.load_image`).
+        image: (H, W, 3) uint8 RGB, a path, PIL image or tensor (see `semask.engine.inference.load_image`).
         label: (H, W) ground truth at the image's size (255 = ignore), or None.
         test_preset: a test-pipeline preset name (``"toy"``, ``"ade20k"``, ...) or `TestPipelineConfig`; None:
-            the test pipeline of the model's recipe (`semask.inference.test_config_for`).
+            the test pipeline of the model's recipe (`semask.engine.inference.test_config_for`).
         attention: also keep every semantic layer's attention weights.
         device: where to run (default: the model's device); the model is moved there.
 
@@ -366,7 +366,7 @@ def _new_figure(figsize: tuple[float, float], dpi: int) -> "Figure":
     try:
         from ipympl.backend_nbagg import Canvas, FigureManager
     except ImportError as exc:  # pragma: no cover - ipympl is in the notebooks and dev extras
-        raise ImportError("semask.widgets draws with ipympl; install it with `pip install ipympl` (part of "
+        raise ImportError("semask.viz.widgets draws with ipympl; install it with `pip install ipympl` (part of "
                           "semask's [notebooks] extra) and restart the kernel") from exc
     finally:
         matplotlib.use = use
@@ -387,7 +387,7 @@ def _widgets() -> Any:
     try:
         import ipywidgets
     except ImportError as exc:  # pragma: no cover - ipywidgets is in the notebooks and dev extras
-        raise ImportError("semask.widgets needs ipywidgets; install semask's [notebooks] extra") from exc
+        raise ImportError("semask.viz.widgets needs ipywidgets; install semask's [notebooks] extra") from exc
     return ipywidgets
 
 
@@ -427,7 +427,7 @@ class Explorer:
         titles: a name per image (default: file names, or ``#i``).
         class_names, palette: K names and (K, 3) colours (default: the model's, else the dataset's).
         test_preset: test-pipeline preset or config (``"toy"`` keeps the toy set's 256-pixel images at their
-            size); None: `semask.inference.test_config_for(model)`, the test pipeline of the model's recipe.
+            size); None: `semask.engine.inference.test_config_for(model)`, the test pipeline of the model's recipe.
         device: where the model runs (default: its own device).
         cache_size: analysed images kept (each the model's output for one image, with every semantic layer's
             attention weights: a few MB for an ADE20K-sized image); revisiting one of them does not run the model

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from semask.segmentor import SegmentationOutput
+from semask.model.segmentor import SegmentationOutput
 
 __all__ = ["LossOutput", "SeMaskLoss", "semask_loss", "ohem_weights", "pixel_cross_entropy", "balanced_class_weights"]
 

@@ -1,24 +1,23 @@
 """SeMask FPN segmentor: wires the SeMask Swin backbone to the Semantic-FPN decoder (arXiv 2112.12782).
 
-Wiring only: the parts live in `semask.swin`, `semask.semantic` and `semask.decoder`; the loss in
-`semask.losses`; building by name in `semask.models`.
+Wiring only: the parts live in `semask.model.swin`, `semask.model.semantic` and `semask.model.decoder`; the loss in
+`semask.engine.losses`; building by name in `semask.model.registry`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from semask.decoder import SemanticFPNHead
+from semask.model.config import ModelConfig
+from semask.model.decoder import SemanticFPNHead
 from semask.errors import UsageError, UsageTypeError
-from semask.semantic import SemanticAttentionMap
-from semask.swin import SeMaskSwin
+from semask.model.semantic import SemanticAttentionMap
+from semask.model.swin import SeMaskSwin
 
-if TYPE_CHECKING:  # models.py builds SeMaskFPN, so it cannot be imported here at run time
-    from semask.models import ModelConfig
 
 __all__ = ["SegmentationOutput", "SeMaskFPN", "ExternalSegmentor", "check_input"]
 
@@ -63,7 +62,7 @@ def check_input(x: torch.Tensor, in_chans: int = 3, dtype: Optional[torch.dtype]
                          + (" (add a batch dimension with x[None])" if x.ndim == 3 else ""))
     if not x.is_floating_point():
         raise UsageError(f"expected a floating-point batch (normalised with the ImageNet mean/std), got {x.dtype}; "
-                         "use semask.inference.normalize(uint8_batch.float()), or semask.predict() on images")
+                         "use semask.engine.inference.normalize(uint8_batch.float()), or semask.predict() on images")
     if x.shape[0] < 1:
         raise UsageError(f"expected a batch of at least one image, got shape {tuple(x.shape)}")
     if x.shape[2] < 1 or x.shape[3] < 1:
@@ -82,7 +81,7 @@ class SeMaskFPN(nn.Module):
         decode_head: a `SemanticFPNHead` whose `prior_branch` matches the backbone.
         name: registry name (kept for checkpoints and reports).
         class_names, palette: dataset metadata carried by the model (None when unknown).
-        config: the `ModelConfig` the parts were built from (`semask.models.build_model` passes it; needed to
+        config: the `ModelConfig` the parts were built from (`semask.model.registry.build_model` passes it; needed to
             save the model with `save_checkpoint`).
     """
 
@@ -128,7 +127,7 @@ class SeMaskFPN(nn.Module):
 
 
 class ExternalSegmentor(nn.Module):
-    """Any segmentation network behind semask's interface, so that `semask.train` and `semask.evaluate` can run
+    """Any segmentation network behind semask's interface, so that `semask.engine.train` and `semask.engine.evaluate` can run
     outside baselines (e.g. a `segmentation_models_pytorch` FPN) with the same recipe, data and metrics.
 
     The network maps a normalised (B, 3, H, W) batch to (B, K, h, w) class scores. Inputs are zero-padded on the

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from semask.windows import pad_to_multiple, window_partition, window_reverse
+from semask.model.windows import pad_to_multiple, window_partition, window_reverse
 
 __all__ = ["SemanticAttention", "SemanticLayer", "SemanticAttentionMap"]
 

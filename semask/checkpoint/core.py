@@ -45,10 +45,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from semask.errors import LimitError, NonFiniteError, SemaskError, UsageError
-from semask.models import (ModelConfig, build_model, check_class_metadata, model_config, released_global_stages,
-                           variant_size)
-from semask.segmentor import ExternalSegmentor, SeMaskFPN
-from semask.utils import atomic_path, check_device
+from semask.model.config import ModelConfig, check_class_metadata, released_global_stages
+from semask.model.registry import build_model, model_config, variant_size
+from semask.model.segmentor import ExternalSegmentor, SeMaskFPN
+from semask.device import check_device
+from semask.io import atomic_path
 
 __all__ = [
     "CheckpointError",
@@ -465,7 +466,7 @@ def _own_format(obj: Mapping[str, Any], source: str) -> tuple[str, ModelConfig, 
     name, raw, sd = obj["model_name"], obj["config"], obj["state_dict"]
     if raw is None and isinstance(name, str):
         raise CheckpointError(f"{source} holds the weights of an external network ({name!r}, trained through "
-                              "semask.segmentor.ExternalSegmentor), which semask cannot build from the file: build "
+                              "semask.model.segmentor.ExternalSegmentor), which semask cannot build from the file: build "
                               "the network again and restore them with semask.checkpoint.load_training_state")
     if not isinstance(name, str) or not isinstance(raw, Mapping) or not isinstance(sd, Mapping):
         raise CheckpointError(f"{source}: model_name, config and state_dict must be a str and two dicts, got "
@@ -560,7 +561,7 @@ def save_checkpoint(path: PathLike, model: SeMaskFPN, *, optimizer: Optional[tor
     model = getattr(model, "module", model)
     if getattr(model, "config", None) is None and not isinstance(model, ExternalSegmentor):
         raise UsageError("save_checkpoint: the model has no ModelConfig (build it with semask.create_model or "
-                         "semask.models.build_model)")
+                         "semask.model.registry.build_model)")
     obj: dict[str, Any] = {
         "format": FORMAT,
         "model_name": model.name,

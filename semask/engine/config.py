@@ -5,7 +5,7 @@ each a dataclass whose defaults carry a short comment. `PRESETS` holds one named
 recipe (4 variants x ADE20K, Cityscapes, COCO-Stuff 10k; SPEC §5), the plain-Swin FPN baselines on the same
 recipes, and `toy` / `swin_toy` for the built-in toy data:
 
-    config = semask.config.get_preset("semask_tiny_ade20k")
+    config = semask.engine.config.get_preset("semask_tiny_ade20k")
     config = apply_overrides(config, ["data.root=/data/ADEChallengeData2016", "train.batch_size=4"])
 
 Overrides are dotted ``key=value`` strings applied with type checking (never `exec` of a file): an unknown key
@@ -174,7 +174,7 @@ def _fail(key: str, expected: str, got: Any) -> None:
 
 def validate(config: TrainConfig) -> None:
     """Check the values that types alone do not constrain; raises `ConfigError` naming the key."""
-    from semask.models import list_models
+    from semask.model.registry import list_models
 
     if config.model.name not in list_models():
         _fail("model.name", f"a registered model ({', '.join(list_models())})", config.model.name)
@@ -265,7 +265,7 @@ def _published(semantic: bool, variant: str, dataset: str) -> TrainConfig:
     )
 
 
-# `semask.losses.balanced_class_weights` of the toy training split's pixel counts (seed 0, 300 scenes): the six
+# `semask.engine.losses.balanced_class_weights` of the toy training split's pixel counts (seed 0, 300 scenes): the six
 # things cover 2% of the pixels; weighting the loss by frequency ** -0.5 lifts them about 5-16x over the stuff
 # (tests/test_config.py recomputes these numbers from a freshly written toy set)
 TOY_CLASS_WEIGHTS = (0.70, 1.05, 0.95, 1.00, 0.92, 6.77, 4.90, 7.17, 6.82, 7.49, 15.73)

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from semask.utils import LRUCache, atomic_path, seed_everything
+from semask.device import seed_everything
+from semask.io import atomic_path
+from semask.model.util import LRUCache
 
 
 def test_atomic_path_replaces_only_on_success(tmp_path: Path) -> None:
@@ -35,7 +37,7 @@ def test_seed_everything() -> None:
 
 
 def test_keep_freed_memory_applies_in_a_fresh_process() -> None:
-    code = ("import torch; from semask.utils import keep_freed_memory; ok = keep_freed_memory(); "
+    code = ("import torch; from semask.device import keep_freed_memory; ok = keep_freed_memory(); "
             "x = torch.ones(64, 2**20); del x; print(ok)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ("True" if sys.platform.startswith("linux") else "False")

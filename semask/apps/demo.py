@@ -20,11 +20,11 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from semask.config import apply_overrides, get_preset, to_dict
+from semask.engine.config import apply_overrides, get_preset, to_dict
 from semask.data.toy import META_FILE, STUFF, ToyDataset, make_toy_dataset
-from semask.inference import Predictor, normalize
-from semask.train import train
-from semask.utils import atomic_path
+from semask.engine.inference import Predictor, normalize
+from semask.engine.train import train
+from semask.io import atomic_path
 
 __all__ = ["DemoResult", "run_demo", "DEFAULT_DATA_ROOT", "DEFAULT_RUNS_DIR"]
 
@@ -67,7 +67,7 @@ def run_demo(work_dir: Union[str, Path, None] = None, data_root: Union[str, Path
         matplotlib.use("Agg")  # files only; a notebook that already chose a backend keeps it
     import matplotlib.pyplot as plt
 
-    from semask.visualize import plot_evaluation_panel, plot_stage_priors, plot_training_log
+    from semask.viz.visualize import plot_evaluation_panel, plot_stage_priors, plot_training_log
 
     start = time.perf_counter()
     data_root = Path(data_root)

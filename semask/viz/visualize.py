@@ -9,13 +9,13 @@ into, and imports pyplot only when called (importing semask selects no matplotli
 - `plot_stage_priors`: the semantic prior of each backbone stage, the "semantic masks" SeMask is named after;
 - `plot_attention`: where one query token of a semantic layer attends;
 - `plot_training_log`: loss terms, learning rate and validation mIoU of one or several runs' `log.jsonl`, and
-  `LiveTrainingPlot`, a `semask.train` callback that redraws them in place in a notebook while a run goes on;
+  `LiveTrainingPlot`, a `semask.engine.train` callback that redraws them in place in a notebook while a run goes on;
 - `plot_class_iou`: per-class IoU bars of one or several results;
 - `plot_results` (with `results_table`): several runs grouped by setting, mean and spread over seeds;
 - `plot_confusion`: a row-normalised confusion matrix;
 - `plot_evaluation_panel`: image, ground truth, prediction and error map of one evaluated image.
 
-`error_map` (correct / wrong / ignored pixels) and `class_legend` are shared with `semask.widgets`.
+`error_map` (correct / wrong / ignored pixels) and `class_legend` are shared with `semask.viz.widgets`.
 """
 from __future__ import annotations
 
@@ -33,10 +33,10 @@ from PIL import Image
 
 from semask.data.classes import default_palette
 from semask.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_label
-from semask.inference import ImageInput, load_image
-from semask.semantic import SemanticAttentionMap
-from semask.segmentor import SegmentationOutput
-from semask.utils import atomic_path
+from semask.engine.inference import ImageInput, load_image
+from semask.model.semantic import SemanticAttentionMap
+from semask.model.segmentor import SegmentationOutput
+from semask.io import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -136,7 +136,7 @@ def _numpy(x: ArrayLike) -> np.ndarray:
 
 
 def _as_image(image: ImageInput, who: str) -> np.ndarray:
-    """An (H, W, 3) uint8 RGB array from an array/tensor/path (see `semask.inference.load_image`)."""
+    """An (H, W, 3) uint8 RGB array from an array/tensor/path (see `semask.engine.inference.load_image`)."""
     if isinstance(image, torch.Tensor):
         floating = image.is_floating_point()
     else:
@@ -144,7 +144,7 @@ def _as_image(image: ImageInput, who: str) -> np.ndarray:
     if floating:
         raise ValueError(f"{who}: expected an (H, W, 3) uint8 RGB image, got a {image.dtype} array of shape "
                          f"{tuple(image.shape)}; bring a normalised (3, H, W) image back with "
-                         "semask.visualize.denormalize()")
+                         "semask.viz.visualize.denormalize()")
     try:
         return load_image(image)
     except (ValueError, TypeError) as exc:
@@ -619,7 +619,7 @@ EVAL_FRACTIONS = ("mIoU", "mAcc", "aAcc")  # evaluation metrics stored as fracti
 
 
 def read_training_log(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
-    """The records of a training log: one JSON object per line (the format `semask.train` writes).
+    """The records of a training log: one JSON object per line (the format `semask.engine.train` writes).
 
     Training lines have ``"kind": "train"`` (iter, epoch, loss, loss_decode, loss_prior, lr, ...), evaluation
     lines ``"kind": "eval"`` (iter, mIoU, mAcc, aAcc, IoU, Acc, ...); any other keys are kept as they are.
@@ -785,7 +785,7 @@ def plot_training_log(runs: Union[LogSource, Mapping[str, LogSource], Sequence[U
 
 
 class LiveTrainingPlot:
-    """A `semask.train` callback that redraws `plot_training_log` in place in a notebook while a run goes on.
+    """A `semask.engine.train` callback that redraws `plot_training_log` in place in a notebook while a run goes on.
 
         live = LiveTrainingPlot(every=5)
         result = semask.train(config, work_dir, callback=live)

@@ -1,0 +1,85 @@
+"""Devices and process-wide numerics for semask (arXiv 2112.12782): device checks, seeding, the allocator."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import random
+from typing import Union
+
+import numpy as np
+import torch
+
+from semask.errors import UsageError
+
+__all__ = ['check_device', 'seed_everything', 'keep_freed_memory']
+
+
+def check_device(device: Union[str, torch.device, None]) -> torch.device:
+    """The `torch.device` for `device`, checked to exist on this machine.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, a `torch.device`, or None for the CPU.
+
+    Raises:
+        UsageError: not a device name, or a device this machine does not have (e.g. ``"cuda"`` without CUDA).
+    """
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise UsageError(f"device {device!r} is not a device name; expected e.g. 'cpu', 'cuda', 'cuda:1' or "
+                         f"'mps' ({exc})") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {str(device)!r} was asked for but CUDA is not available here "
+                             "(torch.cuda.is_available() is False: no GPU or driver, or a CPU-only PyTorch); "
+                             "use the CPU ('cpu', --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"device {str(device)!r} does not exist: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s), cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device {str(device)!r} was asked for but Apple's MPS backend is not available here; "
+                         "use 'cpu'")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and PyTorch's (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def keep_freed_memory() -> bool:
+    """Let this process reuse the memory it frees instead of returning it to the OS (glibc only).
+
+    PyTorch's CPU tensors come from `malloc`; glibc serves large blocks with fresh `mmap`s and unmaps them on
+    free, so every large activation is page-faulted in anew on every forward pass (for SeMask-T at 512x512
+    on a 2-core VM this costs about 15% of the inference time). Turning off `mmap` for allocations and
+    raising the trim threshold makes freed blocks stay in the heap for the next pass: memory is not handed
+    back between passes, and the process keeps its high-water mark (docs/benchmarks.md records the peak
+    resident memory both ways). This is the glibc counterpart of running with jemalloc or tcmalloc, which
+    PyTorch's CPU performance guides recommend.
+
+    The price is fragmentation: a heap that never returns memory also keeps its holes, and the resident size
+    can creep up (measured: +240 MiB over 64 same-size evaluation images of SeMask-T, where the default
+    allocator stayed flat). Use it for fixed-shape loops such as benchmarks and training steps, not for long
+    evaluations over many image sizes.
+
+    Changes process-wide allocator settings, so it is never called implicitly: the benchmark calls it (and
+    records that it did) for its timings.
+
+    Returns:
+        True if the settings were applied, False where glibc's `mallopt` is not available.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h parameter numbers
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
