@@ -1,17 +1,22 @@
-"""Devices and process-wide numerics for semask (arXiv 2112.12782): device checks, seeding, the allocator."""
+"""Devices and process-wide numerics for semask (arXiv 2112.12782): device checks, precision (autocast), peak memory,
+seeding, the allocator."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import random
-from typing import Union
+import re
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
 from semask.errors import UsageError
 
-__all__ = ['check_device', 'seed_everything', 'keep_freed_memory']
+__all__ = ["check_device", "autocast_dtype", "autocast", "peak_memory_bytes", "PeakMemory", "seed_everything",
+           "keep_freed_memory"]
 
 
 def check_device(device: Union[str, torch.device, None]) -> torch.device:
@@ -83,3 +88,70 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h parameter numbers
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for a precision setting (None = fp32).
+
+    ``auto`` is bf16 on GPUs that support it, fp16 on other GPUs and fp32 on the CPU.
+    """
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    """`torch.autocast` to `dtype` on `device`'s type, or nothing for None (full precision)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _reset_peak_rss() -> None:
+    with contextlib.suppress(OSError):  # not Linux, or not allowed: the peak then covers the process lifetime
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def _peak_rss() -> Optional[int]:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    match = re.search(r"VmHWM:\s+(\d+) kB", status)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def peak_memory_bytes(device: torch.device) -> Optional[int]:
+    """The peak memory of this process so far: CUDA max allocated on a GPU, peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _peak_rss()
+
+
+class PeakMemory:
+    """Peak memory over a block: CUDA max allocated on a GPU, peak resident set size (VmHWM) on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes: Optional[int] = None
+        self.baseline_bytes: Optional[int] = None  # allocated / resident when the block started
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_bytes = torch.cuda.memory_allocated(self.device)
+        else:
+            _reset_peak_rss()
+            self.baseline_bytes = _peak_rss()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.peak_bytes = _peak_rss()

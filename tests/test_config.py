@@ -1,4 +1,4 @@
-"""Training configs: the twelve published recipes (SPEC §5), their baselines, typed overrides, round trips, CLI."""
+"""Training configs: the twelve published recipes (docs/recipes.md §5), their baselines, typed overrides, round trips, CLI."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,8 @@ from semask.engine.config import (PRESETS, ConfigError, TrainConfig, apply_overr
                            list_presets, load_config, set_value, to_dict)
 from semask.data.transforms import TRAIN_RATIOS
 
-# SPEC §5, row by row: crop, scale, ratio set (True) or range, cat_max_ratio, lr, weight decay, warm-up ratio,
-# images per GPU, GPUs; OHEM from SPEC §3 (Large ADE20K and every COCO-Stuff 10k recipe).
+# docs/recipes.md §5, row by row: crop, scale, ratio set (True) or range, cat_max_ratio, lr, weight decay, warm-up ratio,
+# images per GPU, GPUs; OHEM from docs/recipes.md §3 (Large ADE20K and every COCO-Stuff 10k recipe).
 RECIPES = {
     ("ade20k", "tiny"): (512, (2048, 512), True, 0.75, 1e-4, 1e-4, 1e-6, 8, 2, None),
     ("ade20k", "small"): (512, (2048, 512), True, 1.0, 1e-4, 1e-4, 1e-6, 8, 2, None),

@@ -12,8 +12,8 @@ from semask.apps.cli import main
 from semask.data import COCOStuff10k, Cityscapes, DatasetError
 from semask.data import convert
 
-# SPEC §5's Cityscapes table, written out independently of the module under test.
-SPEC_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+# The official Cityscapes label table (docs/recipes.md §5), written out independently of the module under test.
+OFFICIAL_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
                   26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 
 
@@ -38,7 +38,7 @@ def test_cityscapes_label_ids_become_train_ids(tmp_path):
     for src in sources:
         target = src.with_name(src.name.replace("_labelIds.png", "_labelTrainIds.png"))
         out = np.asarray(Image.open(target))
-        expected = [SPEC_TRAIN_IDS.get(i, 255) for i in range(40)]
+        expected = [OFFICIAL_TRAIN_IDS.get(i, 255) for i in range(40)]
         assert out.ravel().tolist() == expected
     assert not list(tmp_path.rglob("*.tmp*"))  # atomic writes leave nothing behind
     ds = Cityscapes(tmp_path, "train")

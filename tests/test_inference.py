@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import semask
-from semask.engine.inference import MS_RATIOS, Predictor, default_test_scale, load_image, normalize
+from semask.engine.inference import TEST_RATIOS, Predictor, load_image, model_test_config, normalize
 
 from helpers import randomize_gammas
 
@@ -36,7 +36,7 @@ def _count_backbone_calls(model: semask.SeMaskFPN) -> list:
 
 
 def _manual(model, image: np.ndarray, scale: tuple[int, int], flip: bool = False) -> torch.Tensor:
-    """SPEC §6 written out: keep-ratio rescale, model, softmax, resize to the original size."""
+    """docs/recipes.md §6 written out: keep-ratio rescale, model, softmax, resize to the original size."""
     h0, w0 = image.shape[:2]
     s = min(max(scale) / max(h0, w0), min(scale) / min(h0, w0))
     size = (int(h0 * s + 0.5), int(w0 * s + 0.5))
@@ -66,9 +66,9 @@ def test_whole_image_follows_the_protocol(model, image) -> None:
 def test_multiscale_flip_runs_the_backbone_once_per_scale(model, image) -> None:
     calls = _count_backbone_calls(model)
     probs = Predictor(model, mode="msflip", scale=(256, 64)).probabilities(image)
-    assert len(calls) == len(MS_RATIOS) and all(c[0] == 2 for c in calls)  # image + flipped copy, one pass
+    assert len(calls) == len(TEST_RATIOS) and all(c[0] == 2 for c in calls)  # image + flipped copy, one pass
     expected = sum(_manual(model, image, (int(256 * r), int(64 * r)), flip)
-                   for r in MS_RATIOS for flip in (False, True)) / 12
+                   for r in TEST_RATIOS for flip in (False, True)) / 12
     torch.testing.assert_close(probs, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -115,8 +115,8 @@ def test_bad_inputs(model, tmp_path: Path) -> None:
 
 def test_default_test_scales() -> None:
     with torch.device("meta"):
-        assert default_test_scale(semask.create_model("semask_tiny_fpn", num_classes=19)) == (2048, 1024)
-        assert default_test_scale(semask.create_model("semask_tiny_fpn", num_classes=150)) == (2048, 512)
+        assert model_test_config(semask.create_model("semask_tiny_fpn", num_classes=19)).scale == (2048, 1024)
+        assert model_test_config(semask.create_model("semask_tiny_fpn", num_classes=150)).scale == (2048, 512)
 
 
 def test_bf16_autocast_agrees_with_fp32(model, image) -> None:
@@ -128,13 +128,13 @@ def test_bf16_autocast_agrees_with_fp32(model, image) -> None:
 @pytest.mark.parametrize("size", [(64, 85), (45, 71), (100, 64)])  # at scale already (argmax of logits), rescaled
 @pytest.mark.parametrize("mode", ["whole", "msflip"])
 def test_fast_label_paths_give_the_protocols_labels(model, size, mode) -> None:
-    """`predict_labels` skips the softmax and the identity resize where it may; the labels stay those of SPEC §6."""
+    """`predict_labels` skips the softmax and the identity resize where it may; the labels stay those of docs/recipes.md §6."""
     image = np.random.default_rng(size[0]).integers(0, 256, (*size, 3), dtype=np.uint8)
     if mode == "whole":
         expected = _manual(model, image, (256, 64))
     else:
         expected = sum(_manual(model, image, (int(256 * r), int(64 * r)), flip)
-                       for r in MS_RATIOS for flip in (False, True)) / 12
+                       for r in TEST_RATIOS for flip in (False, True)) / 12
     predictor = Predictor(model, mode=mode, scale=(256, 64))
     labels = predictor.predict_labels(image)
     assert labels.dtype == torch.int64 and labels.shape == size and labels.device == predictor.device

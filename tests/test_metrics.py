@@ -1,4 +1,4 @@
-"""Tests of semask.engine.metrics: SPEC §6 definitions, streaming, smp cross-check, real torch.distributed merging."""
+"""Tests of semask.engine.metrics: docs/recipes.md §6 definitions, streaming, smp cross-check, real torch.distributed merging."""
 from __future__ import annotations
 
 import math
@@ -24,7 +24,7 @@ def _random_set(seed: int, n: int = 6, k: int = 7, shape: tuple[int, int] = (19,
 
 
 def _numpy_reference(preds: np.ndarray, labels: np.ndarray, k: int) -> dict:
-    """SPEC §6 written out with numpy loops over classes."""
+    """docs/recipes.md §6 written out with numpy loops over classes."""
     valid = labels != 255
     p, lab = preds[valid], labels[valid]
     iou, acc = np.full(k, np.nan), np.full(k, np.nan)

@@ -17,7 +17,7 @@ from semask.engine.losses import semask_loss
 
 from helpers import randomize_gammas
 
-# SPEC §1: exact parameter counts (millions, two decimals) for 150 / 19 / 171 classes
+# docs/recipes.md §1: exact parameter counts (millions, two decimals) for 150 / 19 / 171 classes
 PUBLISHED = {
     "tiny": (34.66, 34.24, 34.72),
     "small": (55.97, 55.56, 56.04),

@@ -22,7 +22,7 @@ from semask.checkpoint import (LIMITS, CheckpointError, CheckpointLimitError, Ch
 from semask.data import TEST_PRESETS, DatasetError, FolderDataset, make_toy_dataset
 from semask.data.transforms import multi_scale_sizes
 from semask.errors import (ImageError, LimitError, NonFiniteError, UnknownNameError, UsageError, UsageTypeError)
-from semask.engine.inference import Predictor, eval_mode, load_image, test_config_for, test_preset_for
+from semask.engine.inference import Predictor, eval_mode, load_image, model_test_config, recipe_test_preset
 from semask.model.config import ModelConfig
 from semask.model.registry import build_model
 
@@ -442,8 +442,8 @@ def test_autocast_casts_other_float_inputs_but_not_float64() -> None:
 def test_the_test_scale_comes_from_the_models_preset(name, num_classes, preset) -> None:
     with torch.device("meta"):
         m = semask.create_model(name, num_classes=num_classes)
-    assert test_preset_for(num_classes, m.config.embed_dim) == preset
-    assert test_config_for(m) == TEST_PRESETS[preset]
+    assert recipe_test_preset(num_classes, m.config.embed_dim) == preset
+    assert model_test_config(m) == TEST_PRESETS[preset]
     predictor = Predictor(m)
     assert predictor.scale == TEST_PRESETS[preset].scale and predictor.test_config == TEST_PRESETS[preset]
     assert Predictor(m, mode="msflip").ratios == TEST_PRESETS[preset].ratios

@@ -14,7 +14,8 @@ from semask.engine.config import ConfigError, apply_overrides, get_preset
 from semask.data.loader import AugmentedDataset, TrainSampler, build_train_loader
 from semask.data.toy import ToyDataset
 from semask.data.transforms import TrainTransform, train_preset
-from semask.engine.train import (TrainingError, autocast_dtype, learning_rate, model_from_config, param_groups, train)
+from semask.device import autocast_dtype
+from semask.engine.train import (TrainingError, learning_rate, model_from_config, param_groups, train)
 from helpers import tiny_overrides
 
 

@@ -1,4 +1,4 @@
-"""Tests of semask.data.transforms and semask.data.photometric (SPEC §5-6 semantics)."""
+"""Tests of semask.data.transforms and semask.data.photometric (docs/recipes.md §5-6 semantics)."""
 from __future__ import annotations
 
 import colorsys
@@ -117,7 +117,7 @@ def test_presets_follow_the_spec_recipe_table():
         coco = tf.train_preset(f"coco_stuff10k_{variant}")
         assert coco.cat_max_ratio == 1.0 and coco.ratios == tf.TRAIN_RATIOS
         assert coco.crop_size == ((640, 640) if variant == "large" else (512, 512))
-    assert tf.test_preset("cityscapes").scale == (2048, 1024) and tf.test_preset("ade20k").scale == (2048, 512)
+    assert tf.get_test_preset("cityscapes").scale == (2048, 1024) and tf.get_test_preset("ade20k").scale == (2048, 512)
     with pytest.raises(KeyError, match="ade20k_tiny"):
         tf.train_preset("ade20k_huge")
 

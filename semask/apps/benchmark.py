@@ -39,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 import semask
 from semask.engine.losses import semask_loss
 from semask.errors import UnknownNameError, UsageError
-from semask.device import check_device, keep_freed_memory
+from semask.device import PeakMemory, autocast, autocast_dtype, check_device, keep_freed_memory
 from semask.io import atomic_path
 
 __all__ = ["BenchmarkConfig", "run_benchmark", "matmul_peak", "count_flops", "time_it", "main", "TASKS"]
@@ -100,47 +100,6 @@ def time_it(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.devi
             "iqr_s": q[2] - q[0], "times_s": times}
 
 
-class PeakMemory:
-    """Peak memory over a block: CUDA max allocated on a GPU, peak resident set size (VmHWM) on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak_bytes: Optional[int] = None
-        self.baseline_bytes: Optional[int] = None  # allocated / resident when the block started
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline_bytes = torch.cuda.memory_allocated(self.device)
-        else:
-            _reset_peak_rss()
-            self.baseline_bytes = _peak_rss()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self.peak_bytes = _peak_rss()
-
-
-def _reset_peak_rss() -> None:
-    with contextlib.suppress(OSError):  # not Linux, or not allowed: the peak then covers the process lifetime
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
-
-def _peak_rss() -> Optional[int]:
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    match = re.search(r"VmHWM:\s+(\d+) kB", status)
-    return int(match.group(1)) * 1024 if match else None
-
-
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
@@ -176,12 +135,6 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int, repeats: int =
     stats = time_it(lambda: torch.mm(a, b), warmup=2, repeats=repeats, device=device)
     flops = 2.0 * n ** 3
     return {"n": n, "best_flops": flops / stats["min_s"], "median_flops": flops / stats["median_s"]}
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -248,12 +201,13 @@ def bench_inference(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.
     x = _images(cfg, cfg.batch_size, device)
 
     def step() -> None:
-        with torch.inference_mode(), _autocast(device, cfg.precision):
+        with torch.inference_mode(), autocast(device, autocast_dtype(cfg.precision, device)):
             forward(x)
 
     with PeakMemory(device) as mem:
         stats = time_it(step, cfg.warmup, cfg.repeats, device)
-    with torch.inference_mode(), _autocast(device, cfg.precision):  # after timing: its memory is not the model's
+    # after timing: its memory is not the model's
+    with torch.inference_mode(), autocast(device, autocast_dtype(cfg.precision, device)):
         flops = count_flops(lambda: model(x)) / cfg.batch_size
     out = {"batch_size": cfg.batch_size, "latency": stats, "images_per_s": cfg.batch_size / stats["median_s"],
            "flops_per_image": flops, "achieved_flops": flops * cfg.batch_size / stats["median_s"],
@@ -274,7 +228,7 @@ def interleaved_speedup(forward: Callable, x: torch.Tensor, device: torch.device
     the ratio.
     """
     def run(p: str) -> None:
-        with torch.inference_mode(), _autocast(device, p):
+        with torch.inference_mode(), autocast(device, autocast_dtype(p, device)):
             forward(x)
 
     for _ in range(warmup):
@@ -327,7 +281,7 @@ def prediction_agreement(model: torch.nn.Module, device: torch.device, precision
         x = normalize(torch.from_numpy(scene).permute(2, 0, 1)[None].float().to(device))
         with torch.inference_mode():
             ref = model(x).logits.float()
-            with _autocast(device, precision):
+            with autocast(device, autocast_dtype(precision, device)):
                 low = model(x).logits.float()
         err = (ref - low).abs().mean()
         top2 = ref.topk(2, dim=1).values
@@ -355,14 +309,14 @@ def bench_train(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.devi
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with _autocast(device, cfg.precision):
+        with autocast(device, autocast_dtype(cfg.precision, device)):
             loss = semask_loss(forward(x), y).total
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
 
     def fwd_bwd() -> None:
-        with _autocast(device, cfg.precision):
+        with autocast(device, autocast_dtype(cfg.precision, device)):
             loss = semask_loss(model(x), y).total
         loss.backward()
 
@@ -396,7 +350,7 @@ def bench_protocols(cfg: BenchmarkConfig, model: torch.nn.Module, device: torch.
     x = x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
     def forward() -> None:
-        with torch.inference_mode(), _autocast(device, cfg.precision):
+        with torch.inference_mode(), autocast(device, autocast_dtype(cfg.precision, device)):
             model(x)
 
     forward_stats = time_it(forward, warmup=1, repeats=cfg.protocol_repeats, device=device)

@@ -238,10 +238,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_test(args: argparse.Namespace) -> int:
-    from semask import distributed
+    from semask.engine import distributed
     from semask.checkpoint import load_checkpoint
     from semask.engine.evaluate import evaluate
-    from semask.engine.train import autocast_dtype, build_datasets
+    from semask.device import autocast_dtype
+    from semask.engine.train import build_datasets
 
     config = _resolve_config(args.preset, args.set)
     info = distributed.setup(args.device)

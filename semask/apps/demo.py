@@ -23,6 +23,7 @@ import torch
 from semask.engine.config import apply_overrides, get_preset, to_dict
 from semask.data.toy import META_FILE, STUFF, ToyDataset, make_toy_dataset
 from semask.engine.inference import Predictor, normalize
+from semask.engine.rundir import BEST, CONFIG_FILE, LATEST, LOG_FILE
 from semask.engine.train import train
 from semask.io import atomic_path
 
@@ -80,8 +81,8 @@ def run_demo(work_dir: Union[str, Path, None] = None, data_root: Union[str, Path
     work_dir = Path(work_dir)
     result = train(config, work_dir, progress=progress)
     model = result.model
-    files = {"checkpoint": work_dir / "latest.pth", "best": work_dir / "best.pth", "log": work_dir / "log.jsonl",
-             "config": work_dir / "config.json"}
+    files = {"checkpoint": work_dir / LATEST, "best": work_dir / BEST, "log": work_dir / LOG_FILE,
+             "config": work_dir / CONFIG_FILE}
 
     fig = plot_training_log(work_dir)
     files["curves"] = _save(fig, work_dir / "curves.png")

@@ -46,6 +46,7 @@ import torch.nn as nn
 
 from semask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from semask.model.segmentor import SeMaskFPN
+from semask.errors import SemaskError
 from semask.io import atomic_path
 
 __all__ = [
@@ -63,7 +64,7 @@ MIN_DYNAMIC_SIZE = 33  # smallest height/width of a dynamic graph: the stride-32
 _INSTALL_HINT = "install the export extra: pip install 'semask[export]' (onnx, onnxscript, onnxruntime)"
 
 
-class ExportError(RuntimeError):
+class ExportError(SemaskError, RuntimeError):
     """An ONNX export that failed or did not reproduce PyTorch; the message says which and what to do."""
 
 

@@ -8,7 +8,7 @@ from semask.data.photometric import PhotoMetricDistortion
 from semask.data.toy import TOY_CLASSES, TOY_PALETTE, ToyDataset, make_toy_dataset
 from semask.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TEST_PRESETS, TEST_RATIOS, TRAIN_PRESETS,
                                     TestPipelineConfig, TestTransform, TrainPipelineConfig, TrainTransform,
-                                    rescale_size, resize_image, resize_label, test_preset, train_preset)
+                                    rescale_size, resize_image, resize_label, get_test_preset, train_preset)
 
 __all__ = [
     "ADE20K", "Cityscapes", "COCOStuff10k", "FolderDataset", "ToyDataset", "SegmentationDataset", "DatasetError",

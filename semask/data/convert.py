@@ -1,4 +1,4 @@
-"""Converters from datasets as downloaded to the layouts semask reads (SeMask, arXiv 2112.12782, SPEC §5).
+"""Converters from datasets as downloaded to the layouts semask reads (SeMask, arXiv 2112.12782, docs/recipes.md §5).
 
 - Cityscapes: ``gtFine/**/*_gtFine_labelIds.png`` -> ``*_gtFine_labelTrainIds.png`` beside them (the official
   19 train ids, 255 elsewhere).

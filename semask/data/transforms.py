@@ -1,4 +1,4 @@
-"""Training and test pipelines of SeMask (arXiv 2112.12782), with the reference semantics of SPEC §5-6.
+"""Training and test pipelines of SeMask (arXiv 2112.12782), with the reference semantics of docs/recipes.md §5-6.
 
 Training (mmsegmentation's order): keep-ratio rescale to ``scale x ratio`` -> random crop (``cat_max_ratio``
 with up to 10 retries) -> horizontal flip (p 0.5) -> photometric distortion -> normalise -> pad to the crop
@@ -220,7 +220,7 @@ def pad_to(tensor: torch.Tensor, size: tuple[int, int], value: float) -> torch.T
 # --------------------------------------------------------------------------------------------- configuration
 @dataclass(frozen=True)
 class TrainPipelineConfig:
-    """The training augmentation of one published recipe (SPEC §5)."""
+    """The training augmentation of one published recipe (docs/recipes.md §5)."""
 
     crop_size: tuple[int, int] = (512, 512)  # (h, w) of the random crop; smaller images are padded
     scale: tuple[int, int] = (2048, 512)  # keep-ratio base scale (long_max, short_max) before the ratio
@@ -251,7 +251,7 @@ class TrainPipelineConfig:
 
 @dataclass(frozen=True)
 class TestPipelineConfig:
-    """The test-time rescale of one published recipe (SPEC §6)."""
+    """The test-time rescale of one published recipe (docs/recipes.md §6)."""
 
     scale: tuple[int, int] = (2048, 512)  # keep-ratio test scale (long_max, short_max)
     ratios: tuple[float, ...] = TEST_RATIOS  # multi-scale ratios used by the inference module's msflip mode
@@ -289,7 +289,7 @@ def _cityscapes() -> TrainPipelineConfig:
                                cat_max_ratio=0.75)
 
 
-# One preset per row of SPEC §5's recipe table, named `<dataset>_<variant>`.
+# One preset per row of the recipe table of docs/recipes.md §5, named `<dataset>_<variant>`.
 TRAIN_PRESETS: dict[str, TrainPipelineConfig] = {
     "ade20k_tiny": _ratio_set(512, 2048, 0.75),
     "ade20k_small": _ratio_set(512, 2048, 1.0),
@@ -328,12 +328,10 @@ def train_preset(name: str) -> TrainPipelineConfig:
     return _lookup(TRAIN_PRESETS, name, "training pipeline")
 
 
-def test_preset(name: str) -> TestPipelineConfig:
-    """The test pipeline config of a dataset, e.g. ``test_preset("cityscapes")``."""
+def get_test_preset(name: str) -> TestPipelineConfig:
+    """The test pipeline config of a dataset, e.g. ``get_test_preset("cityscapes")``."""
     return _lookup(TEST_PRESETS, name, "test pipeline")
 
-
-test_preset.__test__ = False  # type: ignore[attr-defined]  # not a pytest test despite the name
 
 
 # --------------------------------------------------------------------------------------------- random crop
@@ -381,7 +379,7 @@ def _check_sample(sample: dict[str, Any], who: str) -> tuple[np.ndarray, np.ndar
 
 @dataclass
 class TrainTransform:
-    """SPEC §5's training augmentation as a callable on dataset samples.
+    """The training augmentation of docs/recipes.md §5 as a callable on dataset samples.
 
     ``transform(sample, generator=None)`` maps ``{"image": (H, W, 3) uint8, "label": (H, W) int, ...}`` to
     ``{"image": (3, ch, cw) float32 normalised, "label": (ch, cw) int64 (255 = ignore/padding), ...}``; other
@@ -444,7 +442,7 @@ class TrainTransform:
 
 @dataclass
 class TestTransform:
-    """Keep-ratio rescale to the test scale and normalise (SPEC §6), labels left at the original size.
+    """Keep-ratio rescale to the test scale and normalise (docs/recipes.md §6), labels left at the original size.
 
     ``transform(sample)`` maps ``{"image": (H, W, 3) uint8, "label": (H, W) int (optional), ...}`` to
     ``{"image": (3, h, w) float32, "label": (H, W) int64, "ori_size": (H, W), ...}``.

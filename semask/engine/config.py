@@ -2,7 +2,7 @@
 
 A `TrainConfig` has one section per concern — `model`, `data`, `loss`, `optim`, `schedule`, `train`, `eval` —
 each a dataclass whose defaults carry a short comment. `PRESETS` holds one named config per published SeMask FPN
-recipe (4 variants x ADE20K, Cityscapes, COCO-Stuff 10k; SPEC §5), the plain-Swin FPN baselines on the same
+recipe (4 variants x ADE20K, Cityscapes, COCO-Stuff 10k; docs/recipes.md §5), the plain-Swin FPN baselines on the same
 recipes, and `toy` / `swin_toy` for the built-in toy data:
 
     config = semask.engine.config.get_preset("semask_tiny_ade20k")
@@ -28,6 +28,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
+from semask.errors import UsageError
 from semask.data.transforms import TEST_PRESETS, TRAIN_PRESETS, TestPipelineConfig, TrainPipelineConfig
 
 __all__ = [
@@ -56,7 +57,7 @@ DATASETS = ("ade20k", "cityscapes", "coco_stuff10k", "toy", "folder")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration key or value that cannot be used; the message names the key and what is valid."""
 
 
@@ -76,7 +77,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """The dataset, its augmentation (SPEC §5) and its test-time rescale (SPEC §6)."""
+    """The dataset, its augmentation (docs/recipes.md §5) and its test-time rescale (docs/recipes.md §6)."""
 
     dataset: str = "ade20k"  # ade20k | cityscapes | coco_stuff10k | toy | folder
     root: str = "data/ade20k"  # dataset root (for ade20k also the folder that contains ADEChallengeData2016)
@@ -93,7 +94,7 @@ class DataSection:
 
 @dataclass
 class LossSection:
-    """CE of the decoder + prior_weight x CE of the summed semantic prior (SPEC §3)."""
+    """CE of the decoder + prior_weight x CE of the summed semantic prior (docs/recipes.md §3)."""
 
     prior_weight: float = 0.4  # weight of the semantic-prior loss (0.4 in every recipe)
     ohem_min_kept: Optional[int] = None  # OHEM: hardest pixels kept per image (100000 where the release uses it)
@@ -233,7 +234,7 @@ _OFFICIAL_DATASET = {"ade20k": "ade20k", "cityscapes": "cityscapes", "coco_stuff
 
 
 def _published(semantic: bool, variant: str, dataset: str) -> TrainConfig:
-    """One row of SPEC §5's recipe table (both for SeMask and for the plain-Swin baseline)."""
+    """One row of the recipe table of docs/recipes.md §5 (both for SeMask and for the plain-Swin baseline)."""
     large = variant == "large"
     crop = 768 if dataset == "cityscapes" else 640 if large else 512
     if dataset == "ade20k":
@@ -243,7 +244,7 @@ def _published(semantic: bool, variant: str, dataset: str) -> TrainConfig:
     else:
         per_gpu, gpus = (2, 8) if variant in ("base", "large") else (4, 4)
     cityscapes = dataset == "cityscapes"
-    # OHEM: the Large ADE20K recipe and every COCO-Stuff 10k recipe (SPEC §3)
+    # OHEM: the Large ADE20K recipe and every COCO-Stuff 10k recipe (docs/recipes.md §3)
     ohem = 100_000 if (dataset == "ade20k" and large) or dataset == "coco_stuff10k" else None
     test_key = f"{dataset}_large" if large and f"{dataset}_large" in TEST_PRESETS else dataset
     prefix = "semask_swin" if semantic else "swin"

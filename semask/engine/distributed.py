@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from semask.device import check_device
 
-__all__ = ["DistInfo", "setup", "current", "resolve_device", "barrier", "all_reduce_mean", "cleanup"]
+__all__ = ["DistInfo", "setup", "resolve_device", "barrier", "all_reduce_mean", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -82,15 +82,6 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
         started = True
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
                     started_here=started)
-
-
-def current(device: Optional[torch.device] = None) -> DistInfo:
-    """The `DistInfo` of an already initialised process group (or of a single process)."""
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                        local_rank=int(os.environ.get("LOCAL_RANK", "0")), device=dev)
-    return DistInfo(device=dev)
 
 
 def barrier(info: DistInfo) -> None:

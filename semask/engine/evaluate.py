@@ -1,4 +1,4 @@
-"""Evaluation of SeMask FPN with the paper's protocol (arXiv 2112.12782; SPEC §6), on one process or many.
+"""Evaluation of SeMask FPN with the paper's protocol (arXiv 2112.12782; docs/recipes.md §6), on one process or many.
 
 `evaluate(model, dataset)` runs every image of a split through `semask.engine.inference.Predictor` (whole image or
 sliding window at the test scale; with ``aug_test=True`` multi-scale + flip), at the original image size, and
@@ -137,7 +137,7 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
             size) are used, whatever transform it carries.
         mode: ``whole`` or ``slide`` (windows of ``crop_size`` with ``stride`` at the test scale).
         aug_test: multi-scale (ratios of ``test_config.ratios``) + horizontal flip.
-        test_config: test scale and ratios (default: the model's recipe, `semask.engine.inference.test_config_for`).
+        test_config: test scale and ratios (default: the model's recipe, `semask.engine.inference.model_test_config`).
         crop_size, stride: the sliding-window mode's window and stride.
         amp_dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``) or None for fp32.
         device: where to run (default: the model's device).

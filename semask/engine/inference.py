@@ -1,4 +1,4 @@
-"""Inference with the test protocol of SeMask FPN (arXiv 2112.12782; SPEC §6).
+"""Inference with the test protocol of SeMask FPN (arXiv 2112.12782; docs/recipes.md §6).
 
 - whole image: rescale to fit the test scale keeping the aspect ratio, run the model (logits come back at the
   rescaled size), softmax, resize the probabilities to the original size, argmax;
@@ -8,7 +8,7 @@
   maps (flipped ones flipped back) are averaged at the original size.
 
 The test scale, ratios and normalisation come from a `TestPipelineConfig` (`semask.data.TEST_PRESETS`); by
-default the one the model's recipe was tested with (`test_preset_for`). The backbone runs once per scale:
+default the one the model's recipe was tested with (`recipe_test_preset`). The backbone runs once per scale:
 the flipped copy travels in the same batch as the original.
 
 Where the protocol allows it the work is skipped, not approximated: with one view and no probabilities asked
@@ -36,26 +36,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from semask.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TEST_PRESETS, TEST_RATIOS, TestPipelineConfig,
-                                    multi_scale_sizes, resize_image, test_preset)
+                                    multi_scale_sizes, resize_image, get_test_preset)
 from semask.errors import NonFiniteError, UsageError, UsageTypeError
 from semask.data.images import ImageInput, rgb_tensor
 from semask.model.registry import model_config
-from semask.device import check_device
+from semask.device import autocast, check_device
 
 __all__ = [
-    "MS_RATIOS",
     "ImageInput",
     "load_image",
     "normalize",
-    "test_preset_for",
-    "test_config_for",
-    "default_test_scale",
+    "recipe_test_preset",
+    "model_test_config",
     "eval_mode",
     "Predictor",
     "predict",
 ]
 
-MS_RATIOS = TEST_RATIOS  # the paper's multi-scale test ratios, 0.5 .. 1.75
 _CHUNK_BYTES = 256 << 20  # above this, the final resize + argmax of one view works on groups of classes
 
 
@@ -80,10 +77,10 @@ def normalize(image: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
     return (image - mean_t) / std_t
 
 
-def test_preset_for(num_classes: int, embed_dim: int) -> str:
+def recipe_test_preset(num_classes: int, embed_dim: int) -> str:
     """The name of the `TEST_PRESETS` entry a model is tested with, from its class count and width.
 
-    The rule of the released recipes (SPEC §6): 19 classes -> ``"cityscapes"`` (2048, 1024); 171 ->
+    The rule of the released recipes (docs/recipes.md §6): 19 classes -> ``"cityscapes"`` (2048, 1024); 171 ->
     ``"coco_stuff10k"``; 150 or any other count -> ``"ade20k"`` (2048, 512); the Large width (embed dim 192,
     trained on 640 crops) tests ADE20K and COCO-Stuff at (2560, 640): ``"ade20k_large"``,
     ``"coco_stuff10k_large"``. The width of ``semask_toy_fpn`` gives ``"toy"`` (1024, 256), whatever the
@@ -105,22 +102,14 @@ def test_preset_for(num_classes: int, embed_dim: int) -> str:
     return f"{name}_large" if large and f"{name}_large" in TEST_PRESETS else name
 
 
-test_preset_for.__test__ = False  # type: ignore[attr-defined]  # not a pytest test despite the name
 
-
-def test_config_for(model: nn.Module) -> TestPipelineConfig:
-    """The `TestPipelineConfig` of `model`'s recipe: ``TEST_PRESETS[test_preset_for(classes, embed dim)]``."""
+def model_test_config(model: nn.Module) -> TestPipelineConfig:
+    """The `TestPipelineConfig` of `model`'s recipe: ``TEST_PRESETS[recipe_test_preset(classes, embed dim)]``."""
     config = getattr(model, "config", None)
     embed_dim = config.embed_dim if config is not None else model.backbone.out_channels[0]
-    return test_preset(test_preset_for(model.num_classes, embed_dim))
+    return get_test_preset(recipe_test_preset(model.num_classes, embed_dim))
 
 
-test_config_for.__test__ = False  # type: ignore[attr-defined]  # not a pytest test despite the name
-
-
-def default_test_scale(model: nn.Module) -> tuple[int, int]:
-    """The keep-ratio test scale of `model`'s recipe, ``test_config_for(model).scale``."""
-    return test_config_for(model).scale
 
 
 @contextlib.contextmanager
@@ -175,7 +164,7 @@ class Predictor:
         amp_dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for full precision.
         window_batch: windows per forward pass in the sliding-window mode.
         test_config: a `TestPipelineConfig` or the name of a `TEST_PRESETS` entry (scale, multi-scale ratios,
-            normalisation); default ``test_config_for(model)``, the one of the model's recipe.
+            normalisation); default ``model_test_config(model)``, the one of the model's recipe.
 
     Raises:
         UsageError, UsageTypeError: an argument of the wrong type or out of range.
@@ -192,9 +181,9 @@ class Predictor:
             raise UsageTypeError(f"model must be a SeMaskFPN (semask.create_model / load_checkpoint), got "
                                  f"{type(model).__name__}")
         if test_config is None:
-            config = test_config_for(model)
+            config = model_test_config(model)
         elif isinstance(test_config, str):
-            config = test_preset(test_config)
+            config = get_test_preset(test_config)
         elif isinstance(test_config, TestPipelineConfig):
             config = test_config
         else:
@@ -227,11 +216,6 @@ class Predictor:
         self.amp_dtype = amp_dtype
 
     # ------------------------------------------------------------------------------------------- internals
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def _image(self, image: ImageInput) -> torch.Tensor:
         """(1, 3, H, W) uint8 on the device (a view of an (H, W, 3) tensor, as the reference pipeline has it)."""
         return rgb_tensor(image).to(self.device).permute(2, 0, 1)[None]  # 1, 3, H, W
@@ -246,7 +230,7 @@ class Predictor:
 
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits (B, K, h, w) float32 of a normalised batch, whole or by sliding windows."""
-        with self._autocast():
+        with autocast(self.device, self.amp_dtype):
             if self.mode != "slide":
                 out = self.model(batch)
                 self._check_finite(out.decoder_logits)

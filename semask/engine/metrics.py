@@ -1,4 +1,4 @@
-"""Segmentation metrics of SeMask (arXiv 2112.12782), with mmsegmentation's definitions (SPEC §6).
+"""Segmentation metrics of SeMask (arXiv 2112.12782), with mmsegmentation's definitions (docs/recipes.md §6).
 
 Over a whole split, per class ``k``: intersection ``I_k`` (pixels predicted k and labelled k), prediction area
 ``P_k``, label area ``L_k`` and union ``U_k = P_k + L_k - I_k``, counting only pixels whose label is not the

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from semask import distributed
+from semask.engine import distributed
 from semask.checkpoint import is_url, load_pretrained_backbone, load_training_state, save_checkpoint
 from semask.engine.config import ConfigError, TrainConfig, to_dict
 from semask.data.datasets import ADE20K, COCOStuff10k, Cityscapes, FolderDataset, SegmentationDataset
@@ -50,15 +49,15 @@ from semask.data.transforms import TrainTransform
 from semask.errors import SemaskError
 from semask.engine.evaluate import EvalResult, check_classes, evaluate
 from semask.engine.losses import SeMaskLoss
+from semask.engine.rundir import BEST, CONFIG_FILE, LATEST, LOG_FILE, TENSORBOARD_DIR, TEXT_LOG
 from semask.model.registry import create_model
 from semask.model.segmentor import SeMaskFPN
-from semask.device import seed_everything
+from semask.device import autocast, autocast_dtype, peak_memory_bytes, seed_everything
 from semask.io import atomic_path
 
 __all__ = ["TrainingError", "TrainResult", "build_datasets", "model_from_config", "param_groups",
-           "learning_rate", "autocast_dtype", "train"]
+           "learning_rate", "train"]
 
-LOG_FILE, CONFIG_FILE, LATEST, BEST, TEXT_LOG = "log.jsonl", "config.json", "latest.pth", "best.pth", "train.log"
 DROPOUT_STREAM = 0x5EED  # salt of the per-step dropout/drop-path seeds (the data use the plain seed)
 
 
@@ -163,24 +162,6 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return lr
 
 
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype for a precision setting (None = fp32).
-
-    ``auto`` is bf16 on GPUs that support it, fp16 on other GPUs and fp32 on the CPU.
-    """
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 class _RunLog:
     """Rank 0's outputs: printed lines (also in train.log), log.jsonl records, TensorBoard scalars."""
 
@@ -195,7 +176,7 @@ class _RunLog:
                 self.print("tensorboard is not installed: scalars are in log.jsonl only "
                            "(pip install 'semask[tensorboard]' to get them in TensorBoard too)")
             else:
-                self.writer = SummaryWriter(str(work_dir / "tb"))
+                self.writer = SummaryWriter(str(work_dir / TENSORBOARD_DIR))
 
     def print(self, line: str) -> None:
         if self.active:
@@ -415,7 +396,7 @@ def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
                 data_time += time.perf_counter() - t0
                 sync = micro == accum - 1 or not info.distributed
                 with (contextlib.nullcontext() if sync else model.no_sync()):
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    with autocast(device, dtype):
                         out = model(images)
                         losses = loss_fn(out, labels)
                     scaler.scale(losses.total / accum).backward()
@@ -453,7 +434,7 @@ def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
                        **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}),
                        "sec_per_iter": elapsed / window_steps, "data_sec": data_time / window_steps,
                        "images_per_s": rt.global_batch * window_steps / elapsed,
-                       "peak_memory_mb": _peak_memory_mb(device), "time": time.perf_counter() - run_start}
+                       "peak_memory_mb": (peak_memory_bytes(device) or 0) / 2**20, "time": time.perf_counter() - run_start}
                 emit(rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)

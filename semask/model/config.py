@@ -121,7 +121,7 @@ def released_global_stages(embed_dim: int, backbone_classes: int) -> tuple[int, 
 
     In the released tiny, small and large models trained on ADE20K and COCO-Stuff (embed dim 96 or 192,
     more than 19 classes) stages 3 and 4 attend over the whole map; base and every Cityscapes model are
-    windowed everywhere (SPEC §2). The parameters are the same either way, so a checkpoint cannot tell.
+    windowed everywhere (docs/recipes.md §2). The parameters are the same either way, so a checkpoint cannot tell.
     """
     return (2, 3) if embed_dim in (96, 192) and backbone_classes > 19 else ()
 

@@ -19,7 +19,6 @@ into, and imports pyplot only when called (importing semask selects no matplotli
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from PIL import Image
 from semask.data.classes import default_palette
 from semask.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_label
 from semask.engine.inference import ImageInput, load_image
+from semask.engine.rundir import LOG_FILE, read_training_log
 from semask.model.semantic import SemanticAttentionMap
 from semask.model.segmentor import SegmentationOutput
 from semask.io import atomic_path
@@ -613,51 +613,8 @@ def plot_evaluation_panel(image: ImageInput, label: Optional[ArrayLike], predict
 
 # ----------------------------------------------------------------------------------------------- training logs
 LogSource = Union[str, os.PathLike, Sequence[Mapping[str, Any]]]
-LOG_FILE = "log.jsonl"  # the training loop's log inside a run directory
 LOSS_TERMS = ("loss", "loss_decode", "loss_prior")  # drawn together in the "loss" panel, in this order
 EVAL_FRACTIONS = ("mIoU", "mAcc", "aAcc")  # evaluation metrics stored as fractions, drawn in percent
-
-
-def read_training_log(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
-    """The records of a training log: one JSON object per line (the format `semask.engine.train` writes).
-
-    Training lines have ``"kind": "train"`` (iter, epoch, loss, loss_decode, loss_prior, lr, ...), evaluation
-    lines ``"kind": "eval"`` (iter, mIoU, mAcc, aAcc, IoU, Acc, ...); any other keys are kept as they are.
-
-    Args:
-        path: a ``log.jsonl`` file, or a run directory holding one.
-
-    Returns:
-        The records in file order. Blank lines are skipped; so is a last line without its newline that does
-        not parse yet (the training loop is writing it while a notebook reads the log live).
-
-    Raises:
-        FileNotFoundError: no such file (or no ``log.jsonl`` in the directory).
-        ValueError: a line that is not a JSON object (the message names the file and line).
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / LOG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"read_training_log: {str(path)!r} does not exist; expected a {LOG_FILE} file or "
-                                "a run directory that holds one")
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines) and not line.endswith("\n"):
-                break  # the line being written right now
-            raise ValueError(f"read_training_log: {path}:{number} is not valid JSON ({exc.msg}); every line of "
-                             f"{LOG_FILE} must be one JSON object") from exc
-        if not isinstance(record, dict):
-            raise ValueError(f"read_training_log: {path}:{number} holds a {type(record).__name__}, expected a "
-                             "JSON object")
-        records.append(record)
-    return records
 
 
 def _log_runs(runs: Union[LogSource, Mapping[str, LogSource], Sequence[Union[str, os.PathLike]]],

@@ -8,7 +8,7 @@ f + x``, initialised to 0) is shown beside the stage: it says how strongly that 
 the features. `compare(models, images_or_dataset)` shows the same images through several models side by side,
 with each prediction's mIoU on that image.
 
-The model runs once per image (`ImageAnalysis`, cached) at the test scale of the paper's protocol (SPEC §6: a
+The model runs once per image (`ImageAnalysis`, cached) at the test scale of the paper's protocol (docs/recipes.md §6: a
 keep-ratio rescale, `semask.data.TestTransform`); predictions and maps are brought back to the original image
 size for display. Changing a control only redraws.
 
@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 from semask.data.classes import default_palette
 from semask.data.datasets import SegmentationDataset
-from semask.data.transforms import TestPipelineConfig, TestTransform, test_preset
-from semask.engine.inference import ImageInput, load_image, test_config_for
+from semask.data.transforms import TestPipelineConfig, TestTransform, get_test_preset
+from semask.engine.inference import ImageInput, load_image, model_test_config
 from semask.engine.metrics import mean_iou
 from semask.model.semantic import SemanticAttentionMap
 from semask.model.util import LRUCache
@@ -85,9 +85,9 @@ def _resolve_test_pipeline(model: nn.Module, preset: TestPreset) -> TestPipeline
     if isinstance(preset, TestPipelineConfig):
         return preset
     if isinstance(preset, str):
-        return test_preset(preset)
+        return get_test_preset(preset)
     if preset is None:
-        return test_config_for(model)
+        return model_test_config(model)
     raise TypeError(f"test_preset must be a preset name (e.g. 'toy', 'ade20k'), a TestPipelineConfig or None, "
                     f"got {type(preset).__name__}")
 
@@ -218,7 +218,7 @@ def analyse_image(model: nn.Module, image: ImageInput, label: Optional[np.ndarra
         image: (H, W, 3) uint8 RGB, a path, PIL image or tensor (see `semask.engine.inference.load_image`).
         label: (H, W) ground truth at the image's size (255 = ignore), or None.
         test_preset: a test-pipeline preset name (``"toy"``, ``"ade20k"``, ...) or `TestPipelineConfig`; None:
-            the test pipeline of the model's recipe (`semask.engine.inference.test_config_for`).
+            the test pipeline of the model's recipe (`semask.engine.inference.model_test_config`).
         attention: also keep every semantic layer's attention weights.
         device: where to run (default: the model's device); the model is moved there.
 
@@ -427,7 +427,7 @@ class Explorer:
         titles: a name per image (default: file names, or ``#i``).
         class_names, palette: K names and (K, 3) colours (default: the model's, else the dataset's).
         test_preset: test-pipeline preset or config (``"toy"`` keeps the toy set's 256-pixel images at their
-            size); None: `semask.engine.inference.test_config_for(model)`, the test pipeline of the model's recipe.
+            size); None: `semask.engine.inference.model_test_config(model)`, the test pipeline of the model's recipe.
         device: where the model runs (default: its own device).
         cache_size: analysed images kept (each the model's output for one image, with every semantic layer's
             attention weights: a few MB for an ADE20K-sized image); revisiting one of them does not run the model
