@@ -48,6 +48,7 @@ __all__ = [
     "normalize",
     "recipe_test_preset",
     "model_test_config",
+    "resolve_test_config",
     "eval_mode",
     "Predictor",
     "predict",
@@ -110,6 +111,24 @@ def model_test_config(model: nn.Module) -> TestPipelineConfig:
     return get_test_preset(recipe_test_preset(model.num_classes, embed_dim))
 
 
+
+
+def resolve_test_config(model: nn.Module, test_config: Union[TestPipelineConfig, str, None],
+                        name: str = "test_config") -> TestPipelineConfig:
+    """The test pipeline to use: `test_config` itself, the preset it names, or (None) the model's recipe's.
+
+    Raises:
+        UnknownNameError: an unknown preset name (the message lists the valid ones).
+        UsageTypeError: anything else; the message names the argument as `name`.
+    """
+    if test_config is None:
+        return model_test_config(model)
+    if isinstance(test_config, str):
+        return get_test_preset(test_config)
+    if isinstance(test_config, TestPipelineConfig):
+        return test_config
+    raise UsageTypeError(f"{name} must be a TestPipelineConfig or a preset name "
+                         f"({', '.join(sorted(TEST_PRESETS))}), got {type(test_config).__name__}")
 
 
 @contextlib.contextmanager
@@ -180,15 +199,7 @@ class Predictor:
         if not isinstance(model, nn.Module) or not hasattr(model, "num_classes"):
             raise UsageTypeError(f"model must be a SeMaskFPN (semask.create_model / load_checkpoint), got "
                                  f"{type(model).__name__}")
-        if test_config is None:
-            config = model_test_config(model)
-        elif isinstance(test_config, str):
-            config = get_test_preset(test_config)
-        elif isinstance(test_config, TestPipelineConfig):
-            config = test_config
-        else:
-            raise UsageTypeError(f"test_config must be a TestPipelineConfig or a preset name "
-                                 f"({', '.join(sorted(TEST_PRESETS))}), got {type(test_config).__name__}")
+        config = resolve_test_config(model, test_config)
         if scale is not None:
             config = dataclasses.replace(config, scale=_check_scale(scale))
         if flip is not None and not isinstance(flip, bool):
