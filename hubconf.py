@@ -21,22 +21,23 @@ def _entry(name: str) -> _t.Callable[..., _t.Any]:
               palette: _t.Optional[_t.Sequence[_t.Sequence[int]]] = None,
               pretrained_backbone: _t.Optional[str] = None, sha256: _t.Optional[str] = None, **overrides: _t.Any):
         import semask
+        from semask.errors import UsageError
 
         if pretrained is not None:
             if overrides or pretrained_backbone is not None:
                 extra = sorted(overrides) + (["pretrained_backbone"] if pretrained_backbone is not None else [])
-                raise ValueError(f"{name}: the architecture comes from pretrained={pretrained!r}; drop {extra}")
+                raise UsageError(f"{name}: the architecture comes from pretrained={pretrained!r}; drop {extra}")
             model = semask.load_checkpoint(pretrained, sha256=sha256)
             if model.name != name:
-                raise ValueError(f"{name}: pretrained={pretrained!r} holds a {model.name!r} model; "
+                raise UsageError(f"{name}: pretrained={pretrained!r} holds a {model.name!r} model; "
                                  f"load it with torch.hub.load(..., {model.name!r}, ...)")
             if num_classes is not None and num_classes != model.num_classes:
-                raise ValueError(f"{name}: pretrained={pretrained!r} has {model.num_classes} classes, "
+                raise UsageError(f"{name}: pretrained={pretrained!r} has {model.num_classes} classes, "
                                  f"num_classes={num_classes} was asked for")
             for field, value, expected in (("class_names", class_names, model.num_classes),
                                            ("palette", palette, model.num_classes)):
                 if value is not None and len(value) != expected:
-                    raise ValueError(f"{name}: {field} has {len(value)} entries for {expected} classes")
+                    raise UsageError(f"{name}: {field} has {len(value)} entries for {expected} classes")
             if class_names is not None:
                 model.class_names = tuple(class_names)
             if palette is not None:

@@ -59,21 +59,9 @@ def seed_everything(seed: int) -> None:
 def keep_freed_memory() -> bool:
     """Let this process reuse the memory it frees instead of returning it to the OS (glibc only).
 
-    PyTorch's CPU tensors come from `malloc`; glibc serves large blocks with fresh `mmap`s and unmaps them on
-    free, so every large activation is page-faulted in anew on every forward pass (for SeMask-T at 512x512
-    on a 2-core VM this costs about 15% of the inference time). Turning off `mmap` for allocations and
-    raising the trim threshold makes freed blocks stay in the heap for the next pass: memory is not handed
-    back between passes, and the process keeps its high-water mark (docs/benchmarks.md records the peak
-    resident memory both ways). This is the glibc counterpart of running with jemalloc or tcmalloc, which
-    PyTorch's CPU performance guides recommend.
-
-    The price is fragmentation: a heap that never returns memory also keeps its holes, and the resident size
-    can creep up (measured: +240 MiB over 64 same-size evaluation images of SeMask-T, where the default
-    allocator stayed flat). Use it for fixed-shape loops such as benchmarks and training steps, not for long
-    evaluations over many image sizes.
-
-    Changes process-wide allocator settings, so it is never called implicitly: the benchmark calls it (and
-    records that it did) for its timings.
+    Turns off `mmap` for allocations and raises the trim threshold, so freed blocks stay in the heap for the next
+    pass. Process-wide, and never called implicitly: the benchmark calls it for its timings. Why, and what it
+    costs (fragmentation): docs/design.md, "Apps"; measured: docs/benchmarks.md, "Allocator".
 
     Returns:
         True if the settings were applied, False where glibc's `mallopt` is not available.

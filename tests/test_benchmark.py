@@ -96,3 +96,17 @@ def test_a_training_preset_sets_model_classes_crop_and_batch(tiny_toy_root) -> N
     assert result["config"]["model"] == "swin_toy_fpn" and tuple(result["config"]["size"]) == (256, 256)
     agreement = result["inference"]["agreement_with_fp32"]
     assert agreement["images"] == str(tiny_toy_root) and 0 <= agreement["pixel_agreement"] <= 1
+
+
+def test_summary_formats_the_recorded_runs() -> None:
+    """The PyTorch and onnxruntime rows share one timing format (batch, median, IQR, images/s)."""
+    result = json.loads((Path(__file__).resolve().parents[1] / "docs" / "benchmarks" /
+                         "cpu_tiny_onnxruntime.json").read_text())
+    lines = summary(result).splitlines()
+    inference = next(line for line in lines if line.startswith("  inference: "))
+    onnx = next(line for line in lines if line.startswith("  onnxruntime "))
+    r, o = result["inference"], result["onnxruntime"]
+    assert f"batch 1, {r['latency']['median_s'] * 1e3:.1f} ms (IQR {r['latency']['iqr_s'] * 1e3:.1f}), " \
+           f"{r['images_per_s']:.2f} img/s, " in inference
+    assert f"batch 1, {o['latency']['median_s'] * 1e3:.1f} ms (IQR {o['latency']['iqr_s'] * 1e3:.1f}), " \
+           f"{o['images_per_s']:.2f} img/s, {o['speedup_vs_pytorch']:.2f}x PyTorch's speed" in onnx

@@ -178,3 +178,29 @@ def test_benchmark_onnxruntime_row_is_cpu_only() -> None:
 
     with pytest.raises(ValueError, match="--device cpu"):
         run_benchmark(BenchmarkConfig(model="semask_toy_fpn", device="cuda", tasks=("onnxruntime",)), progress=False)
+
+
+def test_cli_export_errors_follow_the_policy(toy, tmp_path: Path, capsys, monkeypatch) -> None:
+    """A failed export is a failure (exit 1), a missing export extra a usage error (exit 2); one line each."""
+    import sys
+
+    import semask.apps.export as export
+
+    ckpt = semask.save_checkpoint(tmp_path / "toy.safetensors", toy)
+    out = tmp_path / "toy.onnx"
+
+    def fail(*args, **kwargs):
+        raise ExportError("torch.onnx could not translate the traced model to ONNX")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "export_onnx", fail)
+        assert main(["export", str(ckpt), str(out), "--size", "64"]) == 1
+    err = capsys.readouterr().err
+    assert err == "semask export: error: torch.onnx could not translate the traced model to ONNX\n"
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # `import onnxscript` raises ImportError
+    assert main(["export", str(ckpt), str(out), "--size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("semask export: error: ONNX export needs the package 'onnxscript'")
+    assert len(err.splitlines()) == 1 and not out.exists()
+    with pytest.raises(ImportError, match="semask\\[export\\]"):  # still an ImportError for Python callers
+        export_onnx(toy, out, size=(64, 64))

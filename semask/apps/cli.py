@@ -22,7 +22,8 @@ line does can also be done from Python and is tested there.
 Errors (`main`): every error is printed as one line, ``semask COMMAND: error: MESSAGE``, without a traceback
 unless ``--debug`` is given (anywhere on the line); the exit status is 2 for usage errors (bad arguments,
 paths, names, outputs that would overwrite something) and 1 for failures (`semask.errors.exit_status`). A
-sub-command gets this by raising the package's errors; it prints notes on stderr as ``semask COMMAND: note: ...``.
+sub-command gets this by raising the package's errors (it prints no error itself); it prints notes on stderr as
+``semask COMMAND: note: ...``.
 The environment variable ``SEMASK_MAX_IMAGE_PIXELS`` raises the image size limit for trusted large images.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
-from semask.errors import BatchError, UsageError, error_lines, exit_status
+from semask.errors import BatchError, OutputExistsError, SemaskError, UsageError, error_lines, exit_status
 
 __all__ = ["main", "build_parser", "note"]
 
@@ -50,10 +51,8 @@ def _cmd_list_models(args: argparse.Namespace) -> int:
     from semask.model.registry import list_models
 
     names = list_models(args.pattern)
-    if not names:
-        print(f"semask list-models: no model matches {args.pattern!r}; registered: {', '.join(list_models())}",
-              file=sys.stderr)
-        return 1
+    if not names:  # a failure (exit status 1), not a usage error: the pattern is valid, nothing matches it
+        raise SemaskError(f"no model matches {args.pattern!r}; registered: {', '.join(list_models())}")
     for name in names:
         print(name)
     return 0
@@ -75,18 +74,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from semask.checkpoint import load_checkpoint
-    from semask.data.classes import default_palette
-    from semask.errors import SemaskError
-    from semask.engine.inference import Predictor
-    from semask.device import check_device
-    from semask.io import plan_outputs
-    from semask.viz.visualize import save_label_map
-
-    device = check_device(args.device)
+def _input_images(paths: Sequence[str]) -> list[str]:
+    """`paths` without repeats of the same file, checked to be existing files."""
     images, seen = [], set()
-    for image in args.images:  # the same file named twice is segmented once
+    for image in paths:  # the same file named twice is segmented once
         key = os.path.realpath(image)
         if key not in seen:
             seen.add(key)
@@ -97,6 +88,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         parts = ([f"{len(missing)} image(s) do not exist: {', '.join(missing[:10])}"] if missing else []) + (
             [f"{len(folders)} image path(s) are folders, not files: {', '.join(folders[:10])}"] if folders else [])
         raise UsageError("; ".join(parts))
+    return images
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from semask.checkpoint import load_checkpoint
+    from semask.data.classes import default_palette
+    from semask.engine.inference import Predictor
+    from semask.device import check_device
+    from semask.io import plan_outputs
+    from semask.viz.visualize import save_label_map
+
+    device = check_device(args.device)
+    images = _input_images(args.images)
     # every output is decided and checked before anything is read or written
     targets = plan_outputs(images, args.out, ".png", overwrite=args.overwrite, protected=[args.checkpoint])
     model = load_checkpoint(args.checkpoint, map_location=device)
@@ -119,12 +123,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             save_label_map(label, target, palette=palette)
         except (SemaskError, OSError, MemoryError) as exc:  # one bad image does not drop the others
             failures.append((image, exc))
-            for line in error_lines(exc):
-                print(f"semask predict: error: {line if image in line else f'{image}: {line}'}", file=sys.stderr)
             continue
         print(f"{image} -> {target}")
-    if failures:
-        raise BatchError([(i, e) for i, e in failures], len(images), "images")
+    if failures:  # main prints one line per failed image, then the count
+        raise BatchError(failures, len(images), "images")
     return 0
 
 
@@ -156,20 +158,15 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from semask.checkpoint import load_checkpoint
-    from semask.apps.export import ExportError, export_onnx
+    from semask.apps.export import export_onnx
 
     if len(args.size) not in (1, 2):
-        raise ValueError(f"--size takes one or two numbers (height [width]), got {args.size}")
+        raise UsageError(f"--size takes one or two numbers (height [width]), got {args.size}")
     if Path(args.out).exists() and not args.overwrite:
-        print(f"semask export: error: {args.out!r} exists; choose another name or pass --overwrite", file=sys.stderr)
-        return 2
+        raise OutputExistsError(f"{args.out!r} exists; choose another name or pass --overwrite")
     model = load_checkpoint(args.checkpoint, map_location="cpu", sha256=args.sha256)
-    try:
-        result = export_onnx(model, args.out, size=(args.size[0], args.size[-1]), batch_size=args.batch_size,
-                             dynamic=args.dynamic, prior=args.prior, opset=args.opset, check=not args.no_check)
-    except (ExportError, ImportError) as exc:
-        print(f"semask export: error: {exc}", file=sys.stderr)
-        return 2
+    result = export_onnx(model, args.out, size=(args.size[0], args.size[-1]), batch_size=args.batch_size,
+                         dynamic=args.dynamic, prior=args.prior, opset=args.opset, check=not args.no_check)
     print(json.dumps({"path": str(result.path), "model": model.name, "size": list(result.size),
                       "batch_size": "dynamic" if result.dynamic else result.batch_size, "dynamic": result.dynamic,
                       "min_size": result.min_size, "outputs": list(result.outputs), "opset": result.opset,
@@ -180,11 +177,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_convert_weights(args: argparse.Namespace) -> int:
     from semask.checkpoint import convert_to_safetensors
 
-    try:
-        out = convert_to_safetensors(args.input, args.output, sha256=args.sha256, overwrite=args.overwrite)
-    except FileExistsError as exc:  # the user's file is kept unless --overwrite: say so, no traceback
-        print(f"semask convert-weights: error: {exc}", file=sys.stderr)
-        return 2
+    out = convert_to_safetensors(args.input, args.output, sha256=args.sha256, overwrite=args.overwrite)
     print(f"{args.input} -> {out}")
     return 0
 
@@ -425,11 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the one place where errors become messages and exit statuses
         if debug:
             traceback.print_exc()
-        if not (isinstance(exc, BatchError) and command == "predict"):  # predict printed each failure already
-            for line in error_lines(exc):
-                print(f"semask {command}: error: {line}", file=sys.stderr)
-        else:
-            print(f"semask {command}: error: {str(exc)}", file=sys.stderr)
+        for line in error_lines(exc):
+            print(f"semask {command}: error: {line}", file=sys.stderr)
         return exit_status(exc)
 
 

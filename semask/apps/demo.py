@@ -49,6 +49,58 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _use_file_backend() -> None:
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # files only; a notebook that already chose a backend keeps it
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Write `fig` as a PNG to `path` (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _draw_predictions(model: torch.nn.Module, val: ToyDataset, final: Any, indices: Sequence[int], scale: Any,
+                      folder: Path) -> Path:
+    """One image | truth | prediction panel per validation image in `indices`, into `folder`."""
+    from semask.viz.visualize import plot_evaluation_panel
+
+    folder.mkdir(exist_ok=True)
+    for index in indices:
+        sample = val.load(index)
+        pred = Predictor(model, scale=scale)(sample["image"])
+        r = final.per_image[index]
+        fig = plot_evaluation_panel(sample["image"], sample["label"], pred, model.palette, model.class_names,
+                                    title=f"{Path(sample['path']).name}: mIoU {100 * r['mIoU']:.1f}")
+        _save(fig, folder / f"{Path(sample['path']).stem}.png")
+    return folder
+
+
+def _draw_priors(model: torch.nn.Module, sample: dict[str, Any], device: torch.device, folder: Path) -> Path:
+    """The per-stage semantic priors of one sample, into `folder`: their argmax, then one map per thing class
+    in the image (class 0 when it has none)."""
+    from semask.viz.visualize import plot_stage_priors
+
+    folder.mkdir(exist_ok=True)
+    x = torch.from_numpy(sample["image"]).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        output = model(normalize(x.to(device)))
+    output.stage_priors = [p.cpu() for p in output.stage_priors]
+    fig = plot_stage_priors(output, sample["image"], class_names=model.class_names, palette=model.palette)
+    _save(fig, folder / "argmax.png")
+    things = [k for k, name in enumerate(model.class_names) if name not in STUFF and (sample["label"] == k).any()]
+    for k in things or [0]:
+        fig = plot_stage_priors(output, sample["image"], class_index=k, class_names=model.class_names)
+        _save(fig, folder / f"class_{model.class_names[k]}.png")
+    return folder
+
+
 def run_demo(work_dir: Union[str, Path, None] = None, data_root: Union[str, Path] = DEFAULT_DATA_ROOT,
              overrides: Sequence[str] = (), progress: bool = True) -> DemoResult:
     """Train, evaluate and draw SeMask on the toy data (see the module docstring).
@@ -62,13 +114,8 @@ def run_demo(work_dir: Union[str, Path, None] = None, data_root: Union[str, Path
     Returns:
         A `DemoResult` with the final mIoU, the wall time and the paths of everything written.
     """
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")  # files only; a notebook that already chose a backend keeps it
-    import matplotlib.pyplot as plt
-
-    from semask.viz.visualize import plot_evaluation_panel, plot_stage_priors, plot_training_log
+    _use_file_backend()
+    from semask.viz.visualize import plot_training_log
 
     start = time.perf_counter()
     data_root = Path(data_root)
@@ -81,45 +128,17 @@ def run_demo(work_dir: Union[str, Path, None] = None, data_root: Union[str, Path
     work_dir = Path(work_dir)
     result = train(config, work_dir, progress=progress)
     model = result.model
+    device = next(model.parameters()).device
     files = {"checkpoint": work_dir / LATEST, "best": work_dir / BEST, "log": work_dir / LOG_FILE,
              "config": work_dir / CONFIG_FILE}
-
-    fig = plot_training_log(work_dir)
-    files["curves"] = _save(fig, work_dir / "curves.png")
-    plt.close(fig)
+    files["curves"] = _save(plot_training_log(work_dir), work_dir / "curves.png")
 
     val = ToyDataset(data_root, "validation")
     final = result.evaluation  # the evaluation after the last step
-    panels = work_dir / "predictions"
-    panels.mkdir(exist_ok=True)
     shown = [r["index"] for r in final.per_image[:PANELS // 2]] + [r["index"] for r in final.worst(PANELS // 2)]
-    for index in dict.fromkeys(shown):  # the first images, then the hardest ones
-        sample = val.load(index)
-        pred = Predictor(model, scale=config.data.test_pipeline.scale)(sample["image"])
-        r = final.per_image[index]
-        fig = plot_evaluation_panel(sample["image"], sample["label"], pred, model.palette, model.class_names,
-                                    title=f"{Path(sample['path']).name}: mIoU {100 * r['mIoU']:.1f}")
-        _save(fig, panels / f"{Path(sample['path']).stem}.png")
-        plt.close(fig)
-    files["predictions"] = panels
-
-    priors = work_dir / "priors"
-    priors.mkdir(exist_ok=True)
-    sample = val.load(shown[0])
-    x = torch.from_numpy(sample["image"]).permute(2, 0, 1)[None].float()
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        output = model(normalize(x.to(device)))
-    output.stage_priors = [p.cpu() for p in output.stage_priors]
-    fig = plot_stage_priors(output, sample["image"], class_names=model.class_names, palette=model.palette)
-    _save(fig, priors / "argmax.png")
-    plt.close(fig)
-    things = [k for k, name in enumerate(model.class_names) if name not in STUFF and (sample["label"] == k).any()]
-    for k in things or [0]:
-        fig = plot_stage_priors(output, sample["image"], class_index=k, class_names=model.class_names)
-        _save(fig, priors / f"class_{model.class_names[k]}.png")
-        plt.close(fig)
-    files["priors"] = priors
+    files["predictions"] = _draw_predictions(model, val, final, list(dict.fromkeys(shown)),  # first, then hardest
+                                             config.data.test_pipeline.scale, work_dir / "predictions")
+    files["priors"] = _draw_priors(model, val.load(shown[0]), device, work_dir / "priors")
 
     seconds = time.perf_counter() - start
     summary = {k: v for k, v in final.to_dict().items() if k not in ("per_image", "confusion")}
@@ -135,9 +154,3 @@ def run_demo(work_dir: Union[str, Path, None] = None, data_root: Union[str, Path
          f"{config.schedule.iters} steps (seed {config.train.seed}), {seconds / 60:.1f} min in all.")
     _say(f"run directory: {work_dir}\n" + "\n".join(f"  {k:<12} {v}" for k, v in files.items()))
     return DemoResult(work_dir=work_dir, mIoU=final.mIoU, seconds=seconds, files=files, metrics=summary)
-
-
-def _save(fig: Any, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    return path

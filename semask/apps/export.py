@@ -6,30 +6,8 @@
 
 The graph takes ``image``, a (B, 3, H, W) float32 batch normalised with the ImageNet mean/std (as the PyTorch
 model does), and returns ``logits`` (B, K, H, W) and, on request, ``prior_logits`` (B, K, ceil(H/4),
-ceil(W/4)), the decoder's summed semantic prior.
-
-Which exporter, and why. `torch.onnx.export` in PyTorch >= 2.9 defaults to the `torch.export`-based
-("dynamo") exporter, which translates the traced graph with `onnxscript`; the older TorchScript exporter is
-deprecated. We use the `torch.export` path explicitly: `torch.export.export(..., strict=False)` with
-`Dim.DYNAMIC` sizes, then `torch.onnx.export` of the resulting program. Tracing symbolically gives us what
-the TorchScript tracer cannot: every branch the model takes on a size becomes either part of the graph or
-a stated range. (Calling `torch.onnx.export(model, dynamic_shapes=...)` directly is not enough: when a size
-cannot stay symbolic it silently falls back to a graph fixed to the traced size.)
-
-Dynamic sizes. Swin pads each stage's feature map to a multiple of the window and PatchEmbed/PatchMerging
-pad to even sizes; the model code writes these pads as ``ceil(n / w) * w`` and applies them unconditionally
-while exporting (`semask.model.util.is_exporting`), so one graph covers every padding case. What remains is
-PyTorch's rule that a symbolic size equal to 1 at trace time becomes the constant 1, which limits sizes twice:
-- the trace: every stage must have at least two windows per side at the traced size, i.e. height and width
-  of at least `min_dynamic_trace_size(model)` (225 for window 7, 385 for window 12; 512 x 512 is fine);
-- the graph: it is valid for heights and widths of at least `MIN_DYNAMIC_SIZE` (33) pixels, where the last
-  (stride-32) stage has two or more tokens per side. The range is read back from the exported program and
-  stored in the file's metadata (``semask.min_size``); smaller inputs are outside what the export guarantees.
-A dynamic batch is traced with 2 images for the same reason (the graph accepts batch 1 too; tests check both).
-
-Nothing is written unless the export succeeds and, with ``check=True`` (the default), onnxruntime
-reproduces PyTorch's logits within `atol` (max |difference|) and `min_agreement` (argmax agreement) at the
-export size and, for dynamic graphs, at a second, smaller size that pads differently.
+ceil(W/4)), the decoder's summed semantic prior. Nothing is written unless the export succeeds and its check
+passes. Which exporter, the limits of dynamic sizes and why: docs/design.md ("Apps").
 """
 from __future__ import annotations
 
@@ -46,13 +24,15 @@ import torch.nn as nn
 
 from semask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from semask.model.segmentor import SeMaskFPN
-from semask.errors import SemaskError
+from semask.errors import SemaskError, UsageError, UsageTypeError
 from semask.io import atomic_path
 
 __all__ = [
     "MIN_DYNAMIC_SIZE",
     "min_dynamic_trace_size",
+    "EXPORT_PACKAGES",
     "ExportError",
+    "MissingPackageError",
     "OnnxExport",
     "export_onnx",
     "onnxruntime_session",
@@ -61,11 +41,16 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 MIN_DYNAMIC_SIZE = 33  # smallest height/width of a dynamic graph: the stride-32 stage needs >= 2 tokens per side
-_INSTALL_HINT = "install the export extra: pip install 'semask[export]' (onnx, onnxscript, onnxruntime)"
+EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the export extra: pip install 'semask[export]'
+_INSTALL_HINT = f"install the export extra: pip install 'semask[export]' ({', '.join(EXPORT_PACKAGES)})"
 
 
 class ExportError(SemaskError, RuntimeError):
     """An ONNX export that failed or did not reproduce PyTorch; the message says which and what to do."""
+
+
+class MissingPackageError(UsageError, ImportError):
+    """A package of the export extra that is not installed (exit status 2: install it and run again)."""
 
 
 @dataclass
@@ -113,13 +98,13 @@ def _require(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(f"ONNX export needs the package {module!r}; {_INSTALL_HINT}") from exc
+        raise MissingPackageError(f"ONNX export needs the package {module!r}; {_INSTALL_HINT}") from exc
 
 
 def _check_size(size: Sequence[int], name: str = "size") -> tuple[int, int]:
     size = tuple(int(s) for s in size)
     if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"{name} must be two positive numbers (height, width), got {size}")
+        raise UsageError(f"{name} must be two positive numbers (height, width), got {size}")
     return size  # type: ignore[return-value]
 
 
@@ -228,6 +213,64 @@ def _trace(module: nn.Module, example: torch.Tensor, dynamic: bool) -> tuple[tor
     return program, max(ranges[2][0], ranges[3][0])  # type: ignore[index]
 
 
+def _check_request(model: SeMaskFPN, size: Sequence[int], batch_size: int, dynamic: bool,
+                   prior: bool) -> tuple[int, int]:
+    """The checked (H, W) of an export of `model` as asked, or the reason it cannot be done."""
+    if not isinstance(model, SeMaskFPN):
+        raise UsageTypeError(f"expected a semask SeMaskFPN model, got {type(model).__name__}")
+    size = _check_size(size)
+    if batch_size < 1:
+        raise UsageError(f"batch_size must be at least 1, got {batch_size}")
+    if dynamic and min(size) < min_dynamic_trace_size(model):
+        window, stride = model.backbone.window_size, model.backbone.strides[-1]
+        raise UsageError(
+            f"a dynamic graph of {model.name!r} must be traced at a height and width of at least "
+            f"{min_dynamic_trace_size(model)} pixels, got size {size}: at the traced size every stage needs two "
+            f"or more windows per side (the last stage has stride {stride} and windows of {window}), or PyTorch "
+            f"fixes the graph to one window there. Export at a larger size (e.g. 512 512; the graph then accepts "
+            f"any height and width from {MIN_DYNAMIC_SIZE}), or without dynamic")
+    if prior and not model.decode_head.prior_branch:
+        raise UsageError(f"model {model.name!r} has no semantic prior (a plain-Swin baseline); export without prior")
+    if tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2]) < (2, 6):
+        raise ExportError(f"ONNX export needs PyTorch >= 2.6 (torch.export with Dim.DYNAMIC), found {torch.__version__}")
+    return size
+
+
+def _metadata(model: SeMaskFPN, outputs: tuple[str, ...], dynamic: bool, size: tuple[int, int],
+              min_size: Optional[int]) -> dict[str, str]:
+    """The ``semask.*`` metadata an exported file carries: the model, its classes, the input and outputs."""
+    return {
+        "semask.model": model.name, "semask.num_classes": str(model.num_classes),
+        "semask.class_names": json.dumps(list(model.class_names) if model.class_names else None),
+        "semask.palette": json.dumps(model.palette),
+        "semask.input": "image: (batch, 3, height, width) float32, RGB pixels 0..255 normalised as (x - mean) / std",
+        "semask.mean": json.dumps(list(IMAGENET_MEAN)), "semask.std": json.dumps(list(IMAGENET_STD)),
+        "semask.outputs": json.dumps(list(outputs)), "semask.dynamic": json.dumps(dynamic),
+        "semask.export_size": json.dumps(list(size)), "semask.min_size": json.dumps(min_size),
+    }
+
+
+def _check_graph(onnx: Any, proto: Any, path: Path, net: SeMaskFPN, sizes: Sequence[tuple[int, int]],
+                 batch_size: int, prior: bool, atol: float, min_agreement: float) -> list[dict[str, Any]]:
+    """`onnx.checker` on the written graph, then onnxruntime against PyTorch at each of `sizes`.
+
+    Raises:
+        ExportError: onnxruntime's logits differ by more than `atol` or agree on fewer argmax than `min_agreement`.
+    """
+    onnx.checker.check_model(proto, full_check=True)
+    session = onnxruntime_session(path)
+    checks = []
+    for i, s in enumerate(sizes):
+        result = onnx_parity(net, session, _images(batch_size, s, seed=i + 1), prior=prior)
+        checks.append(result)
+        if result["max_abs_diff"] > atol or result["argmax_agreement"] < min_agreement:
+            raise ExportError(
+                f"onnxruntime does not reproduce PyTorch at input {batch_size}x3x{s[0]}x{s[1]}: max "
+                f"|dlogits| {result['max_abs_diff']:.3g} (allowed {atol:g}), argmax agreement "
+                f"{result['argmax_agreement']:.4%} (needed {min_agreement:.2%}); nothing was written")
+    return checks
+
+
 # ----------------------------------------------------------------------------------------------- export
 def export_onnx(model: SeMaskFPN, path: PathLike, *, size: Sequence[int] = (512, 512), batch_size: int = 1,
                 dynamic: bool = False, prior: bool = False, opset: Optional[int] = None, check: bool = True,
@@ -253,24 +296,13 @@ def export_onnx(model: SeMaskFPN, path: PathLike, *, size: Sequence[int] = (512,
 
     Returns:
         `OnnxExport` describing the file (with the check results).
+
+    Raises:
+        UsageError: a request that cannot be exported (see the messages); `UsageTypeError` for a model that is
+            not a `SeMaskFPN`; `MissingPackageError` without the export extra.
+        ExportError: PyTorch cannot trace or translate the model, or the check fails.
     """
-    if not isinstance(model, SeMaskFPN):
-        raise TypeError(f"expected a semask SeMaskFPN model, got {type(model).__name__}")
-    size = _check_size(size)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if dynamic and min(size) < min_dynamic_trace_size(model):
-        window, stride = model.backbone.window_size, model.backbone.strides[-1]
-        raise ValueError(
-            f"a dynamic graph of {model.name!r} must be traced at a height and width of at least "
-            f"{min_dynamic_trace_size(model)} pixels, got size {size}: at the traced size every stage needs two "
-            f"or more windows per side (the last stage has stride {stride} and windows of {window}), or PyTorch "
-            f"fixes the graph to one window there. Export at a larger size (e.g. 512 512; the graph then accepts "
-            f"any height and width from {MIN_DYNAMIC_SIZE}), or without dynamic")
-    if prior and not model.decode_head.prior_branch:
-        raise ValueError(f"model {model.name!r} has no semantic prior (a plain-Swin baseline); export without prior")
-    if tuple(int(v) for v in re.findall(r"\d+", torch.__version__)[:2]) < (2, 6):
-        raise ExportError(f"ONNX export needs PyTorch >= 2.6 (torch.export with Dim.DYNAMIC), found {torch.__version__}")
+    size = _check_request(model, size, batch_size, dynamic, prior)
     _require("onnxscript")
     onnx = _require("onnx")
 
@@ -285,16 +317,7 @@ def export_onnx(model: SeMaskFPN, path: PathLike, *, size: Sequence[int] = (512,
     except Exception as exc:
         raise ExportError(f"torch.onnx could not translate the traced model to ONNX: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    meta = {
-        "semask.model": model.name, "semask.num_classes": str(model.num_classes),
-        "semask.class_names": json.dumps(list(model.class_names) if model.class_names else None),
-        "semask.palette": json.dumps(model.palette),
-        "semask.input": "image: (batch, 3, height, width) float32, RGB pixels 0..255 normalised as (x - mean) / std",
-        "semask.mean": json.dumps(list(IMAGENET_MEAN)), "semask.std": json.dumps(list(IMAGENET_STD)),
-        "semask.outputs": json.dumps(list(outputs)), "semask.dynamic": json.dumps(dynamic),
-        "semask.export_size": json.dumps(list(size)), "semask.min_size": json.dumps(min_size),
-    }
-    onnx_program.model.metadata_props.update(meta)
+    onnx_program.model.metadata_props.update(_metadata(model, outputs, dynamic, size, min_size))
     path = Path(path)
     with atomic_path(path) as tmp:
         onnx_program.save(tmp, external_data=False)
@@ -302,16 +325,7 @@ def export_onnx(model: SeMaskFPN, path: PathLike, *, size: Sequence[int] = (512,
         opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
         checks: list[dict[str, Any]] = []
         if check:
-            onnx.checker.check_model(proto, full_check=True)
-            session = onnxruntime_session(tmp)
             sizes = [size, _other_size(size)] if dynamic else [size]
-            for i, s in enumerate(sizes):
-                result = onnx_parity(net, session, _images(batch_size, s, seed=i + 1), prior=prior)
-                checks.append(result)
-                if result["max_abs_diff"] > atol or result["argmax_agreement"] < min_agreement:
-                    raise ExportError(
-                        f"onnxruntime does not reproduce PyTorch at input {batch_size}x3x{s[0]}x{s[1]}: max "
-                        f"|dlogits| {result['max_abs_diff']:.3g} (allowed {atol:g}), argmax agreement "
-                        f"{result['argmax_agreement']:.4%} (needed {min_agreement:.2%}); nothing was written")
+            checks = _check_graph(onnx, proto, tmp, net, sizes, batch_size, prior, atol, min_agreement)
     return OnnxExport(path=path, size=size, batch_size=batch_size, dynamic=dynamic, outputs=outputs,
                       opset=opset_used, min_size=min_size, checks=checks)

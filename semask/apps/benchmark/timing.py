@@ -1,0 +1,101 @@
+"""Timing, FLOP counting and the matrix-multiply peak for `semask benchmark` (SeMask, arXiv 2112.12782)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+import semask
+
+__all__ = ["synchronize", "time_it", "count_flops", "matmul_peak", "environment"]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (CUDA kernels run asynchronously; the CPU needs nothing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device) -> dict[str, Any]:
+    """Run `fn` `warmup` times untimed, then `repeats` times timed.
+
+    Returns:
+        Seconds: ``median_s``, ``min_s``, ``max_s``, ``iqr_s`` (interquartile range) and ``times_s`` (every run).
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "iqr_s": q[2] - q[0], "times_s": times}
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                             **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def _flop_counter() -> FlopCounterMode:
+    # PyTorch's counter knows the CUDA attention kernels; give the CPU flash-attention kernel the same formula
+    mapping = {}
+    for name, fn in (("_scaled_dot_product_flash_attention_for_cpu", _cpu_sdpa_flops),
+                     ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_sdpa_backward_flops)):
+        if hasattr(torch.ops.aten, name):
+            mapping[getattr(torch.ops.aten, name)] = fn
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of `fn`, from PyTorch's FLOP counter (matrix products, convolutions, attention)."""
+    counter = _flop_counter()
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int, repeats: int = 5) -> dict[str, float]:
+    """The machine's matrix-multiply throughput in `dtype`: best and median FLOP/s of an n x n x n product."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    stats = time_it(lambda: torch.mm(a, b), warmup=2, repeats=repeats, device=device)
+    flops = 2.0 * n ** 3
+    return {"n": n, "best_flops": flops / stats["min_s"], "median_flops": flops / stats["median_s"]}
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Machine and versions, for the record."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(), "torch": torch.__version__, "semask": semask.__version__,
+        "platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
