@@ -73,3 +73,34 @@ def test_models_are_not_patched_after_they_are_built() -> None:
 def test_the_export_extra_is_part_of_dev() -> None:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert set(extras["export"]) <= set(extras["dev"])
+
+
+def test_the_convert_extra_is_part_of_dev() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(extras["convert"]) <= set(extras["dev"])
+
+
+IMPORT_NAMES = {"pillow": "PIL"}  # distribution name -> module name, where they differ
+
+
+def _imported_modules(paths) -> set[str]:
+    import ast
+
+    names = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_runtime_dependency_is_imported_by_the_package() -> None:
+    """A declared dependency that nothing imports (torchvision was one) is a download for nothing."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~\[ ]", r, maxsplit=1)[0].lower() for r in project["dependencies"]}
+    imported = _imported_modules(sorted((ROOT / "semask").rglob("*.py")))
+    unused = sorted(d for d in declared if IMPORT_NAMES.get(d, d) not in imported)
+    assert not unused, f"declared in pyproject.toml but never imported by semask: {unused}"
+    assert "scipy" not in declared  # the COCO-Stuff converter's optional extra, imported lazily
