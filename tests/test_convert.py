@@ -150,12 +150,12 @@ def test_coco_conversion_without_scipy_names_the_convert_extra(tmp_path, monkeyp
     """scipy is the optional `convert` extra: without it the converter says what to install, before any work."""
     import sys
 
-    from semask.errors import UsageError
+    from semask.errors import MissingPackageError, UsageError
 
     _coco_download(tmp_path, {"train": ["a"], "test": ["b"]})
     monkeypatch.setitem(sys.modules, "scipy", None)  # `import scipy.io` now fails as if scipy were absent
     monkeypatch.setitem(sys.modules, "scipy.io", None)
-    with pytest.raises(convert.MissingExtraError, match=r"scipy.*pip install 'semask\[convert\]'") as info:
+    with pytest.raises(MissingPackageError, match=r"scipy.*pip install 'semask\[convert\]'") as info:
         convert.convert_coco_stuff10k(tmp_path)
     assert isinstance(info.value, UsageError) and isinstance(info.value, ImportError)
     assert not (tmp_path / "images" / "train2014").exists()  # nothing was written

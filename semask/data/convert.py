@@ -27,11 +27,10 @@ import numpy as np
 from PIL import Image
 
 from semask.data.datasets import DatasetError, preview_list, read_label
-from semask.errors import UsageError
+from semask.errors import MissingPackageError
 from semask.io import atomic_path
 
 __all__ = [
-    "MissingExtraError",
     "CITYSCAPES_ID_TO_TRAIN_ID",
     "COCO_STUFF_UNUSED_THING_IDS",
     "cityscapes_lut",
@@ -57,11 +56,6 @@ cityscapes/                         <- root
 `-- gtFine/{train,val,test}/<city>/*_gtFine_labelIds.png   (from gtFine_trainvaltest.zip)"""
 
 CONVERT_EXTRA_HINT = "install semask's convert extra: pip install 'semask[convert]' (or pip install scipy)"
-
-
-class MissingExtraError(UsageError, ImportError):
-    """An optional package that a converter needs is not installed; the message names the extra to install."""
-
 
 COCO_STUFF10K_DOWNLOAD_LAYOUT = """\
 coco_stuff10k/                      <- root (cocostuff-10k-v1.1.zip unpacked)
@@ -148,12 +142,12 @@ def convert_cityscapes(root: str | Path, overwrite: bool = False, num_workers: i
 
 # --------------------------------------------------------------------------------------------- COCO-Stuff 10k
 def _scipy_io() -> Any:
-    """``scipy.io``, or `MissingExtraError` naming the ``convert`` extra."""
+    """``scipy.io``, or `MissingPackageError` naming the ``convert`` extra."""
     try:
         import scipy.io
     except ImportError as exc:
-        raise MissingExtraError(f"converting COCO-Stuff 10k reads MATLAB .mat files with scipy, which is not "
-                                f"installed; {CONVERT_EXTRA_HINT}") from exc
+        raise MissingPackageError(f"converting COCO-Stuff 10k reads MATLAB .mat files with scipy, which is not "
+                                  f"installed; {CONVERT_EXTRA_HINT}") from exc
     return scipy.io
 
 
@@ -194,7 +188,7 @@ def convert_coco_stuff10k(root: str | Path, overwrite: bool = False, num_workers
         The number of label files written (both splits).
 
     Raises:
-        MissingExtraError: scipy (the ``convert`` extra) is not installed; raised before anything is read.
+        MissingPackageError: scipy (the ``convert`` extra) is not installed; raised before anything is read.
         FileNotFoundError: a folder or image list of the download is missing (the message shows the layout).
         DatasetError: an image list names missing files, or an annotation cannot be read or does not fit.
     """
