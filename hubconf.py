@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import typing as _t  # private names only: torch.hub lists every public callable of this file as an entry point
 
-dependencies = ["torch", "torchvision", "timm", "numpy", "PIL", "matplotlib", "tqdm", "scipy", "safetensors"]
+dependencies = ["torch", "timm", "numpy", "PIL", "matplotlib", "tqdm", "safetensors"]
 
 
 def _entry(name: str) -> _t.Callable[..., _t.Any]:

@@ -30,6 +30,7 @@ __all__ = [
     "UnknownNameError",
     "OutputError",
     "OutputExistsError",
+    "MissingPackageError",
     "ImageError",
     "LimitError",
     "NonFiniteError",
@@ -74,6 +75,10 @@ class OutputError(UsageError):
 
 class OutputExistsError(OutputError, FileExistsError):
     """An output that already exists and was not asked to be replaced (``overwrite`` / ``--overwrite``)."""
+
+
+class MissingPackageError(UsageError, ImportError):
+    """An optional package (one of semask's extras) that is not installed; the message names the extra to install."""
 
 
 class ImageError(SemaskError, ValueError):

@@ -144,3 +144,22 @@ def test_convert_command_line(tmp_path, capsys):
     assert (tmp_path / "coco" / "annotations" / "test2014" / "b_labelTrainIds.png").is_file()
     assert main(["convert", "cityscapes", str(tmp_path / "nothing")]) == 2
     assert "Expected layout" in capsys.readouterr().err
+
+
+def test_coco_conversion_without_scipy_names_the_convert_extra(tmp_path, monkeypatch, capsys):
+    """scipy is the optional `convert` extra: without it the converter says what to install, before any work."""
+    import sys
+
+    from semask.errors import MissingPackageError, UsageError
+
+    _coco_download(tmp_path, {"train": ["a"], "test": ["b"]})
+    monkeypatch.setitem(sys.modules, "scipy", None)  # `import scipy.io` now fails as if scipy were absent
+    monkeypatch.setitem(sys.modules, "scipy.io", None)
+    with pytest.raises(MissingPackageError, match=r"scipy.*pip install 'semask\[convert\]'") as info:
+        convert.convert_coco_stuff10k(tmp_path)
+    assert isinstance(info.value, UsageError) and isinstance(info.value, ImportError)
+    assert not (tmp_path / "images" / "train2014").exists()  # nothing was written
+    assert main(["convert", "coco-stuff10k", str(tmp_path)]) == 2
+    assert "semask[convert]" in capsys.readouterr().err
+    _cityscapes_download(tmp_path / "city")
+    assert convert.convert_cityscapes(tmp_path / "city") == 3

@@ -10,6 +10,9 @@
 Every output is written with :func:`semask.io.atomic_path` (a temporary file in the target folder, flushed
 to disk, then renamed into place), so an interrupted run never leaves a half-written file under the final
 name. Existing outputs are kept unless ``overwrite``.
+
+Reading the ``.mat`` annotations of COCO-Stuff 10k needs scipy, semask's optional ``convert`` extra
+(``pip install 'semask[convert]'``); it is imported only by that converter.
 """
 from __future__ import annotations
 
@@ -18,12 +21,13 @@ import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import scipy.io
 from PIL import Image
 
 from semask.data.datasets import DatasetError, preview_list, read_label
+from semask.errors import MissingPackageError
 from semask.io import atomic_path
 
 __all__ = [
@@ -50,6 +54,8 @@ CITYSCAPES_DOWNLOAD_LAYOUT = """\
 cityscapes/                         <- root
 |-- leftImg8bit/{train,val,test}/<city>/*_leftImg8bit.png
 `-- gtFine/{train,val,test}/<city>/*_gtFine_labelIds.png   (from gtFine_trainvaltest.zip)"""
+
+CONVERT_EXTRA_HINT = "install semask's convert extra: pip install 'semask[convert]' (or pip install scipy)"
 
 COCO_STUFF10K_DOWNLOAD_LAYOUT = """\
 coco_stuff10k/                      <- root (cocostuff-10k-v1.1.zip unpacked)
@@ -135,6 +141,16 @@ def convert_cityscapes(root: str | Path, overwrite: bool = False, num_workers: i
 
 
 # --------------------------------------------------------------------------------------------- COCO-Stuff 10k
+def _scipy_io() -> Any:
+    """``scipy.io``, or `MissingPackageError` naming the ``convert`` extra."""
+    try:
+        import scipy.io
+    except ImportError as exc:
+        raise MissingPackageError(f"converting COCO-Stuff 10k reads MATLAB .mat files with scipy, which is not "
+                                  f"installed; {CONVERT_EXTRA_HINT}") from exc
+    return scipy.io
+
+
 def _read_names(list_file: Path) -> list[str]:
     names = [Path(line.strip()).stem if line.strip().endswith(".jpg") else line.strip()
              for line in list_file.read_text().splitlines()]
@@ -143,9 +159,10 @@ def _read_names(list_file: Path) -> list[str]:
 
 def _load_mat_labels(path: Path) -> np.ndarray:
     """The ``S`` array of a COCO-Stuff 10k annotation file."""
+    sio = _scipy_io()
     try:
-        mat = scipy.io.loadmat(path)
-    except (scipy.io.matlab.MatReadError, ValueError, OSError, NotImplementedError, TypeError) as exc:
+        mat = sio.loadmat(path)
+    except (sio.matlab.MatReadError, ValueError, OSError, NotImplementedError, TypeError) as exc:
         raise DatasetError(f"COCO-Stuff annotation {path} cannot be read by scipy.io.loadmat: {exc}") from exc
     if "S" not in mat:
         keys = sorted(k for k in mat if not k.startswith("__"))
@@ -169,7 +186,13 @@ def convert_coco_stuff10k(root: str | Path, overwrite: bool = False, num_workers
 
     Returns:
         The number of label files written (both splits).
+
+    Raises:
+        MissingPackageError: scipy (the ``convert`` extra) is not installed; raised before anything is read.
+        FileNotFoundError: a folder or image list of the download is missing (the message shows the layout).
+        DatasetError: an image list names missing files, or an annotation cannot be read or does not fit.
     """
+    _scipy_io()  # fail before any work when the extra is missing
     root = Path(root)
     lists = {"train2014": root / "imageLists" / "train.txt", "test2014": root / "imageLists" / "test.txt"}
     missing = [str(p) for p in (root / "images", root / "annotations", *lists.values()) if not p.exists()]

@@ -68,6 +68,9 @@ STAGING_PREFIX = ".toy-partial-"  # + "<host>.<pid>": where make_toy_dataset wri
 STAGING_MARK = ".semask-toy-staging"  # file inside a staging folder: semask made it, it may be deleted
 DEFAULTS = {"num_train": 300, "num_val": 100, "size": 256}
 SPLIT_CODES = {"training": 1, "validation": 2}
+SPLIT_STEMS = {"training": "toy_train", "validation": "toy_val"}
+REFUSED = ("; --overwrite deletes only a toy dataset that semask wrote, so nothing was changed. Choose another "
+           "folder, or remove these files yourself")
 MARGIN = 3  # pixels of the thing's own stuff kept free all around it (no other thing, no other stuff)
 
 TOY_LAYOUT = f"""\
@@ -88,7 +91,7 @@ SHAPE_COLOURS: dict[str, tuple[tuple[int, int, int], ...]] = {
     "flyer": ((60, 60, 70), (240, 130, 30), (245, 245, 245), (150, 40, 40)),
 }
 SHAPE_WIDTH = {"vehicle": (0.14, 0.26), "animal": (0.10, 0.18), "flyer": (0.06, 0.11)}  # x image side
-SHAPE_ASPECT = {"vehicle": (0.45, 0.6), "animal": (0.6, 0.8), "flyer": (0.45, 0.6)}  # height / width
+SHAPE_HEIGHT_RATIO = {"vehicle": (0.45, 0.6), "animal": (0.6, 0.8), "flyer": (0.45, 0.6)}  # height / width
 STUFF_COLOURS = {"sky": (90, 150, 225), "water": (20, 90, 150), "grass": (60, 150, 45), "road": (110, 110, 115),
                  "sand": (215, 190, 130)}
 STUFF_SHAPES = {"sky": ("flyer",), "water": ("vehicle", "flyer"), "road": ("vehicle",), "grass": ("animal",),
@@ -212,7 +215,7 @@ def render_scene(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray,
         for _ in range(int(rng.integers(0, 4))):
             shape = STUFF_SHAPES[stuff][int(rng.integers(len(STUFF_SHAPES[stuff])))]
             w = max(int(rng.uniform(*SHAPE_WIDTH[shape]) * size), 6)
-            h = max(int(rng.uniform(*SHAPE_ASPECT[shape]) * w), 4)
+            h = max(int(rng.uniform(*SHAPE_HEIGHT_RATIO[shape]) * w), 4)
             colour_index = int(rng.integers(len(SHAPE_COLOURS[shape])))
             mirror = bool(rng.integers(2))
             for _attempt in range(20):
@@ -239,6 +242,12 @@ def render_scene(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray,
 # --------------------------------------------------------------------------------------------- writing
 def _scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_CODES[split], index])
+
+
+def _scene_files(split: str, index: int) -> tuple[str, str]:
+    """The image and label file of one scene, relative to the dataset root."""
+    name = f"{SPLIT_STEMS[split]}_{index:05d}"
+    return f"images/{split}/{name}.jpg", f"annotations/{split}/{name}.png"
 
 
 def _write_durable(path: Path, data: bytes) -> None:
@@ -283,34 +292,45 @@ def _manifest(meta: dict) -> dict[str, str | None]:
     if isinstance(meta.get("files"), dict):
         return {str(k): (str(v) if v is not None else None) for k, v in meta["files"].items()}
     names: dict[str, str | None] = {}  # version 1 stored no file list: the names follow from the counts
-    for split, key, stem in (("training", "num_train", "toy_train"), ("validation", "num_val", "toy_val")):
+    for split, key in (("training", "num_train"), ("validation", "num_val")):
         for index in range(int(meta.get(key, 0))):
-            names[f"images/{split}/{stem}_{index:05d}.jpg"] = None
-            names[f"annotations/{split}/{stem}_{index:05d}.png"] = None
+            names.update(dict.fromkeys(_scene_files(split, index)))
     return names
+
+
+def _read_manifest(root: Path) -> dict[str, str | None]:
+    """The manifest of the toy dataset at ``root``; `OutputError` when there is none that semask wrote."""
+    meta_path = root / META_FILE
+    if not meta_path.exists():
+        raise OutputError(f"{root} holds images/ or annotations/ but no {META_FILE}: they were not written by "
+                          f"semask toy-data{REFUSED}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        manifest = _manifest(meta) if isinstance(meta, dict) and meta.get("name") == "semask-toy" else None
+    except (OSError, ValueError, TypeError) as exc:
+        raise OutputError(f"{meta_path} is not a semask toy-data manifest ({exc}){REFUSED}") from None
+    if manifest is None:
+        raise OutputError(f"{meta_path} is not a semask toy-data manifest (not a semask toy dataset manifest)"
+                          f"{REFUSED}")
+    return manifest
+
+
+def _shown(paths: list[str]) -> str:
+    return f"{', '.join(sorted(paths)[:10])}{' ...' if len(paths) > 10 else ''}"
 
 
 def _owned_dataset(root: Path) -> tuple[list[Path], list[Path]]:
     """The files and folders of the toy dataset at ``root``, after checking that semask wrote all of them.
+
+    Returns:
+        ``(files, folders)``, the folders deepest first (the order to remove them in).
 
     Raises:
         OutputError: ``root`` holds ``images/`` or ``annotations/`` content that the dataset's manifest
             (``toy_meta.json``) does not list, or listed files whose content changed: ``--overwrite`` deletes
             only what semask made.
     """
-    meta_path = root / META_FILE
-    refuse = ("; --overwrite deletes only a toy dataset that semask wrote, so nothing was changed. Choose another "
-              "folder, or remove these files yourself")
-    try:
-        meta = json.loads(meta_path.read_text())
-        if not isinstance(meta, dict) or meta.get("name") != "semask-toy":
-            raise ValueError("not a semask toy dataset manifest")
-        manifest = _manifest(meta)
-    except FileNotFoundError:
-        raise OutputError(f"{root} holds images/ or annotations/ but no {META_FILE}: they were not written by "
-                          f"semask toy-data{refuse}") from None
-    except (OSError, ValueError, TypeError) as exc:
-        raise OutputError(f"{meta_path} is not a semask toy-data manifest ({exc}){refuse}") from None
+    manifest = _read_manifest(root)
     files, folders, foreign, changed = [], [], [], []
     for top in ("images", "annotations"):
         base = root / top
@@ -335,11 +355,46 @@ def _owned_dataset(root: Path) -> tuple[list[Path], list[Path]]:
                     files.append(path)
     if foreign:
         raise OutputError(f"{root}: {len(foreign)} path(s) under images/ or annotations/ were not written by semask "
-                          f"toy-data: {', '.join(sorted(foreign)[:10])}{' ...' if len(foreign) > 10 else ''}{refuse}")
+                          f"toy-data: {_shown(foreign)}{REFUSED}")
     if changed:
         raise OutputError(f"{root}: {len(changed)} toy-data file(s) changed since semask wrote them: "
-                          f"{', '.join(sorted(changed)[:10])}{' ...' if len(changed) > 10 else ''}{refuse}")
+                          f"{_shown(changed)}{REFUSED}")
     return files, sorted(folders, key=lambda p: len(p.parts), reverse=True)
+
+
+def _check_arguments(root: Path, seed: int, num_train: int, num_val: int, size: int) -> None:
+    for name, value in (("num_train", num_train), ("num_val", num_val), ("size", size), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageTypeError(f"make_toy_dataset: {name} must be an int, got {value!r}")
+    if num_train < 1 or num_val < 1 or size < 64:
+        raise UsageError(f"make_toy_dataset: need num_train >= 1, num_val >= 1 and size >= 64, got "
+                         f"num_train={num_train}, num_val={num_val}, size={size}")
+    if root.exists() and not root.is_dir():
+        raise OutputError(f"make_toy_dataset: {root} is a file; give a folder (it is created if needed)")
+
+
+def _write_dataset(staging: Path, seed: int, counts: dict[str, int], size: int) -> None:
+    """Render every scene into ``staging`` and write the manifest, each file and folder flushed to disk."""
+    files: dict[str, str] = {}
+    for split, count in counts.items():
+        for kind in ("images", "annotations"):
+            (staging / kind / split).mkdir(parents=True)
+        for index in range(count):
+            image, label, _ = render_scene(_scene_rng(seed, split, index), size)
+            for rel, array, fmt in zip(_scene_files(split, index), (image, label), ("JPEG", "PNG")):
+                data = _encode(array, fmt)
+                _write_durable(staging / rel, data)
+                files[rel] = hashlib.sha256(data).hexdigest()
+        for kind in ("images", "annotations"):
+            fsync_directory(staging / kind / split)
+    meta = {"name": "semask-toy", "version": 2, "seed": seed, "size": size, "num_train": counts["training"],
+            "num_val": counts["validation"], "reduce_zero_label": True, "classes": list(TOY_CLASSES),
+            "palette": [list(c) for c in TOY_PALETTE],
+            "context": {f"{shape} on {stuff}": name for (shape, stuff), name in TOY_CONTEXT.items()},
+            "files": files}
+    _write_durable(staging / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    for kind in ("images", "annotations", ""):
+        fsync_directory(staging / kind)
 
 
 def make_toy_dataset(root: str | Path, seed: int = 0, num_train: int | None = None, num_val: int | None = None,
@@ -371,14 +426,7 @@ def make_toy_dataset(root: str | Path, seed: int = 0, num_train: int | None = No
     num_train = DEFAULTS["num_train"] if num_train is None else num_train
     num_val = DEFAULTS["num_val"] if num_val is None else num_val
     size = DEFAULTS["size"] if size is None else size
-    for name, value in (("num_train", num_train), ("num_val", num_val), ("size", size), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UsageTypeError(f"make_toy_dataset: {name} must be an int, got {value!r}")
-    if num_train < 1 or num_val < 1 or size < 64:
-        raise UsageError(f"make_toy_dataset: need num_train >= 1, num_val >= 1 and size >= 64, got "
-                         f"num_train={num_train}, num_val={num_val}, size={size}")
-    if root.exists() and not root.is_dir():
-        raise OutputError(f"make_toy_dataset: {root} is a file; give a folder (it is created if needed)")
+    _check_arguments(root, seed, num_train, num_val, size)
     ours = [root / "images", root / "annotations", root / META_FILE]
     existing = [p for p in ours if p.exists() or p.is_symlink()]
     if existing and not overwrite:
@@ -389,34 +437,12 @@ def make_toy_dataset(root: str | Path, seed: int = 0, num_train: int | None = No
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(root)
     staging = root / _staging_name()
-    if staging.exists():  # our own pid, left by an earlier call in this process that was interrupted
+    if staging.exists():  # our own pid: an earlier process with this pid was killed, or our clean-up failed
         shutil.rmtree(staging)
     staging.mkdir()
     try:
         (staging / STAGING_MARK).write_text("semask toy-data staging folder; safe to delete\n")
-        files: dict[str, str] = {}
-        counts = {"training": num_train, "validation": num_val}
-        for split, count in counts.items():
-            stem = "toy_train" if split == "training" else "toy_val"
-            for kind in ("images", "annotations"):
-                (staging / kind / split).mkdir(parents=True)
-            for index in range(count):
-                image, label, _ = render_scene(_scene_rng(seed, split, index), size)
-                for kind, ext, fmt, array in (("images", "jpg", "JPEG", image), ("annotations", "png", "PNG", label)):
-                    rel = f"{kind}/{split}/{stem}_{index:05d}.{ext}"
-                    data = _encode(array, fmt)
-                    _write_durable(staging / rel, data)
-                    files[rel] = hashlib.sha256(data).hexdigest()
-            for kind in ("images", "annotations"):
-                fsync_directory(staging / kind / split)
-        meta = {"name": "semask-toy", "version": 2, "seed": seed, "size": size, "num_train": num_train,
-                "num_val": num_val, "reduce_zero_label": True, "classes": list(TOY_CLASSES),
-                "palette": [list(c) for c in TOY_PALETTE],
-                "context": {f"{shape} on {stuff}": name for (shape, stuff), name in TOY_CONTEXT.items()},
-                "files": files}
-        _write_durable(staging / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
-        for kind in ("images", "annotations", ""):
-            fsync_directory(staging / kind)
+        _write_dataset(staging, seed, {"training": num_train, "validation": num_val}, size)
         if existing:  # only now remove the old dataset (checked again), so a failed run leaves it intact
             old_files, old_folders = _owned_dataset(root)
             for path in old_files:

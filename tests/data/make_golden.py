@@ -5,10 +5,10 @@ For each case (variant, decoder classes[, semantic-layer classes]) this writes, 
   spec_<case>.json      the official (mmseg 0.x) key list with shapes and dtypes of that model
   expected_<case>.pt    outputs of semask on a deterministic synthetic checkpoint built from the key list
                         with `make_checkpoint.make(spec, seed)` and the stored 149x211 input
-in the same format as the reference's `expected_tiny_150.pt`, so that both
-`tests/test_equivalence.py` and `../shared/reference/check_official_equivalence.py tests/data/reference CASE`
-check them. The tiny/150 case is the reference implementation's own output; these others are regression
-fixtures produced by semask after that case matched (they pin the behaviour, they do not prove it).
+in the same format as the reference's `expected_tiny_150.pt`, so that both `tests/test_equivalence.py` and
+`python tests/data/reference/check_equivalence.py CASE` check them. The tiny/150 case is the reference
+implementation's own output; these others are regression fixtures produced by semask after that case matched
+(they pin the behaviour, they do not prove it).
 
 Usage: python tests/data/make_golden.py [CASE ...]     (default: all cases below)
 """
@@ -16,12 +16,13 @@ import json
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
 sys.path.insert(0, HERE)
-import make_checkpoint  # noqa: E402
+from check_equivalence import INPUT, load_case_model  # noqa: E402
 
 import semask  # noqa: E402
 
@@ -53,12 +54,9 @@ def official_spec(name: str, num_classes: int, backbone_classes) -> list:
 def make_case(case: str) -> None:
     name, k, kb = CASES[case]
     spec = official_spec(name, k, kb)
-    x = torch.load(os.path.join(HERE, "input_149x211.pt"), weights_only=True)
-    ckpt = make_checkpoint.make(spec, SEED)
+    x = torch.load(os.path.join(HERE, INPUT), weights_only=True)
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, f"{case}.pth")
-        torch.save(ckpt, path)
-        model = semask.load_checkpoint(path)
+        model = load_case_model(spec, SEED, Path(tmp))
     with torch.no_grad():
         out = model(x)
     g = torch.Generator().manual_seed(0)
