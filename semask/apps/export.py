@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from semask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from semask.model.segmentor import SeMaskFPN
-from semask.errors import SemaskError, UsageError, UsageTypeError
+from semask.errors import MissingPackageError, SemaskError, UsageError, UsageTypeError
 from semask.io import atomic_path
 
 __all__ = [
@@ -47,10 +47,6 @@ _INSTALL_HINT = f"install the export extra: pip install 'semask[export]' ({', '.
 
 class ExportError(SemaskError, RuntimeError):
     """An ONNX export that failed or did not reproduce PyTorch; the message says which and what to do."""
-
-
-class MissingPackageError(UsageError, ImportError):
-    """A package of the export extra that is not installed (exit status 2: install it and run again)."""
 
 
 @dataclass
