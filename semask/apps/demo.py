@@ -68,7 +68,7 @@ def run_demo(work_dir: Union[str, Path, None] = None, data_root: Union[str, Path
         matplotlib.use("Agg")  # files only; a notebook that already chose a backend keeps it
     import matplotlib.pyplot as plt
 
-    from semask.viz.visualize import plot_evaluation_panel, plot_stage_priors, plot_training_log
+    from semask.viz import plot_evaluation_panel, plot_stage_priors, plot_training_log
 
     start = time.perf_counter()
     data_root = Path(data_root)
