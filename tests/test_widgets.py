@@ -1,4 +1,4 @@
-"""Tests for semask.viz's apps (explorer, comparison): the explorer's and the comparison's callbacks, driven without a browser.
+"""Tests for the apps of semask.viz: the explorer's and the comparison's callbacks, driven without a browser.
 
 Each test changes a control the way the mouse would (``control.value = ...`` fires the same observers) and checks
 the figure's data against an independent computation, and that the model ran once per image, not per change.

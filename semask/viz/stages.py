@@ -46,7 +46,7 @@ def _pair(stride: Stride) -> tuple[int, int]:
     return (stride, stride) if isinstance(stride, numbers.Integral) else (int(stride[0]), int(stride[1]))
 
 
-def _size(value: object, name: str) -> Size:
+def _checked_size(value: object, name: str) -> Size:
     if (not isinstance(value, (tuple, list)) or len(value) != 2
             or not all(isinstance(v, numbers.Integral) and v > 0 for v in value)):
         raise UsageError(f"{name} must be two positive ints (height, width), got {value!r}")
@@ -199,7 +199,7 @@ def plot_stage_priors(output_or_priors: Union[SegmentationOutput, Sequence[torch
         raise UsageError(f"a {len(colours)}-colour palette for priors with {num_classes} classes")
     if img is not None:
         if input_size is not None:
-            input_size = _size(input_size, "input_size")
+            input_size = _checked_size(input_size, "input_size")
         elif isinstance(output_or_priors, SegmentationOutput):
             input_size = tuple(output_or_priors.logits.shape[-2:])
         else:
@@ -273,7 +273,7 @@ def plot_attention(attention_map: SemanticAttentionMap, row: int, col: int, imag
     if image is not None:
         img = image_array(image)
         image_size = img.shape[:2]
-        input_size = _size(input_size, "input_size") if input_size is not None else image_size
+        input_size = _checked_size(input_size, "input_size") if input_size is not None else image_size
         stride = grid_stride((h, w), input_size)
         ax.imshow(img)
         shown = ax.imshow(stage_to_image(weights[None], stride, input_size, image_size, False)[0], cmap=cmap,
