@@ -1,4 +1,4 @@
-"""Tests for the result plots of semask.viz.visualize: training logs, per-class IoU, run tables, confusion, error maps."""
+"""Tests for the result plots of semask.viz: training logs, per-class IoU, run tables, confusion, error maps."""
 from __future__ import annotations
 
 import json
@@ -14,9 +14,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from semask.engine.metrics import mean_iou  # noqa: E402
-from semask.viz.visualize import (ERROR_PALETTE, ResultsTable, error_map, overlay, plot_class_iou,  # noqa: E402
-                              plot_confusion, plot_evaluation_panel, plot_results, plot_training_log,
-                              read_training_log, results_table)
+from semask.engine.rundir import read_training_log  # noqa: E402
+from semask.viz import (ERROR_PALETTE, ResultsTable, error_map, overlay, plot_class_iou,  # noqa: E402
+                        plot_confusion, plot_evaluation_panel, plot_results, plot_training_log, results_table)
 
 LOGS = Path(__file__).parent / "data" / "training_logs"
 SEMASK_LOG = LOGS / "semask_toy" / "log.jsonl"
@@ -327,7 +327,7 @@ def test_plot_training_log_reads_a_real_training_run(tiny_toy_root, tmp_path):
 def test_live_training_plot_redraws_as_records_arrive() -> None:
     import matplotlib.pyplot as plt
 
-    from semask.viz.visualize import LiveTrainingPlot
+    from semask.viz import LiveTrainingPlot
 
     shown = []
     live = LiveTrainingPlot(every=2, show=lambda fig: shown.append([ax.get_ylabel() for ax in fig.axes]))

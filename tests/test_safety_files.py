@@ -142,7 +142,7 @@ def test_color_without_a_palette_uses_the_default_and_says_so(files, tmp_path: P
     assert main(["predict", str(files["plain"]), str(files["img"]), "--out", str(out), "--color"]) == 0
     assert "has no palette: using semask's default palette for 3 classes" in capsys.readouterr().err
     with Image.open(out / "a.png") as im:
-        assert im.mode == "P" and im.getpalette()[:9] == [c for rgb in semask.viz.visualize.default_palette(3)
+        assert im.mode == "P" and im.getpalette()[:9] == [c for rgb in semask.viz.default_palette(3)
                                                           for c in rgb]
 
 
@@ -327,7 +327,7 @@ def test_atomic_writes_fsync_the_file_before_the_rename_and_the_folder_after(tmp
 UMASK_WRITES = """
 import os, sys, numpy as np, torch, semask
 from semask.checkpoint import save_checkpoint
-from semask.viz.visualize import save_label_map
+from semask.viz import save_label_map
 os.umask(0o027)
 out = sys.argv[1]
 save_checkpoint(os.path.join(out, "ckpt.pth"), semask.create_model("semask_toy_fpn", num_classes=3))

@@ -1,4 +1,4 @@
-"""Tests for semask.viz.visualize: label-map colouring, PNG writing, and the notebook figures."""
+"""Tests for semask.viz: label-map colouring, PNG writing, and the notebook figures."""
 from __future__ import annotations
 
 import matplotlib
@@ -13,9 +13,12 @@ from PIL import Image  # noqa: E402
 
 import semask  # noqa: E402
 from semask.data.transforms import normalize  # noqa: E402
+from semask.errors import UsageError  # noqa: E402
 from semask.model.semantic import SemanticAttentionMap  # noqa: E402
-from semask.viz.visualize import (colorize, default_palette, denormalize, overlay, plot_attention,  # noqa: E402
-                              plot_samples, plot_segmentation, plot_stage_priors, save_label_map)
+from semask.viz import (colorize, default_palette, denormalize, overlay, plot_attention,  # noqa: E402
+                        plot_results, plot_samples, plot_segmentation, plot_stage_priors, save_label_map,
+                        stage_to_image)
+from semask.viz.stages import cell_box, grid_stride  # noqa: E402
 
 PALETTE = [[255, 0, 0], [0, 255, 0], [0, 0, 255], [10, 20, 30]]
 NAMES = ["red", "green", "blue", "dark"]
@@ -334,7 +337,7 @@ def test_plot_attention_rejects_bad_inputs():
 
 
 def test_palettes_out_of_range_are_rejected_not_wrapped(tmp_path) -> None:
-    from semask.viz.visualize import colorize, save_label_map
+    from semask.viz import colorize, save_label_map
 
     label = np.zeros((2, 2), dtype=np.int64)
     with pytest.raises(ValueError, match=r"colorize: palette values must lie in 0..255, got 0..300"):
@@ -342,3 +345,40 @@ def test_palettes_out_of_range_are_rejected_not_wrapped(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"save_label_map: palette values must lie in 0..255"):
         save_label_map(label, tmp_path / "x.png", palette=[[0, -1, 0]])
     assert not (tmp_path / "x.png").exists()
+
+
+# --------------------------------------------------------------------------------------------- shared logic
+def test_stage_grid_maps_cells_to_stride_blocks_and_crops_the_padding():
+    """A 60x84 input: stage 4 (stride 32) is a 2x3 grid whose last row and column are partly padding."""
+    assert grid_stride((2, 3), (60, 84)) == (32, 32)
+    assert grid_stride((15, 21), (60, 84)) == (4, 4)
+    assert grid_stride((1, 2), (32, 32)) == (32, 16)  # per axis
+    with pytest.raises(UsageError, match=r"5x5 cells does not cover a 50x70 input.*input_size"):
+        grid_stride((5, 5), (50, 70))
+    cells = torch.arange(6.0).view(1, 2, 3)
+    mapped = stage_to_image(cells, 32, (60, 84), (60, 84), smooth=False)[0]
+    assert mapped.shape == (60, 84)
+    assert mapped[31, 63] == 1 and mapped[32, 64] == 5 and mapped[59, 83] == 5 and mapped[0, 0] == 0
+    resized = stage_to_image(cells, 32, (60, 84), (30, 42), smooth=False)[0]  # the input was the image x 2
+    assert resized[15, 31] == 1 and resized[16, 31] == 4 and resized[16, 32] == 5
+    assert cell_box(1, 2, 1, 1, 32, (60, 84), (30, 42)) == (31.5, 15.5, 10.0, 14.0)  # cropped to the input
+
+
+def test_errors_name_the_function_called_once():
+    with pytest.raises(UsageError, match=r"^plot_samples: label 1 has size \(4, 4\)"):
+        plot_samples([_image(), _image()], [_label(), np.zeros((4, 4), dtype=np.int64)], PALETTE)
+    with pytest.raises(UsageError, match=r"^results_table: no runs given"):  # the inner entry point's name stays
+        plot_results([])
+    with pytest.raises(IndexError, match=r"^plot_attention: query \(4, 0\) outside"):  # raised by the model's map
+        plot_attention(_windowed_map(), 4, 0)
+
+
+def test_importing_semask_viz_imports_no_plotting_or_widget_backend():
+    import subprocess
+    import sys
+
+    code = ("import sys, semask.viz; print(sorted(m for m in ('ipywidgets', 'ipympl', 'matplotlib.pyplot') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

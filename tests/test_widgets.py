@@ -1,4 +1,4 @@
-"""Tests for semask.viz.widgets: the explorer's and the comparison's callbacks, driven without a browser.
+"""Tests for the apps of semask.viz: the explorer's and the comparison's callbacks, driven without a browser.
 
 Each test changes a control the way the mouse would (``control.value = ...`` fires the same observers) and checks
 the figure's data against an independent computation, and that the model ran once per image, not per change.
@@ -16,6 +16,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless; set here, never at import of semask
 
+import matplotlib.pyplot  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -26,8 +28,10 @@ import semask  # noqa: E402
 from helpers import randomize_gammas  # noqa: E402
 from semask.data import TOY_CLASSES, TOY_PALETTE, TestPipelineConfig, TestTransform, ToyDataset, make_toy_dataset  # noqa: E402
 from semask.engine.metrics import mean_iou  # noqa: E402
-from semask.viz.visualize import ERROR_PALETTE, error_map, overlay  # noqa: E402
-from semask.viz.widgets import VIEWS, Comparison, Explorer, analyse_image, compare, semantic_gammas  # noqa: E402
+from semask.engine.inference import Predictor  # noqa: E402
+from semask.errors import UsageError  # noqa: E402
+from semask.viz import (VIEWS, ERROR_PALETTE, Comparison, Explorer, analyse_image, compare, error_map,  # noqa: E402
+                        overlay, plot_attention, plot_stage_priors, semantic_gammas)
 
 PRESET = TestPipelineConfig(scale=(256, 64))  # keeps the 64-pixel test scenes at their size
 
@@ -101,6 +105,21 @@ def test_analysis_matches_the_predictor_and_the_raw_model_outputs(model, toy_val
     assert upsampled.input_size == (128, 128) and upsampled.prediction.shape == (64, 64)
     assert upsampled.label is None and upsampled.miou is None
     assert upsampled.query_cell(0, 63, 0) == (31, 0)  # pixel 63 -> input row 126 -> stage-1 cell 31
+
+
+def test_analysis_is_the_predictors_whole_image_forward(model):
+    """analyse_image runs `Predictor.predict_with_output`: the labels of `predict_labels`, the model's own output."""
+    image = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    preset = TestPipelineConfig(scale=(150, 60))  # a real rescale: 50x70 -> 60x84
+    predictor = Predictor(model, test_config=preset)
+    labels, out = predictor.predict_with_output(image, return_attention=True)
+    assert torch.equal(labels, predictor.predict_labels(image))
+    assert out.logits.shape[-2:] == (60, 84) and len(out.attentions) == 4
+    a = analyse_image(model, image, test_preset=preset)
+    assert np.array_equal(a.prediction, labels.numpy()) and a.input_size == (60, 84)
+    assert torch.allclose(a.stage_priors[3], out.stage_priors[3][0].softmax(0))
+    with pytest.raises(UsageError, match="needs mode 'whole' with one view"):
+        Predictor(model, mode="msflip", test_config=preset).predict_with_output(image)
 
 
 def test_semantic_gammas_reads_every_semantic_layer(model):
@@ -282,7 +301,7 @@ def test_creating_an_explorer_leaves_the_matplotlib_backend_alone(tmp_path):
     process, so that no earlier import of ipympl hides the effect)."""
     script = (
         "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt; import numpy as np\n"
-        "import semask; from semask.viz.widgets import Explorer\n"
+        "import semask; from semask.viz import Explorer\n"
         "fig = plt.figure()\n"
         "explorer = Explorer(semask.create_model('semask_toy_fpn'), np.zeros((64, 64, 3), np.uint8),"
         " test_preset='toy')\n"
@@ -345,3 +364,41 @@ def test_stage_maps_at_another_test_scale_cover_the_image(model, toy_val):
     expected = F.interpolate(grid[None], size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
     assert np.allclose(a.prior_map(1, 0), expected.numpy(), atol=1e-6)
     assert a.attention_map(3, 63, 63).shape == (64, 64)
+
+
+def test_plot_stage_priors_plot_attention_and_the_explorer_draw_the_same_pixels(model):
+    """On an input whose sides are not multiples of 32, every viewer maps a stage cell to its stride block of the
+    input, crops the padding and resizes to the image (`semask.viz.stages.stage_to_image`): the same pixels."""
+    image = np.random.default_rng(3).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    preset = TestPipelineConfig(scale=(150, 60))  # 50x70 -> a 60x84 input; stage 4 is a 2x3 grid, padded
+    explorer = Explorer(model, image, test_preset=preset, opacity=0.5)
+    a = explorer.analysis()
+    assert a.input_size == (60, 84)
+    _, out = Predictor(model, test_config=preset).predict_with_output(image, return_attention=True)
+    water = TOY_CLASSES.index("water")
+    argmax = plot_stage_priors(out, image=image, palette=TOY_PALETTE, alpha=0.5)
+    scores = plot_stage_priors(out, image=image, class_index=water)
+    explorer.view.value = "semantic prior"
+    for stage in range(4):
+        explorer.stage.value = stage
+        explorer.class_name.value = -1  # argmax
+        assert np.array_equal(argmax.axes[stage].images[0].get_array(), _picture(explorer))
+        explorer.class_name.value = water
+        assert np.allclose(scores.axes[stage].images[1].get_array(), _heat(explorer), atol=1e-6)
+    stretched = F.interpolate(out.stage_priors[3].softmax(1)[:, water:water + 1], size=(50, 70), mode="bilinear",
+                              align_corners=False)[0, 0].numpy()
+    assert not np.allclose(_heat(explorer), stretched, atol=1e-3)  # the old whole-image stretch differs
+
+    explorer.view.value = "semantic attention"
+    explorer.select_pixel(45, 66)
+    for stage in range(4):
+        explorer.stage.value = stage
+        r, c = a.query_cell(stage, 45, 66)
+        fig = plot_attention(out.attentions[stage], r, c, image=image, input_size=a.input_size)
+        assert np.allclose(fig.axes[0].images[1].get_array(), _heat(explorer))
+        if out.attentions[stage].window_size is not None:
+            (window,) = fig.axes[0].patches
+            assert window.get_xy() == explorer._window.get_xy()
+            assert (window.get_width(), window.get_height()) == (explorer._window.get_width(),
+                                                                 explorer._window.get_height())
+    matplotlib.pyplot.close("all")

@@ -97,7 +97,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from semask.engine.inference import Predictor
     from semask.device import check_device
     from semask.io import plan_outputs
-    from semask.viz.visualize import save_label_map
+    from semask.viz import save_label_map
 
     device = check_device(args.device)
     images = _input_images(args.images)

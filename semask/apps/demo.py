@@ -69,7 +69,7 @@ def _save(fig: Any, path: Path) -> Path:
 def _draw_predictions(model: torch.nn.Module, val: ToyDataset, final: Any, indices: Sequence[int], scale: Any,
                       folder: Path) -> Path:
     """One image | truth | prediction panel per validation image in `indices`, into `folder`."""
-    from semask.viz.visualize import plot_evaluation_panel
+    from semask.viz import plot_evaluation_panel
 
     folder.mkdir(exist_ok=True)
     for index in indices:
@@ -85,7 +85,7 @@ def _draw_predictions(model: torch.nn.Module, val: ToyDataset, final: Any, indic
 def _draw_priors(model: torch.nn.Module, sample: dict[str, Any], device: torch.device, folder: Path) -> Path:
     """The per-stage semantic priors of one sample, into `folder`: their argmax, then one map per thing class
     in the image (class 0 when it has none)."""
-    from semask.viz.visualize import plot_stage_priors
+    from semask.viz import plot_stage_priors
 
     folder.mkdir(exist_ok=True)
     x = torch.from_numpy(sample["image"]).permute(2, 0, 1)[None].float()
@@ -115,7 +115,7 @@ def run_demo(work_dir: Union[str, Path, None] = None, data_root: Union[str, Path
         A `DemoResult` with the final mIoU, the wall time and the paths of everything written.
     """
     _use_file_backend()
-    from semask.viz.visualize import plot_training_log
+    from semask.viz import plot_training_log
 
     start = time.perf_counter()
     data_root = Path(data_root)

@@ -211,7 +211,7 @@ def _save_panel(folder: Path, sample: dict[str, Any], pred: np.ndarray, model: n
     import matplotlib.pyplot as plt
 
     from semask.io import atomic_path
-    from semask.viz.visualize import plot_evaluation_panel
+    from semask.viz import plot_evaluation_panel
 
     fig = plot_evaluation_panel(sample["image"], sample["label"], pred, model.palette, class_names,
                                 ignore_index=ignore_index,

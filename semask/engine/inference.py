@@ -366,6 +366,42 @@ class Predictor:
             return probs.argmax(0).cpu().numpy(), probs.cpu().numpy()
         return self.predict_labels(image).cpu().numpy()
 
+    @torch.no_grad()
+    def predict_with_output(self, image: ImageInput, return_attention: bool = False
+                            ) -> tuple[torch.Tensor, "SegmentationOutput"]:
+        """Whole mode's label map together with the model's own output (stage priors, attention weights).
+
+        The labels are `predict_labels`' (the same rescale, normalisation, forward, softmax and resize); the
+        output is what the model returned for the rescaled image (logits at that size), for viewers.
+
+        Args:
+            image: a path, PIL image, array or tensor (see `semask.data.images` for what is accepted).
+            return_attention: also keep every semantic layer's attention weights in the output.
+
+        Returns:
+            ((H, W) int64 labels at the original size on the model's device, the model's `SegmentationOutput`).
+
+        Raises:
+            UsageError: a predictor other than whole mode with one view (several views have no one output).
+            NonFiniteError: the model's scores are NaN or infinite.
+        """
+        if self.mode != "whole" or self._num_views() != 1:
+            raise UsageError(f"predict_with_output needs mode 'whole' with one view (one ratio, no flip), got mode "
+                             f"{self.mode!r} with {self._num_views()} views")
+        img = self._image(image)
+        H0, W0 = img.shape[-2:]
+        size = self._sizes(H0, W0)[0]
+        batch = (resize_image(img, size) if size != (H0, W0) else img).float()
+        batch.sub_(torch.tensor(self.test_config.mean, device=batch.device).view(1, 3, 1, 1))
+        batch.div_(torch.tensor(self.test_config.std, device=batch.device).view(1, 3, 1, 1))
+        with eval_mode(self.model), autocast(self.device, self.amp_dtype):
+            output = self.model(batch, return_attention=return_attention)
+        self._check_finite(output.decoder_logits)
+        logits = output.logits.float()
+        if size == (H0, W0):  # as in predict_labels: softmax and an identity resize leave the argmax as it is
+            return logits[0].argmax(0), output
+        return _resize_argmax(self._softmax_views(logits.clone()), (H0, W0)), output
+
 
 def _softmax_classes_(x: torch.Tensor) -> None:
     """Softmax over the class dimension of `x` (B, K, h, w), written back into `x`.

@@ -91,7 +91,7 @@ class TrainResult:
         return next((r for r in reversed(self.history) if r.get("kind") == "eval"), None)
 
     def summary(self) -> dict[str, Any]:
-        """One flat record of the run for tables (`semask.viz.visualize.results_table`): the final and best validation
+        """One flat record of the run for tables (`semask.viz.results_table`): the final and best validation
         mIoU, the final per-class IoU (``IoU/<class>``), the parameter count, the steps and the training time in
         seconds (evaluations included)."""
         last = self.last_eval or {}

@@ -1,2 +1,56 @@
 """Pictures of semask (arXiv 2112.12782): label maps and overlays, plots of priors, attention, training logs and
-results, and the Jupyter widgets (explorer, comparison)."""
+results, and the Jupyter apps (explorer, comparison).
+
+- `semask.viz.labels`: `colorize`, `overlay`, `save_label_map`, `denormalize`, `error_map`, `class_legend`;
+- `semask.viz.panels`: `plot_segmentation`, `plot_samples`, `plot_evaluation_panel`;
+- `semask.viz.stages`: `plot_stage_priors`, `plot_attention` and `stage_to_image`, the one mapping from a stage's
+  feature grid to image pixels;
+- `semask.viz.training`: `plot_training_log`, `LiveTrainingPlot`;
+- `semask.viz.results`: `plot_class_iou`, `results_table` / `ResultsTable`, `plot_results`, `plot_confusion`;
+- `semask.viz.analysis`: `analyse_image` / `ImageAnalysis`, one image through one model for the apps;
+- `semask.viz.explorer`, `semask.viz.compare`: the ipywidgets apps `Explorer` and `compare`.
+
+Importing semask.viz imports neither pyplot (no matplotlib backend is chosen) nor ipywidgets or ipympl; the plot
+functions and the apps import them when called.
+"""
+from semask.viz.analysis import ImageAnalysis, analyse_image, semantic_gammas
+from semask.viz.compare import Comparison, compare
+from semask.viz.explorer import VIEWS, Explorer
+from semask.viz.labels import (ERROR_CLASSES, ERROR_PALETTE, class_legend, colorize, default_palette, denormalize,
+                               error_map, overlay, save_label_map)
+from semask.viz.panels import plot_evaluation_panel, plot_samples, plot_segmentation
+from semask.viz.results import ResultsTable, plot_class_iou, plot_confusion, plot_results, results_table
+from semask.viz.stages import plot_attention, plot_stage_priors, stage_to_image
+from semask.viz.training import LiveTrainingPlot, plot_training_log
+
+__all__ = [
+    "default_palette",
+    "colorize",
+    "overlay",
+    "save_label_map",
+    "denormalize",
+    "ERROR_CLASSES",
+    "ERROR_PALETTE",
+    "error_map",
+    "class_legend",
+    "plot_segmentation",
+    "plot_samples",
+    "plot_evaluation_panel",
+    "plot_stage_priors",
+    "plot_attention",
+    "stage_to_image",
+    "plot_training_log",
+    "LiveTrainingPlot",
+    "plot_class_iou",
+    "ResultsTable",
+    "results_table",
+    "plot_results",
+    "plot_confusion",
+    "ImageAnalysis",
+    "analyse_image",
+    "semantic_gammas",
+    "VIEWS",
+    "Explorer",
+    "Comparison",
+    "compare",
+]

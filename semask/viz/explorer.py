@@ -1,0 +1,404 @@
+"""`Explorer`: one SeMask model (arXiv 2112.12782) on a set of images, in Jupyter.
+
+Pick an image and a view — the prediction, the ground truth, the error map, a stage's semantic prior (one
+class's probability or the argmax over classes) or where one query pixel's token attends in a stage's semantic
+layer — and the figure redraws in place, with a legend of class names for label maps and a colour bar for heat
+maps. Each semantic layer's learned gate `gamma` (``out = gamma * f + x``, initialised to 0) is shown beside the
+stage. The model runs once per image (`analyse_image`, cached); a control only redraws. docs/design.md
+("Visualisation and widgets") says why the app is built this way.
+"""
+from __future__ import annotations
+
+import contextlib
+import html
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from semask.engine.inference import resolve_test_config
+from semask.errors import UsageError
+from semask.model.util import LRUCache
+from semask.viz.analysis import ImageAnalysis, TestPreset, analyse_image, semantic_gammas
+from semask.viz.appkit import (ImagesInput, ImageSource, class_metadata, display_bundle, image_options,
+                               ipympl_figure, ipywidgets_module, snapshot_bytes)
+from semask.viz.inputs import names_caller
+from semask.viz.labels import ERROR_CLASSES, ERROR_PALETTE, class_legend, error_map, error_percentages, overlay
+
+if TYPE_CHECKING:
+    import ipywidgets
+
+__all__ = ["VIEWS", "Explorer"]
+
+VIEWS: tuple[str, ...] = ("prediction", "ground truth", "error map", "semantic prior", "semantic attention")
+SEMANTIC_VIEWS = ("semantic prior", "semantic attention")  # need a model with semantic layers
+ALL_CLASSES = -1  # value of the class control that draws the prior's argmax over all classes
+
+_VIEW_HELP = {
+    "prediction": "The model's prediction over the image.",
+    "ground truth": "The label (black: ignored pixels).",
+    "error map": "Green: correct, red: wrong, grey: not scored.",
+    "semantic prior": "The stage's semantic layer projects its features to class space; the decoder supervises "
+                      "these priors. Argmax: which class each token leans to; a class: its probability.",
+    "semantic attention": "Where the query token (x; white box) attends in the stage's semantic layer: attention "
+                          "between tokens with similar class priors. Windowed layers look inside their window "
+                          "(dashed) only. Click the image to move the query.",
+}
+
+
+class Explorer:
+    """An interactive view of one SeMask model on a set of images.
+
+    Args:
+        model: a `SeMaskFPN`; a plain-Swin baseline works too (its views are prediction, ground truth and
+            error map only). Put in eval mode.
+        images: a dataset (`semask.data.ToyDataset(root, "validation")` or any `SegmentationDataset`, read
+            without its transform; or a sequence of ``{"image": (H, W, 3) uint8, "label": (H, W)}`` dicts), a
+            list of images (paths, (H, W, 3) uint8 arrays, PIL images) or one image.
+        labels: ground truth per image (overrides the dataset's; None entries for unlabelled images).
+        titles: a name per image (default: file names, or ``#i``).
+        class_names, palette: K names and (K, 3) colours (default: the model's, else the dataset's).
+        test_preset: test-pipeline preset or config (``"toy"`` keeps the toy set's 256-pixel images at their
+            size); None: `semask.engine.inference.model_test_config(model)`, the test pipeline of the model's recipe.
+        device: where the model runs (default: its own device).
+        cache_size: analysed images kept (each the model's output for one image, with every semantic layer's
+            attention weights: a few MB for an ADE20K-sized image); revisiting one of them does not run the model
+            again.
+        opacity: initial opacity of the maps over the image.
+        max_legend: at most this many classes in the legend.
+        dpi: resolution of the figure.
+
+    Attributes:
+        widget: the app (an ipywidgets ``VBox``); a notebook shows it when the explorer is displayed.
+        figure, ax, cax: the matplotlib figure (on an ipympl canvas), its image axes and its colour-bar axes.
+        image, view, stage, class_name, row, col, opacity: the controls (ipywidgets); setting ``.value`` from
+            code updates the figure exactly as the mouse does.
+        gamma, info: HTML widgets with the semantic layers' gammas and a summary of the current image and view.
+        model_runs: how many times the model has run (once per analysed image).
+    """
+
+    @names_caller("Explorer")
+    def __init__(self, model: nn.Module, images: ImagesInput, *,
+                 labels: Optional[Sequence[Optional[np.ndarray]]] = None, titles: Optional[Sequence[str]] = None,
+                 class_names: Optional[Sequence[str]] = None, palette: Optional[Sequence[Sequence[int]]] = None,
+                 test_preset: TestPreset = None, device: Union[str, torch.device, None] = None,
+                 cache_size: int = 16, opacity: float = 0.5, max_legend: int = 16, dpi: int = 80):
+        w = ipywidgets_module()
+        if cache_size < 1:
+            raise UsageError(f"cache_size must be at least 1, got {cache_size}")
+        if not 0.0 <= opacity <= 1.0:
+            raise UsageError(f"opacity must lie in [0, 1], got {opacity}")
+        self.model = model.eval()
+        self.images = ImageSource(images, labels, titles)
+        self.class_names, self.palette = class_metadata(model, self.images, class_names, palette)
+        self.test_pipeline = resolve_test_config(model, test_preset, name="test_preset")
+        self.device = device
+        self.max_legend = max_legend
+        self.model_runs = 0
+        self._cache = LRUCache(cache_size)
+        self._gammas = semantic_gammas(model)
+        self._semantic = bool(self._gammas)
+        self._holding = False
+        self._make_controls(w, opacity)
+        first, _ = self.images.get(0)
+        self._make_figure(first, dpi)
+        self.widget = self._layout(w)
+        self._set_image_ranges(*first.shape[:2], centre=True)  # draws the first view
+
+    def _make_controls(self, w: Any, opacity: float) -> None:
+        """The ipywidgets controls, each with a stable CSS class (handles for browser tests and custom CSS)."""
+        views = VIEWS if self._semantic else tuple(v for v in VIEWS if v not in SEMANTIC_VIEWS)
+        style = {"description_width": "70px"}
+        self.image = w.Dropdown(options=image_options(self.images.titles), value=0, description="image",
+                                style=style, layout=w.Layout(width="340px"))
+        self.view = w.ToggleButtons(options=list(views), value="prediction")
+        self.view.style.button_width = "160px"
+        stages = len(self._gammas) or 4
+        self.stage = w.ToggleButtons(options=[(f"stage {i + 1}", i) for i in range(stages)], value=0)
+        self.stage.style.button_width = "72px"
+        self.class_name = w.Dropdown(options=[("all classes (argmax)", ALL_CLASSES)]
+                                     + [(n, k) for k, n in enumerate(self.class_names)],
+                                     value=ALL_CLASSES, description="class", style=style,
+                                     layout=w.Layout(width="340px"))
+        self.row = w.IntSlider(value=0, min=0, max=1, description="query row", style=style,
+                               continuous_update=False)
+        self.col = w.IntSlider(value=0, min=0, max=1, description="query col", style=style,
+                               continuous_update=False)
+        self.opacity = w.FloatSlider(value=opacity, min=0.0, max=1.0, step=0.05, description="opacity", style=style,
+                                     continuous_update=False)
+        self.gamma = w.HTML()
+        self.info = w.HTML()
+        for control, name in ((self.image, "image"), (self.view, "view"), (self.stage, "stage"),
+                              (self.class_name, "class"), (self.row, "row"), (self.col, "col"),
+                              (self.opacity, "opacity")):
+            control.add_class(f"semask-{name}")
+        for control in (self.view, self.stage, self.class_name, self.row, self.col, self.opacity):
+            control.observe(self._on_change, names="value")
+        self.image.observe(self._on_image, names="value")
+
+    def _make_figure(self, first: np.ndarray, dpi: int) -> None:
+        """The figure and the artists `update` redraws: the picture, the heat map, the query marks, the colour bar."""
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+        from matplotlib.patches import Rectangle
+
+        self.figure = ipympl_figure((6.8, 5.0), dpi)
+        self.ax = self.figure.add_axes((0.01, 0.02, 0.66, 0.86))
+        self.cax = self.figure.add_axes((0.71, 0.12, 0.03, 0.7))
+        self.ax.set_axis_off()
+        self._picture = self.ax.imshow(first, interpolation="nearest")
+        self._heat = self.ax.imshow(np.zeros(first.shape[:2], np.float32), cmap="viridis", vmin=0.0, vmax=1.0,
+                                    interpolation="nearest", visible=False)
+        (self._marker,) = self.ax.plot([0], [0], linestyle="none", marker="x", color="cyan", markersize=11,
+                                       markeredgewidth=2.5, visible=False)
+        self._window = Rectangle((0, 0), 1, 1, fill=False, edgecolor="cyan", linestyle="--", linewidth=1.4,
+                                 visible=False)
+        self._cell = Rectangle((0, 0), 1, 1, fill=False, edgecolor="white", linewidth=1.2, visible=False)
+        self.ax.add_patch(self._window)
+        self.ax.add_patch(self._cell)
+        self._scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap="viridis")  # the colour bar, opaque
+        self._colorbar = self.figure.colorbar(self._scale, cax=self.cax)
+        self.figure.canvas.mpl_connect("button_press_event", self.on_click)
+
+    def _layout(self, w: Any) -> "ipywidgets.VBox":
+        def label(text: str) -> "ipywidgets.Label":  # the toggle buttons' captions, aligned with the others'
+            return w.Label(text, layout=w.Layout(width="74px", justify_content="flex-end", padding="0 4px 0 0"))
+
+        self.gamma.layout.margin = "0 0 0 12px"
+        self.info.layout.margin = "8px 0 0 12px"
+        self.figure.canvas.layout.flex = "0 0 auto"  # as wide as the figure, the summary right beside it
+        rows = [w.HBox([self.image, self.opacity]), w.HBox([label("view"), self.view]),
+                w.HBox([label("stage"), self.stage, self.gamma]), self.class_name, w.HBox([self.row, self.col])]
+        widget = w.VBox(rows + [w.HBox([self.figure.canvas, self.info])])
+        widget.add_class("semask-explorer")
+        return widget
+
+    # ------------------------------------------------------------------------------------------- model cache
+    @names_caller("Explorer")
+    def analysis(self, index: Optional[int] = None) -> ImageAnalysis:
+        """The cached `ImageAnalysis` of image `index` (default: the selected one); runs the model on a miss."""
+        index = self.image.value if index is None else index
+        if not 0 <= index < len(self.images):
+            raise IndexError(f"image {index} outside 0..{len(self.images) - 1}")
+        cached = self._cache.get(index)
+        if cached is None:
+            image, label = self.images.get(index)
+            cached = analyse_image(self.model, image, label, test_preset=self.test_pipeline,
+                                   attention=self._semantic, device=self.device)
+            self.model_runs += 1
+            self._cache.put(index, cached)
+        return cached
+
+    @property
+    def picture(self) -> np.ndarray:
+        """(H, W, 3) uint8: what the figure shows under any heat map (the image, or a label map over it)."""
+        return np.asarray(self._picture.get_array())
+
+    @property
+    def heat(self) -> Optional[np.ndarray]:
+        """(H, W) float32: the heat map drawn over the picture (a class probability or attention weights), or
+        None in the label views."""
+        return np.ma.getdata(self._heat.get_array()) if self._heat.get_visible() else None
+
+    # ------------------------------------------------------------------------------------------- callbacks
+    @contextlib.contextmanager
+    def _hold(self) -> Iterator[None]:
+        """Change several controls with one redraw at the end."""
+        holding, self._holding = self._holding, True
+        try:
+            yield
+        finally:
+            self._holding = holding
+        if not holding:
+            self.update()
+
+    def _on_change(self, change: Optional[Mapping[str, Any]] = None) -> None:
+        if not self._holding:
+            self.update()
+
+    def _set_image_ranges(self, height: int, width: int, centre: bool) -> None:
+        with self._hold():
+            for slider, size in ((self.row, height), (self.col, width)):
+                slider.max = max(size - 1, 1)
+                if centre or slider.value > size - 1:
+                    slider.value = size // 2
+
+    def _on_image(self, change: Optional[Mapping[str, Any]] = None) -> None:
+        """A new image: analyse it (or take it from the cache), fit the query sliders to its size, redraw."""
+        H, W = self.analysis().size
+        with self._hold():
+            self._set_image_ranges(H, W, centre=False)
+
+    @names_caller("Explorer")
+    def select_pixel(self, row: int, col: int) -> None:
+        """Make image pixel (row, col) the attention query (what a click on the image does)."""
+        H, W = self.analysis().size
+        if not (0 <= row < H and 0 <= col < W):
+            raise IndexError(f"pixel ({row}, {col}) outside the {H}x{W} image")
+        with self._hold():
+            self.row.value, self.col.value = int(row), int(col)
+
+    def on_click(self, event: Any) -> None:
+        """Mouse click on the figure: a click on the image selects the query pixel (other clicks are ignored)."""
+        if event.inaxes is not self.ax or event.xdata is None or event.ydata is None:
+            return
+        H, W = self.analysis().size
+        row, col = int(round(event.ydata)), int(round(event.xdata))
+        if 0 <= row < H and 0 <= col < W:
+            self.select_pixel(row, col)
+
+    # ------------------------------------------------------------------------------------------- drawing
+    def _view(self, a: ImageAnalysis, view: str, stage: int, class_index: Optional[int],
+              alpha: float) -> tuple[np.ndarray, Optional[tuple[Any, str, float]], Any, str, str, str]:
+        """What a view draws: (picture, heat (data, cmap, vmax) or None, legend, colour-bar label, title line,
+        note)."""
+        picture, heat, legend, colorbar_label, note = a.image, None, None, "", ""
+        if view == "prediction":
+            picture = overlay(a.image, a.prediction, self.palette, alpha)
+            legend = self._label_legend(a.prediction)
+            detail = "prediction"
+        elif view in ("ground truth", "error map") and a.label is None:
+            detail = f"{view}: no ground truth for this image"
+            note = "This image has no label: the ground-truth and error-map views need one."
+        elif view == "ground truth":
+            picture = overlay(a.image, a.label, self.palette, alpha)
+            legend = self._label_legend(a.label)
+            detail = "ground truth (black: ignored)" if (a.label == 255).any() else "ground truth"
+        elif view == "error map":
+            picture = error_map(a.prediction, a.label, image=a.image, alpha=alpha)
+            legend = self._error_legend(a.prediction, a.label)
+            detail = "error map"
+        elif view == "semantic prior":
+            name = f"stage {stage + 1}"
+            if class_index is None:
+                labels = a.prior_map(stage)
+                picture = overlay(a.image, labels, self.palette, alpha)
+                legend = self._label_legend(labels)
+                detail = f"{name} semantic prior: argmax over classes"
+            else:
+                heat = (a.prior_map(stage, class_index), "viridis", 1.0)
+                colorbar_label = f"P({self.class_names[class_index]}) in the {name} prior"
+                detail = f"{name} semantic prior: {self.class_names[class_index]}"
+        else:  # semantic attention
+            weights = a.attention_map(stage, self.row.value, self.col.value)
+            # zero weight (outside a windowed layer's window) is left uncoloured: the image shows through
+            heat = (np.ma.masked_equal(weights, 0.0), "inferno", max(float(weights.max()), 1e-6))
+            colorbar_label = "attention weight"
+            amap = a.attentions[stage]
+            kind = f"{amap.window_size}x{amap.window_size} windows" if amap.window_size else "global"
+            detail = f"stage {stage + 1} semantic attention ({kind}, {amap.height}x{amap.width} tokens)"
+        return picture, heat, legend, colorbar_label, detail, note
+
+    def update(self) -> None:
+        """Redraw the figure, the gamma table and the summary from the current control values."""
+        a = self.analysis()
+        view, stage = self.view.value, self.stage.value
+        class_index = None if self.class_name.value == ALL_CLASSES else self.class_name.value
+        alpha = float(self.opacity.value)
+        H, W = a.size
+        self.stage.disabled = view not in SEMANTIC_VIEWS
+        self.class_name.disabled = view != "semantic prior"
+        self.row.disabled = self.col.disabled = False  # the query also names the classes under it in the summary
+        picture, heat, legend, colorbar_label, detail, note = self._view(a, view, stage, class_index, alpha)
+        if picture.shape[:2] != self._picture.get_array().shape[:2]:
+            for artist in (self._picture, self._heat):
+                artist.set_extent((-0.5, W - 0.5, H - 0.5, -0.5))
+            self.ax.set_xlim(-0.5, W - 0.5)
+            self.ax.set_ylim(H - 0.5, -0.5)
+        self._picture.set_data(picture)
+        self._draw_heat(heat, alpha, colorbar_label)
+        if legend is None:
+            class_legend(self.ax, [], self.palette)
+        self._draw_query(a, view, stage)
+        self.ax.set_title(f"{self.images.titles[self.image.value]}\n{detail}", fontsize="medium")
+        self.gamma.value = self._gamma_html(stage, view in SEMANTIC_VIEWS)
+        self.info.value = self._info_html(a, view, note)
+        self.figure.canvas.draw_idle()
+
+    def _draw_heat(self, heat: Optional[tuple[Any, str, float]], alpha: float, colorbar_label: str) -> None:
+        if heat is None:
+            self._heat.set_visible(False)
+            self.cax.set_visible(False)
+            return
+        data, cmap, vmax = heat
+        self._heat.set_data(data)
+        self._heat.set_cmap(cmap)
+        self._heat.set_clim(0.0, vmax)
+        self._heat.set_alpha(alpha)
+        self._heat.set_visible(True)
+        self.cax.set_visible(True)
+        self._scale.set_cmap(cmap)
+        self._scale.set_clim(0.0, vmax)
+        self._colorbar.update_normal(self._scale)
+        self._colorbar.set_label(colorbar_label)
+
+    def _label_legend(self, labels: np.ndarray) -> Any:
+        present = [int(k) for k in np.unique(labels) if k != 255]
+        return class_legend(self.ax, present, self.palette, self.class_names, self.max_legend)
+
+    def _error_legend(self, prediction: np.ndarray, label: np.ndarray) -> Any:
+        right, wrong = error_percentages(prediction, label)
+        names = [f"{ERROR_CLASSES[0]} {right:.1f}%", f"{ERROR_CLASSES[1]} {wrong:.1f}%",
+                 f"{ERROR_CLASSES[2]} (not scored)"]
+        classes = [0, 1] + ([2] if (label == 255).any() else [])
+        return class_legend(self.ax, classes, ERROR_PALETTE, names)
+
+    def _draw_query(self, a: ImageAnalysis, view: str, stage: int) -> None:
+        show = view == "semantic attention"
+        row, col = self.row.value, self.col.value
+        self._marker.set_data([col], [row])
+        self._marker.set_visible(show)
+        self._window.set_visible(False)
+        self._cell.set_visible(False)
+        if not show:
+            return
+        r, c = a.query_cell(stage, row, col)
+        self._cell.set_bounds(*a.cell_box(stage, r, c, 1, 1))
+        self._cell.set_visible(True)
+        ws = a.attentions[stage].window_size
+        if ws is not None:
+            self._window.set_bounds(*a.cell_box(stage, r // ws * ws, c // ws * ws, ws, ws))
+            self._window.set_visible(True)
+
+    def _gamma_html(self, stage: int, active: bool) -> str:
+        if not self._gammas:
+            return "<span style='color:gray'>no semantic layers (plain-Swin baseline)</span>"
+        cells = []
+        for i, gammas in enumerate(self._gammas):
+            text = ", ".join(f"{g:+.3f}" for g in gammas)
+            style = "font-weight:bold;" if (i == stage and active) else "color:#555;"
+            cells.append(f"<span style='{style}margin-right:10px'>stage {i + 1}: &gamma; = {text}</span>")
+        return ("<div title='gamma scales the semantic attention added to the features (0 = no effect)'>"
+                + "".join(cells) + "</div>")
+
+    def _info_html(self, a: ImageAnalysis, view: str, note: str) -> str:
+        H, W = a.size
+        h, w = a.input_size
+        lines = [f"<b>{html.escape(self.images.titles[self.image.value])}</b>",
+                 f"{W}x{H} pixels, run at {w}x{h}"]
+        if a.miou is not None:
+            lines.append(f"this image: mIoU {100 * a.miou:.1f}%, pixel accuracy {100 * a.pixel_accuracy:.1f}%")
+        else:
+            lines.append("no ground truth for this image")
+        row, col = self.row.value, self.col.value
+        if row < H and col < W:
+            query = f"query ({row}, {col}): predicted {html.escape(self.class_names[a.prediction[row, col]])}"
+            if a.label is not None:
+                k = int(a.label[row, col])
+                query += f", labelled {html.escape(self.class_names[k]) if k != 255 else 'ignored'}"
+            lines.append(query)
+        lines.append(f"<i>{html.escape(note or _VIEW_HELP[view])}</i>")
+        return "<div style='max-width:260px;font-size:12px;line-height:1.4'>" + "<br>".join(lines) + "</div>"
+
+    # ------------------------------------------------------------------------------------------- display
+    def snapshot(self, format: str = "png") -> bytes:
+        """The figure as it is drawn now, as PNG (or ``"jpeg"``) bytes."""
+        return snapshot_bytes(self.figure, format)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        return display_bundle(self.widget, self.figure, repr(self), include, exclude)
+
+    def __repr__(self) -> str:
+        return (f"Explorer({getattr(self.model, 'name', type(self.model).__name__)}, {len(self.images)} images, "
+                f"view={self.view.value!r})")
