@@ -10,8 +10,11 @@ import timm
 import torch
 
 import semask
-from semask.checkpoint import (CheckpointError, load_model_weights, load_pretrained_backbone,
-                               load_training_state, save_checkpoint, to_official_checkpoint)
+from semask.checkpoint import (LIMITS, CheckpointError, CheckpointLimitError, convert_to_safetensors,
+                               load_model_weights, load_pretrained_backbone, load_training_state, save_checkpoint,
+                               to_official_checkpoint)
+from semask.checkpoint.checks import LIMITS as CHECKED_LIMITS
+from semask.errors import OutputExistsError, UsageError
 
 from helpers import randomize_gammas
 
@@ -282,3 +285,37 @@ def test_load_model_weights_rejects_a_non_standard_index(trained_toy) -> None:
     sd[key] = sd[key].flip(0)
     with pytest.raises(CheckpointError, match="relative_position_index differs"):
         load_model_weights(semask.create_model("semask_toy_fpn", num_classes=5), sd)
+
+
+@pytest.mark.parametrize("field, limit", [("embed_dim", "max_embed_dim"), ("num_heads", "max_heads"),
+                                          ("window_size", "max_window")])
+def test_one_limit_table_serves_official_and_own_files(trained_toy, tmp_path: Path, monkeypatch, field: str,
+                                                       limit: str) -> None:
+    assert LIMITS is CHECKED_LIMITS  # semask.checkpoint.LIMITS is the object the checks read
+    monkeypatch.setattr(LIMITS, limit, 1)
+    official = tmp_path / "official.pth"
+    torch.save(to_official_checkpoint(trained_toy), official)
+    own = save_checkpoint(tmp_path / "own.pth", trained_toy)
+    for path, claim in ((official, "the weights claim"), (own, "its config has")):
+        message = rf"{claim} {field} = .*above semask\.checkpoint\.LIMITS\.{limit} = 1 "
+        with pytest.raises(CheckpointLimitError, match=message):
+            semask.load_checkpoint(path)
+
+
+def test_save_checkpoint_refuses_bad_arguments_as_usage_errors(trained_toy, tmp_path: Path) -> None:
+    cases = [({"format": "onnx"}, "t.bin", "'pth' or 'safetensors'"),
+             ({"iteration": 3}, "t.safetensors", "weights and metadata only"),
+             ({"extra": {"x": object()}}, "t.safetensors", "must be JSON")]
+    for kwargs, name, message in cases:
+        with pytest.raises(UsageError, match=message):
+            save_checkpoint(tmp_path / name, trained_toy, **kwargs)
+    for name in ("t.pth", "t.safetensors"):
+        with pytest.raises(UsageError, match="no ModelConfig"):
+            save_checkpoint(tmp_path / name, torch.nn.Linear(2, 2))
+    assert list(tmp_path.iterdir()) == []
+    src = save_checkpoint(tmp_path / "t.pth", trained_toy)
+    with pytest.raises(UsageError, match="must end in .safetensors"):
+        convert_to_safetensors(src, tmp_path / "t.bin")
+    (tmp_path / "t.safetensors").write_bytes(b"")
+    with pytest.raises(OutputExistsError, match="overwrite=True"):
+        convert_to_safetensors(src, tmp_path / "t.safetensors")

@@ -23,6 +23,7 @@ import torch
 
 import semask
 from semask.checkpoint import CheckpointError, download_checkpoint, to_official_checkpoint
+from semask.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,6 +122,14 @@ def test_sha256_mismatch_keeps_nothing(toy, tmp_path: Path, hub_dir: Path) -> No
         semask.load_checkpoint(src, sha256="not-a-hash")
     with pytest.raises(ValueError, match="file name"):
         download_checkpoint("http://127.0.0.1:9/")  # refused before any connection: no file name
+
+
+def test_bad_urls_and_hashes_are_refused_before_any_connection(hub_dir: Path) -> None:
+    with pytest.raises(UsageError, match="expected a URL"):
+        download_checkpoint("model.pth")
+    with pytest.raises(UsageError, match="hexadecimal"):
+        download_checkpoint("http://127.0.0.1:9/model.pth", sha256="not-a-hash")
+    assert not (hub_dir / "checkpoints").exists()  # refused before the cache is touched
 
 
 def test_pretrained_backbone_from_a_url(tmp_path: Path, hub_dir: Path) -> None:

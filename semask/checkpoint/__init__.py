@@ -1,12 +1,20 @@
 """Checkpoints of SeMask FPN (arXiv 2112.12782): the released (mmseg 0.x) layout, semask's own files, safetensors,
-URLs, ImageNet Swin weights, training state, and the checks on untrusted files."""
-from semask.checkpoint.core import (LIMITS, ArchitectureLimits, CheckpointError, CheckpointLimitError,
-                                    CheckpointNonFiniteError, LoadReport, check_architecture, check_finite,
-                                    check_tensors, convert_to_safetensors, download_checkpoint, infer_model_config,
-                                    is_url, load_checkpoint, load_model_weights, load_pretrained_backbone,
-                                    load_training_state, read_checkpoint_file, read_safetensors_checkpoint,
-                                    resolve_checkpoint_path, save_checkpoint, save_safetensors,
-                                    to_official_checkpoint)
+URLs, ImageNet Swin weights, training state, and the checks on untrusted files.
+
+- `errors`: the checkpoint errors. `checks`: `LIMITS` and every check on an untrusted file.
+- `remote`: URLs, the download cache and SHA-256. `official`: the released layout and architecture inference.
+- `files`: reading any file, semask's own ``.pth`` (with training state) and ``.safetensors``.
+- `pretrained`: ImageNet Swin weights for the backbone.
+"""
+from semask.checkpoint.checks import (LIMITS, ArchitectureLimits, check_architecture, check_finite, check_tensors,
+                                      load_model_weights)
+from semask.checkpoint.errors import CheckpointError, CheckpointLimitError, CheckpointNonFiniteError
+from semask.checkpoint.files import (convert_to_safetensors, load_checkpoint, load_training_state,
+                                     read_checkpoint_file, read_safetensors_checkpoint, save_checkpoint,
+                                     save_safetensors)
+from semask.checkpoint.official import infer_model_config, to_official_checkpoint
+from semask.checkpoint.pretrained import LoadReport, load_pretrained_backbone
+from semask.checkpoint.remote import download_checkpoint, is_url, resolve_checkpoint_path
 
 __all__ = [
     "CheckpointError", "CheckpointLimitError", "CheckpointNonFiniteError", "ArchitectureLimits", "LIMITS",
