@@ -35,15 +35,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from semask.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TEST_PRESETS, TEST_RATIOS, TestPipelineConfig,
-                                    multi_scale_sizes, resize_image, get_test_preset)
-from semask.errors import NonFiniteError, UsageError, UsageTypeError
+from semask.data.transforms import (TEST_PRESETS, TEST_RATIOS, TestPipelineConfig, get_test_preset,
+                                    multi_scale_sizes, normalize, resize_image)
+from semask.errors import NonFiniteError, SemaskError, UsageError, UsageTypeError
 from semask.data.images import ImageInput, rgb_tensor
 from semask.model.registry import model_config
 from semask.device import autocast, check_device
 
 __all__ = [
     "ImageInput",
+    "InferenceError",
     "load_image",
     "normalize",
     "recipe_test_preset",
@@ -57,6 +58,10 @@ __all__ = [
 _CHUNK_BYTES = 256 << 20  # above this, the final resize + argmax of one view works on groups of classes
 
 
+class InferenceError(SemaskError, RuntimeError):
+    """Inference could not give labels for a reason other than its input (a bug to report)."""
+
+
 def load_image(image: ImageInput) -> np.ndarray:
     """Bring a path, PIL image, array or tensor to an (H, W, 3) uint8 RGB array.
 
@@ -65,17 +70,6 @@ def load_image(image: ImageInput) -> np.ndarray:
     refused, and a 16-bit PNG is scaled to 8 bits.
     """
     return rgb_tensor(image).cpu().numpy()
-
-
-def normalize(image: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """(B, 3, H, W) float RGB in 0..255, on any device -> normalised with `mean`/`std` (ImageNet's by default).
-
-    (`semask.data.transforms.normalize` does the same for single CPU images in the data pipeline.)
-    """
-    mean_t = torch.tensor(mean, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
-    return (image - mean_t) / std_t
 
 
 def recipe_test_preset(num_classes: int, embed_dim: int) -> str:
@@ -269,17 +263,15 @@ class Predictor:
                 total[:, :, y:y + h, x:x + w] += window
                 count[:, :, y:y + h, x:x + w] += 1
         if not bool((count > 0).all()):  # cannot happen with stride <= crop_size; never average over nothing
-            raise RuntimeError("sliding windows left pixels uncovered")
+            raise InferenceError("sliding windows left pixels uncovered")
         return total / count
 
     def _view_logits(self, img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Logits (B, K, h, w) of the image rescaled to `size` (B = 2 with its flipped copy)."""
         H0, W0 = img.shape[-2:]
         # bilinear without antialiasing, rounded to uint8 like OpenCV's INTER_LINEAR in the reference
-        batch = (resize_image(img, size) if size != (H0, W0) else img).float()  # 1, 3, h, w
-        mean = torch.tensor(self.test_config.mean, device=batch.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.test_config.std, device=batch.device).view(1, 3, 1, 1)
-        batch.sub_(mean).div_(std)
+        batch = normalize(resize_image(img, size) if size != (H0, W0) else img, self.test_config.mean,
+                          self.test_config.std)  # 1, 3, h, w float32
         if self.flip:
             batch = torch.cat([batch, batch.flip(-1)])  # one backbone pass for both
         return self._logits(batch)
