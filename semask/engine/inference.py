@@ -11,11 +11,8 @@ The test scale, ratios and normalisation come from a `TestPipelineConfig` (`sema
 default the one the model's recipe was tested with (`recipe_test_preset`). The backbone runs once per scale:
 the flipped copy travels in the same batch as the original.
 
-Where the protocol allows it the work is skipped, not approximated: with one view and no probabilities asked
-for, the labels are the argmax of the logits when the rescaled size is the original size (softmax and an
-identity resize do not change an argmax), and the softmax and the resize otherwise. The softmax and the flip
-work in place on the model's logits, in bounded pieces, so beyond the model's own output multi-scale + flip
-holds little more than the (K, H, W) running sum and one resized map at the original size.
+Where the protocol allows it the work is skipped, never approximated, and memory stays bounded (docs/design.md,
+"Engine: training, evaluation, inference").
 
     predictor = Predictor(model, mode="whole")          # or "slide", or "msflip"
     labels = predictor("image.jpg")                       # (H, W) int64 numpy array at the original size
@@ -360,14 +357,8 @@ class Predictor:
 
 
 def _softmax_classes_(x: torch.Tensor) -> None:
-    """Softmax over the class dimension of `x` (B, K, h, w), written back into `x`.
-
-    The model's logits come channels-last when its input does (an (H, W, 3) image viewed as (3, H, W), as
-    here and in the reference pipeline); there the classes of a pixel are adjacent in memory and PyTorch's
-    last-dimension softmax kernel is about three times faster than a softmax over dim 1 of the same tensor.
-    The two kernels agree to float32 rounding (differences of ~1e-7), so the argmax is the same except where
-    two classes tie to that precision.
-    """
+    """Softmax over the class dimension of `x` (B, K, h, w), written back into `x`; over the last dimension of a
+    channels-last view when `x` is channels-last (the faster kernel; docs/design.md, "Engine")."""
     if x.is_contiguous(memory_format=torch.channels_last):
         x.copy_(x.permute(0, 2, 3, 1).softmax(dim=-1).permute(0, 3, 1, 2))  # B, h, w, K -> B, K, h, w
     else:

@@ -89,9 +89,8 @@ def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     Returns:
         (B, H, W) float32 losses, equal to `F.cross_entropy(logits, labels, ignore_index=..., reduction="none")`.
 
-    Computed over a (B*H*W, K) view of the channels-last scores: the softmax then runs along contiguous
-    memory (the model's outputs are channels-last already, so no copy is made), which on the CPU is several
-    times faster than the strided channel softmax of an NCHW tensor; the backward pass is fused.
+    Computed over a (B*H*W, K) view of the channels-last scores, with a fused backward pass (why: docs/design.md,
+    "Engine").
     """
     B, K, H, W = logits.shape
     flat = logits.permute(0, 2, 3, 1).reshape(B * H * W, K)  # B*H*W, K
