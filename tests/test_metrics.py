@@ -12,7 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from semask.engine.metrics import SegmentationMetric, format_table, mean_iou
+from semask.engine.metrics import (SegmentationMetric, areas_from_confusion, confusion_matrix, format_table, mean_iou,
+                                   metrics_from_confusion)
+from semask.errors import UsageError, UsageTypeError
 
 
 def _random_set(seed: int, n: int = 6, k: int = 7, shape: tuple[int, int] = (19, 23), ignore_share: float = 0.1):
@@ -124,6 +126,10 @@ def test_rejects_bad_inputs_with_clear_messages():
         metric.update(np.zeros((2, 2), int), np.full((2, 2), 7))
     with pytest.raises(TypeError, match="argmax"):
         metric.update(np.zeros((2, 2), np.float32), np.zeros((2, 2), int))
+    with pytest.raises(UsageTypeError):
+        confusion_matrix(np.zeros((2, 2), bool), np.zeros((2, 2), int), 3)
+    with pytest.raises(UsageError, match=r"label values \[7\] are outside 0..2"):
+        confusion_matrix(np.zeros((2, 2), int), np.full((2, 2), 7), 3)
     with pytest.raises(ValueError, match="2 predictions but 1 labels"):
         mean_iou([np.zeros((2, 2), int)] * 2, [np.zeros((2, 2), int)], 3)
 
@@ -172,3 +178,24 @@ def test_all_reduce_merges_two_real_gloo_processes(tmp_path: Path):
         assert torch.equal(res["merged"], single.areas)  # every process gets the global totals
         assert torch.equal(res["after"], res["local"])  # the local accumulator is left unchanged
         assert res["again_miou"] == single.compute()["mIoU"]
+
+
+def test_areas_are_read_off_the_confusion_matrix():
+    preds, labels = _random_set(3)
+    confusion = confusion_matrix(preds, labels, 7)
+    assert confusion.dtype == torch.int64 and confusion.shape == (7, 7)
+    valid = labels != 255
+    expected = np.zeros((7, 7), np.int64)
+    np.add.at(expected, (labels[valid], preds[valid]), 1)
+    assert np.array_equal(confusion.numpy(), expected)
+    intersect, union, pred_area, label_area = areas_from_confusion(confusion).numpy()
+    p, lab = preds[valid], labels[valid]
+    for k in range(7):
+        assert intersect[k] == ((p == k) & (lab == k)).sum() and pred_area[k] == (p == k).sum()
+        assert label_area[k] == (lab == k).sum() and union[k] == ((p == k) | (lab == k)).sum()
+    metric = SegmentationMetric(7)
+    metric.update(preds, labels)
+    assert torch.equal(metric.areas, areas_from_confusion(confusion))
+    via_confusion, one_shot = metrics_from_confusion(confusion), mean_iou(preds, labels, 7)
+    assert all(via_confusion[key] == one_shot[key] for key in ("aAcc", "mIoU", "mAcc"))
+    assert np.array_equal(via_confusion["IoU"], one_shot["IoU"], equal_nan=True)

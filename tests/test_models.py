@@ -47,6 +47,19 @@ def test_plain_swin_baseline_has_no_semantic_parts() -> None:
     assert total(semask_t) - total(swin_t) == semantic
 
 
+def test_segmentors_refuse_parts_that_do_not_fit_with_the_same_error_type() -> None:
+    from semask.errors import UsageError
+    from semask.model.segmentor import ExternalSegmentor, SeMaskFPN
+
+    with torch.device("meta"):
+        semask_t = semask.create_model("semask_toy_fpn", num_classes=5)
+        swin_t = semask.create_model("swin_toy_fpn", num_classes=5)
+    with pytest.raises(UsageError, match="prior branch needs a backbone with semantic layers"):
+        SeMaskFPN(swin_t.backbone, semask_t.decode_head)
+    with pytest.raises(UsageError, match="size_divisor must be a positive integer"):
+        ExternalSegmentor(torch.nn.Identity(), 5, size_divisor=0)
+
+
 def test_list_models_and_unknown_name() -> None:
     names = semask.list_models()
     for size in ("tiny", "small", "base", "large", "toy"):

@@ -15,6 +15,7 @@ from semask.data.loader import AugmentedDataset, TrainSampler, build_train_loade
 from semask.data.toy import ToyDataset
 from semask.data.transforms import TrainTransform, train_preset
 from semask.device import autocast_dtype
+from semask.engine.rundir import LOG_FILE, RunLog, check_work_dir, records_upto
 from semask.engine.train import (TrainingError, learning_rate, model_from_config, param_groups, train)
 from helpers import tiny_overrides
 
@@ -73,6 +74,44 @@ def test_model_from_config_applies_the_model_section(tiny_toy_root) -> None:
     assert model.num_classes == 11 and model.class_names == ds.class_names and model.palette == ds.palette
     assert model.config.drop_path_rate == 0.0 and model.backbone.global_stages == ()
     assert model.config.grad_checkpointing
+
+
+# --------------------------------------------------------------------------------------------- run directory
+def test_run_log_writes_on_the_first_process_only_and_a_resume_keeps_the_steps_it_does_not_redo(tmp_path) -> None:
+    seen = []
+    log = RunLog(tmp_path, active=True, tensorboard=False, callback=seen.append)
+    records = [{"kind": "train", "iter": i, "loss": 1.0 / i} for i in (1, 2, 3)] + [{"kind": "eval", "iter": 3}]
+    for rec in records:
+        log.record(rec)
+    log.print("hello")
+    log.write_config({"name": "toy"})
+    assert seen == records and _records(tmp_path) == records
+    assert (tmp_path / "train.log").read_text() == "hello\n"
+    assert json.loads((tmp_path / "config.json").read_text()) == {"name": "toy"}
+    assert records_upto(tmp_path, 2) == records[:2] and records_upto(tmp_path / "none", 2) == []
+    with open(tmp_path / LOG_FILE, "a") as f:
+        f.write('{"kind": "train", "it')  # what a killed run leaves behind
+    log.rewrite(records_upto(tmp_path, 2))
+    assert _records(tmp_path) == records[:2]
+    quiet = RunLog(tmp_path / "other", active=False, tensorboard=True, callback=seen.append)
+    quiet.record(records[0])
+    quiet.print("x")
+    quiet.write_config({})
+    quiet.close()
+    assert not (tmp_path / "other").exists() and len(seen) == len(records)
+
+
+def test_check_work_dir_refuses_to_overwrite_and_needs_a_checkpoint_to_resume(tmp_path) -> None:
+    assert check_work_dir(tmp_path / "new", False) is None and check_work_dir(tmp_path / "new", "auto") is None
+    (tmp_path / LOG_FILE).write_text("")
+    with pytest.raises(TrainingError, match=r"already holds a run \(log.jsonl\)"):
+        check_work_dir(tmp_path, False)
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        check_work_dir(tmp_path, True)
+    (tmp_path / "latest.pth").write_bytes(b"")
+    assert check_work_dir(tmp_path, "auto") == tmp_path / "latest.pth" == check_work_dir(tmp_path, True)
+    with pytest.raises(ConfigError, match="resume must be True, False or 'auto'"):
+        check_work_dir(tmp_path, "yes")
 
 
 # --------------------------------------------------------------------------------------------- data order

@@ -15,6 +15,7 @@ from semask.data import photometric as pm
 from semask.data import transforms as tf
 from semask.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TEST_RATIOS, TestPipelineConfig, TestTransform,
                                     TrainPipelineConfig, TrainTransform, rescale_size, resize_image, resize_label)
+from semask.errors import UsageError
 
 
 # --------------------------------------------------------------------------------------------- geometry
@@ -96,6 +97,8 @@ def test_normalize_and_pad():
     out = tf.normalize(image)
     assert out.shape == (3, 2, 3) and out.dtype == torch.float32
     torch.testing.assert_close(out[:, 0, 0], torch.tensor([(200 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]))
+    with pytest.raises(UsageError, match=r"normalize: expected a \(B, 3, H, W\) batch or a \(H, W, 3\) image"):
+        tf.normalize(np.zeros((2, 3), np.uint8))
     padded = tf.pad_to(out, (4, 5), 0.0)
     assert padded.shape == (3, 4, 5) and torch.equal(padded[:, :2, :3], out) and padded[:, 2:].abs().sum() == 0
     with pytest.raises(ValueError, match="larger than the target"):
@@ -123,12 +126,26 @@ def test_presets_follow_the_spec_recipe_table():
 
 
 def test_config_rejects_contradictions():
-    with pytest.raises(ValueError, match="either `ratios`"):
+    with pytest.raises(UsageError, match="either `ratios`"):  # as TestPipelineConfig does
         TrainPipelineConfig(ratios=(1.0,), ratio_range=(0.5, 2.0))
     with pytest.raises(ValueError, match="cat_max_ratio"):
         TrainPipelineConfig(cat_max_ratio=0.0)
     with pytest.raises(ValueError, match="ratio_range"):
         TrainPipelineConfig(ratios=None, ratio_range=(2.0, 0.5))
+
+
+def test_normalize_gives_one_image_and_a_batch_the_same_numbers():
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 7, 9, 3), dtype=np.uint8)
+    singles = [tf.normalize(image) for image in images]  # (H, W, 3) -> contiguous (3, H, W) float32
+    assert all(s.is_contiguous() and s.dtype == torch.float32 for s in singles)
+    batch = torch.from_numpy(images).permute(0, 3, 1, 2)  # B, 3, H, W viewed channels-last
+    for given in (batch, batch.float()):  # uint8 or float, the batch keeps its layout
+        out = tf.normalize(given)
+        assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(out, torch.stack(singles))
+    wide = tf.normalize(batch.double())
+    assert wide.dtype == torch.float64 and torch.allclose(wide.float(), torch.stack(singles))
+    assert torch.equal(tf.normalize(batch[0].float(), channels_last=False), singles[0])
 
 
 # --------------------------------------------------------------------------------------------- training pipeline

@@ -17,6 +17,6 @@ __all__ = [
     "ADE20K_CLASSES", "ADE20K_PALETTE", "CITYSCAPES_CLASSES", "CITYSCAPES_PALETTE", "COCO_STUFF_CLASSES",
     "COCO_STUFF_PALETTE", "TOY_CLASSES", "TOY_PALETTE",
     "IMAGENET_MEAN", "IMAGENET_STD", "TEST_RATIOS", "TRAIN_PRESETS", "TEST_PRESETS", "TrainPipelineConfig",
-    "TestPipelineConfig", "TrainTransform", "TestTransform", "train_preset", "test_preset", "rescale_size",
+    "TestPipelineConfig", "TrainTransform", "TestTransform", "train_preset", "get_test_preset", "rescale_size",
     "resize_image", "resize_label",
 ]

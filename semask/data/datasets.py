@@ -228,9 +228,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
                  palette: Sequence[Sequence[int]] | None = None, reduce_zero_label: bool = False,
                  transform: Transform | None = None, name: str | None = None) -> None:
         if not class_names:
-            raise ValueError("SegmentationDataset: class_names is empty; give one name per class")
+            raise UsageError("SegmentationDataset: class_names is empty; give one name per class")
         if palette is not None and len(palette) != len(class_names):
-            raise ValueError(f"SegmentationDataset: palette has {len(palette)} colours for {len(class_names)} "
+            raise UsageError(f"SegmentationDataset: palette has {len(palette)} colours for {len(class_names)} "
                              "classes; give one [r, g, b] per class")
         self.pairs = [(Path(i), Path(lab)) for i, lab in pairs]
         self.class_names: tuple[str, ...] = tuple(class_names)

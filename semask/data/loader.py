@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from semask.errors import UsageError
+
 __all__ = ["seed_worker", "build_dataloader", "cycle", "measure_pipeline_throughput", "sample_seed",
            "TrainSampler", "AugmentedDataset", "build_train_loader"]
 
@@ -60,7 +62,7 @@ def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool = True, nu
         The DataLoader.
     """
     if batch_size < 1:
-        raise ValueError(f"build_dataloader: batch_size must be >= 1, got {batch_size}")
+        raise UsageError(f"build_dataloader: batch_size must be >= 1, got {batch_size}")
     drop_last = shuffle if drop_last is None else drop_last
     persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers and num_workers > 0
     generator = torch.Generator().manual_seed(seed)
@@ -115,9 +117,9 @@ class TrainSampler(Sampler[int]):
     def __init__(self, dataset_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0,
                  shuffle: bool = True) -> None:
         if dataset_size < 1:
-            raise ValueError("TrainSampler: the dataset is empty")
+            raise UsageError("TrainSampler: the dataset is empty")
         if not 0 <= rank < world_size:
-            raise ValueError(f"TrainSampler: rank {rank} is not in 0..{world_size - 1}")
+            raise UsageError(f"TrainSampler: rank {rank} is not in 0..{world_size - 1}")
         self.dataset_size, self.seed, self.rank, self.world_size = dataset_size, seed, rank, world_size
         self.start, self.shuffle = start, shuffle
         self.per_epoch = -(-dataset_size // world_size)  # keys per process per epoch
@@ -185,7 +187,7 @@ def build_train_loader(dataset: Any, transform: Any, batch_size: int, seed: int 
         (B, h, w) int64.
     """
     if batch_size < 1:
-        raise ValueError(f"build_train_loader: batch_size must be >= 1, got {batch_size}")
+        raise UsageError(f"build_train_loader: batch_size must be >= 1, got {batch_size}")
     sampler = TrainSampler(len(dataset), seed, rank, world_size, start)
     # its own generator: starting the loader's iterator draws the workers' base seed, which must not consume
     # the global generator that dropout and drop-path use

@@ -16,7 +16,7 @@ given; DataLoader workers seed that global generator per worker, so runs are rep
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ __all__ = [
     "TRAIN_PRESETS",
     "TEST_PRESETS",
     "train_preset",
-    "test_preset",
+    "get_test_preset",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB, 0..255 scale
@@ -68,7 +68,7 @@ def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, 
         ``new = max(int(x * s + 0.5), 1)``: a very thin image (1 x 5000) keeps one row instead of none.
     """
     if height <= 0 or width <= 0:
-        raise ValueError(f"rescale_size: expected a positive image size, got height={height}, width={width}")
+        raise UsageError(f"rescale_size: expected a positive image size, got height={height}, width={width}")
     long_max, short_max = max(scale), min(scale)
     factor = min(long_max / max(height, width), short_max / min(height, width))
     return max(int(height * factor + 0.5), 1), max(int(width * factor + 0.5), 1)
@@ -140,11 +140,11 @@ def resize_image(image: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.
     """
     if isinstance(image, np.ndarray):
         if image.ndim != 3:
-            raise ValueError(f"resize_image: expected an (H, W, C) array, got shape {image.shape}")
+            raise UsageError(f"resize_image: expected an (H, W, C) array, got shape {image.shape}")
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # C, H, W
         return resize_image(tensor, size).permute(1, 2, 0).numpy()  # type: ignore[union-attr]  # h, w, C
     if image.ndim not in (3, 4):
-        raise ValueError(f"resize_image: expected a (C, H, W) or (B, C, H, W) tensor, got {tuple(image.shape)}")
+        raise UsageError(f"resize_image: expected a (C, H, W) or (B, C, H, W) tensor, got {tuple(image.shape)}")
     batch = image if image.ndim == 4 else image.unsqueeze(0)  # B, C, H, W
     work = batch if batch.is_floating_point() else batch.float()
     out = F.interpolate(work, size=tuple(size), mode="bilinear", align_corners=False)
@@ -172,29 +172,45 @@ def resize_label(label: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.
     return label[..., rows[:, None], cols[None, :]]
 
 
-def normalize(image: np.ndarray | torch.Tensor, mean: tuple[float, float, float] = IMAGENET_MEAN,
-              std: tuple[float, float, float] = IMAGENET_STD, channels_last: bool = True) -> torch.Tensor:
-    """Normalise an RGB image given on the 0..255 scale.
+def normalize(image: np.ndarray | torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD, channels_last: bool = True) -> torch.Tensor:
+    """Normalise RGB given on the 0..255 scale: ``(image - mean) / std`` per channel.
+
+    The one normalisation of semask: the data pipeline's (one image on the CPU) and inference's (a batch on the
+    model's device; `semask.engine.inference.normalize` is this function).
 
     Args:
-        image: ``(H, W, 3)`` (``channels_last``) or ``(3, H, W)`` uint8/float array or tensor.
+        image: one image, ``(H, W, 3)`` (``channels_last``) or ``(3, H, W)``, uint8 or float, array or tensor; or
+            a batch, a ``(B, 3, H, W)`` uint8 or float tensor on any device.
         mean: per-channel mean, RGB.
         std: per-channel standard deviation, RGB.
-        channels_last: whether ``image`` is ``(H, W, 3)``.
+        channels_last: whether one image is ``(H, W, 3)`` (a batch is always ``(B, 3, H, W)``).
 
     Returns:
-        ``(3, H, W)`` float32 tensor ``(image - mean) / std``.
+        One image: a contiguous ``(3, H, W)`` float32 tensor. A batch: ``(B, 3, H, W)`` on its device, in its
+        memory layout, of its dtype (float32 for uint8).
+
+    Raises:
+        UsageError: not one RGB image or a batch of them in the layout above.
     """
     tensor = torch.as_tensor(image)
     if channels_last and tensor.ndim == 3:
         tensor = tensor.permute(2, 0, 1)  # 3, H, W
-    if tensor.ndim != 3 or tensor.shape[0] != len(mean):
-        layout = "(H, W, 3)" if channels_last else "(3, H, W)"
-        raise ValueError(f"normalize: expected a {layout} image, got shape {tuple(torch.as_tensor(image).shape)}")
-    out = torch.empty(tuple(tensor.shape), dtype=torch.float32)  # 3, H, W
-    for c in range(tensor.shape[0]):
-        torch.sub(tensor[c], mean[c], out=out[c])
-        out[c].div_(std[c])
+    if tensor.ndim not in (3, 4) or tensor.shape[-3] != len(mean):
+        layout = "(B, 3, H, W) batch or a " + ("(H, W, 3)" if channels_last else "(3, H, W)")
+        raise UsageError(f"normalize: expected a {layout} image, got shape {tuple(torch.as_tensor(image).shape)}")
+    batch = tensor.ndim == 4
+    work = tensor.dtype if tensor.is_floating_point() else torch.float32  # precision of the subtraction
+    dtype = work if batch else torch.float32  # of the result
+    shape = (1, -1, 1, 1) if batch else (-1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=work, device=tensor.device).view(shape)
+    std_t = torch.tensor(std, dtype=dtype, device=tensor.device).view(shape)
+    if batch:  # a batch keeps its layout: channels-last images give channels-last logits (see inference)
+        return (tensor.to(dtype) - mean_t).div_(std_t)
+    out = torch.empty(tuple(tensor.shape), dtype=dtype, device=tensor.device)  # contiguous whatever the input
+    for c in range(out.shape[0]):  # per channel: a broadcast read of an (H, W, 3) view is several times slower
+        torch.sub(tensor[c], mean_t[c, 0, 0], out=out[c])
+        out[c].div_(std_t[c, 0, 0])
     return out
 
 
@@ -211,7 +227,7 @@ def pad_to(tensor: torch.Tensor, size: tuple[int, int], value: float) -> torch.T
     """
     pad_h, pad_w = size[0] - tensor.shape[-2], size[1] - tensor.shape[-1]
     if pad_h < 0 or pad_w < 0:
-        raise ValueError(f"pad_to: tensor of size {tuple(tensor.shape[-2:])} is larger than the target {size}")
+        raise UsageError(f"pad_to: tensor of size {tuple(tensor.shape[-2:])} is larger than the target {size}")
     if pad_h == 0 and pad_w == 0:
         return tensor
     return F.pad(tensor, (0, pad_w, 0, pad_h), value=value)
@@ -235,18 +251,18 @@ class TrainPipelineConfig:
 
     def __post_init__(self) -> None:
         if self.ratios is not None and self.ratio_range is not None:
-            raise ValueError("TrainPipelineConfig: give either `ratios` (a set) or `ratio_range`, not both; got "
+            raise UsageError("TrainPipelineConfig: give either `ratios` (a set) or `ratio_range`, not both; got "
                              f"ratios={self.ratios}, ratio_range={self.ratio_range}")
         if self.ratios is not None and (len(self.ratios) == 0 or min(self.ratios) <= 0):
-            raise ValueError(f"TrainPipelineConfig: `ratios` must be positive numbers, got {self.ratios}")
+            raise UsageError(f"TrainPipelineConfig: `ratios` must be positive numbers, got {self.ratios}")
         if self.ratio_range is not None and not 0 < self.ratio_range[0] <= self.ratio_range[1]:
-            raise ValueError(f"TrainPipelineConfig: `ratio_range` must be (low, high) with 0 < low <= high, "
+            raise UsageError(f"TrainPipelineConfig: `ratio_range` must be (low, high) with 0 < low <= high, "
                              f"got {self.ratio_range}")
         if min(self.crop_size) <= 0 or min(self.scale) <= 0:
-            raise ValueError(f"TrainPipelineConfig: crop_size and scale must be positive, got "
+            raise UsageError(f"TrainPipelineConfig: crop_size and scale must be positive, got "
                              f"crop_size={self.crop_size}, scale={self.scale}")
         if not 0 < self.cat_max_ratio <= 1:
-            raise ValueError(f"TrainPipelineConfig: cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
+            raise UsageError(f"TrainPipelineConfig: cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
 
 
 @dataclass(frozen=True)
@@ -366,13 +382,13 @@ def _as_label(label: np.ndarray) -> np.ndarray:
 def _check_sample(sample: dict[str, Any], who: str) -> tuple[np.ndarray, np.ndarray | None]:
     image = np.asarray(sample["image"])
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"{who}: expected sample['image'] as an (H, W, 3) uint8 RGB array, got shape "
+        raise UsageError(f"{who}: expected sample['image'] as an (H, W, 3) uint8 RGB array, got shape "
                          f"{image.shape} dtype {image.dtype} ({sample.get('path', 'no path')})")
     label = sample.get("label")
     if label is not None:
         label = np.asarray(label)
         if label.shape != image.shape[:2]:
-            raise ValueError(f"{who}: label shape {label.shape} differs from image shape {image.shape[:2]} "
+            raise UsageError(f"{who}: label shape {label.shape} differs from image shape {image.shape[:2]} "
                              f"({sample.get('path', 'no path')})")
     return image, label
 
@@ -420,7 +436,7 @@ class TrainTransform:
         cfg = self.config
         image, label = _check_sample(sample, "TrainTransform")
         if label is None:
-            raise ValueError(f"TrainTransform: the sample has no 'label' ({sample.get('path', 'no path')})")
+            raise UsageError(f"TrainTransform: the sample has no 'label' ({sample.get('path', 'no path')})")
         label = _as_label(label)
         ratio = self.sample_ratio(generator)
         target = (int(cfg.scale[0] * ratio), int(cfg.scale[1] * ratio))  # mmseg's int() of the scaled scale

@@ -11,12 +11,8 @@ recipes, and `toy` / `swin_toy` for the built-in toy data:
 Overrides are dotted ``key=value`` strings applied with type checking (never `exec` of a file): an unknown key
 or a value of the wrong type is a `ConfigError` that names the key and lists the valid ones. A resolved config
 round-trips through `to_dict` / `from_dict` (JSON), which is how it is stored in a run directory and inside
-every checkpoint.
-
-The recipes' global batch is ``images per GPU x GPUs`` (e.g. 8 x 2 = 16 for ADE20K tiny): `train.batch_size` is
-what one process puts through the model at once, `train.global_batch` what one optimizer step sees; the
-training loop accumulates gradients over ``global_batch / (batch_size x processes)`` forward passes, so a
-recipe keeps its learning rate on fewer GPUs.
+every checkpoint. `train.global_batch` is the recipe's ``images per GPU x GPUs``, reached by gradient accumulation
+(docs/design.md, "Engine").
 """
 from __future__ import annotations
 
@@ -273,14 +269,8 @@ TOY_CLASS_WEIGHTS = (0.70, 1.05, 0.95, 1.00, 0.92, 6.77, 4.90, 7.17, 6.82, 7.49,
 
 
 def _toy(semantic: bool) -> TrainConfig:
-    """The built-in toy data: `semask_toy_fpn` from scratch, sized for `semask demo` on a 2-core CPU.
-
-    The ADE20K recipe scaled to 256-pixel scenes (TRAIN_PRESETS["toy"]) and to a 2.9M-parameter model trained from
-    scratch: a higher learning rate (1e-3) with a short warm-up, weight decay 0.01, gradient clipping, and
-    class-balanced loss weights, without which the rare things (2% of the pixels) are still at 0-30% IoU when the
-    stuff is done (measured: docs/benchmarks.md, "The demo"). 1000 steps of 8 images fit `semask demo` in about
-    8 minutes on a 2-core CPU.
-    """
+    """The built-in toy data: `semask_toy_fpn` from scratch, sized for `semask demo` on a 2-core CPU (the choices:
+    docs/design.md, "Engine"; the timing: docs/benchmarks.md, "The demo")."""
     return TrainConfig(
         name="toy" if semantic else "swin_toy",
         official_config=None,

@@ -2,12 +2,13 @@
 
 `evaluate(model, dataset)` runs every image of a split through `semask.engine.inference.Predictor` (whole image or
 sliding window at the test scale; with ``aug_test=True`` multi-scale + flip), at the original image size, and
-accumulates mmsegmentation's metrics exactly (int64 areas). Memory does not grow with the split: each image's
-prediction is reduced to per-class areas, a (K, K) confusion matrix and two numbers before the next one.
+accumulates mmsegmentation's metrics exactly (int64 counts). Memory does not grow with the split: each image's
+prediction is reduced to its (K, K) confusion matrix, added to the split's, and two numbers before the next one;
+the metrics of an image and of the split are both read off a confusion matrix (`semask.engine.metrics`).
 
 Under ``torch.distributed`` (``torchrun ... semask test``) process ``r`` of ``n`` takes images ``r, r + n, ...``;
-the areas and the confusion matrix are summed across processes, so the metrics are exactly the single-process
-ones, and every process returns the same result.
+the confusion matrix is summed across processes, so the metrics are exactly the single-process ones, and
+every process returns the same result.
 
     result = semask.evaluate(model, ADE20K(root, "validation"))
     print(result.table())
@@ -30,7 +31,8 @@ import torch.nn as nn
 
 from semask.data.transforms import TestPipelineConfig
 from semask.engine.inference import Predictor
-from semask.engine.metrics import SegmentationMetric, confusion_matrix, format_table, metrics_from_areas
+from semask.engine.metrics import confusion_matrix, format_table, metrics_from_confusion
+from semask.errors import UsageError
 
 __all__ = ["EvalResult", "evaluate", "check_classes"]
 
@@ -106,7 +108,7 @@ def check_classes(model: nn.Module, dataset: Any) -> None:
     theirs = tuple(getattr(dataset, "class_names", ()) or ())
     ours = tuple(model.class_names or ())
     if model.num_classes != len(theirs) and theirs:
-        raise ValueError(f"the model predicts {model.num_classes} classes but the dataset {dataset!r} has "
+        raise UsageError(f"the model predicts {model.num_classes} classes but the dataset {dataset!r} has "
                          f"{len(theirs)}: {', '.join(theirs[:12])}{' ...' if len(theirs) > 12 else ''}. "
                          "Use a checkpoint trained on this dataset (or a preset for it).")
     if ours and theirs and ours != theirs:
@@ -154,7 +156,7 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
                         or [f"class {k}" for k in range(module.num_classes)])
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     if n < 1:
-        raise ValueError(f"evaluate: the dataset {dataset!r} has no images")
+        raise UsageError(f"evaluate: the dataset {dataset!r} has no images")
     was_training = module.training
     predictor = Predictor(module, mode="msflip" if aug_test and mode == "whole" else mode,
                           flip=True if aug_test else None, crop_size=crop_size, stride=stride, device=device,
@@ -162,7 +164,6 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
                           ratios=(test_config.ratios if test_config is not None else None) if aug_test else None)
     k = module.num_classes
     ignore = getattr(dataset, "ignore_index", 255)
-    metric = SegmentationMetric(k, ignore, device=predictor.device)
     confusion = torch.zeros(k, k, dtype=torch.int64, device=predictor.device)
     indices, rank, world = _shard(n)
     records: list[dict[str, Any]] = []
@@ -179,11 +180,9 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
             sample = dataset.load(i) if hasattr(dataset, "load") else dataset[i]
             pred = predictor.predict_labels(sample["image"])
             label = torch.as_tensor(sample["label"], device=predictor.device)
-            image_metric = SegmentationMetric(k, ignore, device=predictor.device)
-            image_metric.update(pred, label)
-            metric.merge(image_metric)
-            confusion += confusion_matrix(pred, label, k, ignore)
-            one = image_metric.compute()
+            image_confusion = confusion_matrix(pred, label, k, ignore)
+            confusion += image_confusion
+            one = metrics_from_confusion(image_confusion)
             records.append({"index": i, "path": str(sample.get("path", i)), "mIoU": one["mIoU"], "aAcc": one["aAcc"]})
             if show_dir is not None:
                 _save_panel(Path(show_dir), sample, pred.cpu().numpy(), module, class_names, ignore, one["mIoU"])
@@ -200,9 +199,9 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
         dist.all_gather_object(gathered, (records, seconds))
         records = sorted((r for part, _ in gathered for r in part), key=lambda r: r["index"])
         seconds = max(s for _, s in gathered)
-    areas = metric.all_reduced().areas.cpu().numpy()
-    return EvalResult(metrics=metrics_from_areas(*areas), class_names=class_names, confusion=confusion.cpu().numpy(),
-                      per_image=records, mode=mode, aug_test=aug_test, seconds=seconds)
+    return EvalResult(metrics=metrics_from_confusion(confusion), class_names=class_names,
+                      confusion=confusion.cpu().numpy(), per_image=records, mode=mode, aug_test=aug_test,
+                      seconds=seconds)
 
 
 def _save_panel(folder: Path, sample: dict[str, Any], pred: np.ndarray, model: nn.Module,

@@ -11,11 +11,8 @@ The test scale, ratios and normalisation come from a `TestPipelineConfig` (`sema
 default the one the model's recipe was tested with (`recipe_test_preset`). The backbone runs once per scale:
 the flipped copy travels in the same batch as the original.
 
-Where the protocol allows it the work is skipped, not approximated: with one view and no probabilities asked
-for, the labels are the argmax of the logits when the rescaled size is the original size (softmax and an
-identity resize do not change an argmax), and the softmax and the resize otherwise. The softmax and the flip
-work in place on the model's logits, in bounded pieces, so beyond the model's own output multi-scale + flip
-holds little more than the (K, H, W) running sum and one resized map at the original size.
+Where the protocol allows it the work is skipped, never approximated, and memory stays bounded (docs/design.md,
+"Engine: training, evaluation, inference").
 
     predictor = Predictor(model, mode="whole")          # or "slide", or "msflip"
     labels = predictor("image.jpg")                       # (H, W) int64 numpy array at the original size
@@ -35,15 +32,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from semask.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TEST_PRESETS, TEST_RATIOS, TestPipelineConfig,
-                                    multi_scale_sizes, resize_image, get_test_preset)
-from semask.errors import NonFiniteError, UsageError, UsageTypeError
+from semask.data.transforms import (TEST_PRESETS, TEST_RATIOS, TestPipelineConfig, get_test_preset,
+                                    multi_scale_sizes, normalize, resize_image)
+from semask.errors import NonFiniteError, SemaskError, UsageError, UsageTypeError
 from semask.data.images import ImageInput, rgb_tensor
 from semask.model.registry import model_config
 from semask.device import autocast, check_device
 
 __all__ = [
     "ImageInput",
+    "InferenceError",
     "load_image",
     "normalize",
     "recipe_test_preset",
@@ -57,6 +55,10 @@ __all__ = [
 _CHUNK_BYTES = 256 << 20  # above this, the final resize + argmax of one view works on groups of classes
 
 
+class InferenceError(SemaskError, RuntimeError):
+    """Inference could not give labels for a reason other than its input (a bug to report)."""
+
+
 def load_image(image: ImageInput) -> np.ndarray:
     """Bring a path, PIL image, array or tensor to an (H, W, 3) uint8 RGB array.
 
@@ -65,17 +67,6 @@ def load_image(image: ImageInput) -> np.ndarray:
     refused, and a 16-bit PNG is scaled to 8 bits.
     """
     return rgb_tensor(image).cpu().numpy()
-
-
-def normalize(image: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """(B, 3, H, W) float RGB in 0..255, on any device -> normalised with `mean`/`std` (ImageNet's by default).
-
-    (`semask.data.transforms.normalize` does the same for single CPU images in the data pipeline.)
-    """
-    mean_t = torch.tensor(mean, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
-    return (image - mean_t) / std_t
 
 
 def recipe_test_preset(num_classes: int, embed_dim: int) -> str:
@@ -269,17 +260,15 @@ class Predictor:
                 total[:, :, y:y + h, x:x + w] += window
                 count[:, :, y:y + h, x:x + w] += 1
         if not bool((count > 0).all()):  # cannot happen with stride <= crop_size; never average over nothing
-            raise RuntimeError("sliding windows left pixels uncovered")
+            raise InferenceError("sliding windows left pixels uncovered")
         return total / count
 
     def _view_logits(self, img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Logits (B, K, h, w) of the image rescaled to `size` (B = 2 with its flipped copy)."""
         H0, W0 = img.shape[-2:]
         # bilinear without antialiasing, rounded to uint8 like OpenCV's INTER_LINEAR in the reference
-        batch = (resize_image(img, size) if size != (H0, W0) else img).float()  # 1, 3, h, w
-        mean = torch.tensor(self.test_config.mean, device=batch.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.test_config.std, device=batch.device).view(1, 3, 1, 1)
-        batch.sub_(mean).div_(std)
+        batch = normalize(resize_image(img, size) if size != (H0, W0) else img, self.test_config.mean,
+                          self.test_config.std)  # 1, 3, h, w float32
         if self.flip:
             batch = torch.cat([batch, batch.flip(-1)])  # one backbone pass for both
         return self._logits(batch)
@@ -404,14 +393,8 @@ class Predictor:
 
 
 def _softmax_classes_(x: torch.Tensor) -> None:
-    """Softmax over the class dimension of `x` (B, K, h, w), written back into `x`.
-
-    The model's logits come channels-last when its input does (an (H, W, 3) image viewed as (3, H, W), as
-    here and in the reference pipeline); there the classes of a pixel are adjacent in memory and PyTorch's
-    last-dimension softmax kernel is about three times faster than a softmax over dim 1 of the same tensor.
-    The two kernels agree to float32 rounding (differences of ~1e-7), so the argmax is the same except where
-    two classes tie to that precision.
-    """
+    """Softmax over the class dimension of `x` (B, K, h, w), written back into `x`; over the last dimension of a
+    channels-last view when `x` is channels-last (the faster kernel; docs/design.md, "Engine")."""
     if x.is_contiguous(memory_format=torch.channels_last):
         x.copy_(x.permute(0, 2, 3, 1).softmax(dim=-1).permute(0, 3, 1, 2))  # B, h, w, K -> B, K, h, w
     else:

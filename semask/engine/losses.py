@@ -16,8 +16,9 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from semask.errors import UsageError, UsageTypeError
+from semask.model.decoder import resize
 from semask.model.segmentor import SegmentationOutput
 
 __all__ = ["LossOutput", "SeMaskLoss", "semask_loss", "ohem_weights", "pixel_cross_entropy", "balanced_class_weights"]
@@ -41,21 +42,15 @@ class LossOutput:
 
 def _check_labels(labels: torch.Tensor, logits: torch.Tensor, ignore_index: int) -> None:
     if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
-        raise ValueError(f"labels must be (B, H, W) with B={logits.shape[0]}, got {tuple(labels.shape)}")
+        raise UsageError(f"labels must be (B, H, W) with B={logits.shape[0]}, got {tuple(labels.shape)}")
     if labels.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+        raise UsageTypeError(f"labels must be an integer tensor, got {labels.dtype}")
     num_classes = logits.shape[1]
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         values = torch.unique(labels[bad])[:10].tolist()
-        raise ValueError(f"labels hold values {values} outside 0..{num_classes - 1} (and not the ignore "
+        raise UsageError(f"labels hold values {values} outside 0..{num_classes - 1} (and not the ignore "
                          f"index {ignore_index}); check the dataset's label mapping (reduce_zero_label?)")
-
-
-def _resize(x: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    if x.shape[-2:] == size:
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 class _PixelCrossEntropy(torch.autograd.Function):
@@ -94,9 +89,8 @@ def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     Returns:
         (B, H, W) float32 losses, equal to `F.cross_entropy(logits, labels, ignore_index=..., reduction="none")`.
 
-    Computed over a (B*H*W, K) view of the channels-last scores: the softmax then runs along contiguous
-    memory (the model's outputs are channels-last already, so no copy is made), which on the CPU is several
-    times faster than the strided channel softmax of an NCHW tensor; the backward pass is fused.
+    Computed over a (B*H*W, K) view of the channels-last scores, with a fused backward pass (why: docs/design.md,
+    "Engine").
     """
     B, K, H, W = logits.shape
     flat = logits.permute(0, 2, 3, 1).reshape(B * H * W, K)  # B*H*W, K
@@ -143,7 +137,7 @@ def balanced_class_weights(pixel_counts: Sequence[int], power: float = 0.5) -> t
     """
     counts = torch.as_tensor(pixel_counts, dtype=torch.float64)
     if counts.ndim != 1 or counts.numel() == 0 or bool((counts < 0).any()) or counts.sum() <= 0:
-        raise ValueError(f"pixel_counts must be K non-negative counts with a positive sum, got {list(pixel_counts)}")
+        raise UsageError(f"pixel_counts must be K non-negative counts with a positive sum, got {list(pixel_counts)}")
     freq = counts / counts.sum()
     present = freq > 0
     weights = torch.ones_like(freq)
@@ -174,13 +168,13 @@ def semask_loss(output: SegmentationOutput, labels: torch.Tensor, prior_weight: 
     labels = labels.long()
     size = labels.shape[-2:]
     # the model's logits are already the decoder logits resized to the input size: reuse them when it matches
-    logits = output.logits if output.logits.shape[-2:] == size else _resize(output.decoder_logits, size)
+    logits = output.logits if output.logits.shape[-2:] == size else resize(output.decoder_logits, size)
     decode = pixel_cross_entropy(logits, labels, ignore_index)
     weight = None
     if class_weight is not None:
         num_classes = output.decoder_logits.shape[1]
         if len(class_weight) != num_classes:
-            raise ValueError(f"class_weight has {len(class_weight)} values for {num_classes} classes")
+            raise UsageError(f"class_weight has {len(class_weight)} values for {num_classes} classes")
         table = torch.ones(256 if ignore_index < 256 else ignore_index + 1, device=labels.device)
         table[:num_classes] = torch.as_tensor(class_weight, dtype=torch.float32, device=labels.device)
         weight = table[labels.clamp(0, table.numel() - 1)]  # B, H, W (ignored pixels have loss 0 anyway)
@@ -190,7 +184,7 @@ def semask_loss(output: SegmentationOutput, labels: torch.Tensor, prior_weight: 
     decode = decode.mean()
     prior = None
     if output.prior_logits is not None and prior_weight > 0:
-        prior = pixel_cross_entropy(_resize(output.prior_logits, size), labels, ignore_index)
+        prior = pixel_cross_entropy(resize(output.prior_logits, size), labels, ignore_index)
         prior = (prior * weight if weight is not None else prior).mean() * prior_weight
     total = decode + prior if prior is not None else decode
     return LossOutput(total=total, decode=decode, prior=prior)

@@ -6,8 +6,9 @@ ignore index. Then ``IoU_k = I_k / U_k`` (NaN when the class is absent from both
 ``Acc_k = I_k / L_k`` (NaN when absent from the labels), ``mIoU``/``mAcc`` are the means over the classes whose
 value is defined, and ``aAcc = sum(I) / sum(L)``.
 
-:class:`SegmentationMetric` accumulates the areas with ``torch.bincount`` on the model's device in int64, so
-its memory does not grow with the number of images and merging across processes (a sum) is exact.
+Every area is counted once, in :func:`confusion_matrix` (``torch.bincount`` on the model's device, int64), and
+read off it by :func:`areas_from_confusion`. :class:`SegmentationMetric` accumulates the areas, so its memory does
+not grow with the number of images and merging across processes (a sum) is exact.
 :func:`mean_iou` is the functional form; :func:`format_table` prints the per-class table.
 """
 from __future__ import annotations
@@ -19,13 +20,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["SegmentationMetric", "mean_iou", "format_table", "metrics_from_areas", "confusion_matrix"]
+from semask.errors import UsageError, UsageTypeError
+
+__all__ = ["SegmentationMetric", "mean_iou", "format_table", "metrics_from_areas", "metrics_from_confusion",
+           "confusion_matrix", "areas_from_confusion"]
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     tensor = torch.as_tensor(x, device=device)
     if tensor.is_floating_point() or tensor.dtype == torch.bool:
-        raise TypeError(f"expected integer class ids, got dtype {tensor.dtype}; pass argmax'ed predictions")
+        raise UsageTypeError(f"expected integer class ids, got dtype {tensor.dtype}; pass argmax'ed predictions")
     return tensor.long()
 
 
@@ -61,31 +65,53 @@ def metrics_from_areas(intersect: np.ndarray, union: np.ndarray, pred_area: np.n
 @torch.no_grad()
 def confusion_matrix(pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor, num_classes: int,
                      ignore_index: int = 255) -> torch.Tensor:
-    """Pixel counts of (ground truth, prediction) pairs, ignoring label ``ignore_index``.
+    """Pixel counts of (ground truth, prediction) pairs, ignoring label ``ignore_index``: where every area is counted.
 
     Args:
         pred: ``(H, W)`` or ``(B, H, W)`` integer class ids in ``0 .. K - 1``.
         label: same shape; class ids or ``ignore_index``.
         num_classes: K.
-        ignore_index: label value excluded.
+        ignore_index: label value excluded (predictions there do not count).
 
     Returns:
-        ``(K, K)`` int64 tensor on the inputs' device; row = ground truth, column = prediction. Its diagonal is the
-        intersection, its column sums the prediction areas and its row sums the label areas of
-        :class:`SegmentationMetric`.
+        ``(K, K)`` int64 tensor on the prediction's device (the CPU for an array); row = ground truth, column =
+        prediction. `areas_from_confusion` gives the per-class areas from it.
+
+    Raises:
+        UsageTypeError: floating-point or boolean class ids. UsageError: shapes that differ, ids outside
+        ``0 .. K - 1`` (the message lists them).
     """
     device = pred.device if isinstance(pred, torch.Tensor) else torch.device("cpu")
     pred_t, label_t = _as_tensor(pred, device), _as_tensor(label, device)
     if pred_t.shape != label_t.shape:
-        raise ValueError(f"confusion_matrix: prediction shape {tuple(pred_t.shape)} differs from label shape "
-                         f"{tuple(label_t.shape)}")
+        raise UsageError(f"prediction shape {tuple(pred_t.shape)} differs from label shape {tuple(label_t.shape)}; "
+                         "resize the prediction to the label size first")
     valid = label_t != ignore_index
-    pred_v, label_v = pred_t[valid], label_t[valid]
+    pred_v, label_v = pred_t[valid], label_t[valid]  # N, the labelled pixels
+    k = num_classes
     for name, ids in (("prediction", pred_v), ("label", label_v)):
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_classes):
-            raise ValueError(f"confusion_matrix: {name} values outside 0..{num_classes - 1}")
-    counts = torch.bincount(label_v * num_classes + pred_v, minlength=num_classes * num_classes)
-    return counts.view(num_classes, num_classes)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k):
+            bad = torch.unique(ids[(ids < 0) | (ids >= k)]).tolist()[:10]
+            raise UsageError(f"{name} values {bad} are outside 0..{k - 1} (ignore_index={ignore_index} is excluded "
+                             "from labels only)")
+    counts = torch.bincount(label_v * k + pred_v, minlength=k * k)
+    return counts.view(k, k)
+
+
+def areas_from_confusion(confusion: torch.Tensor) -> torch.Tensor:
+    """The per-class areas of a ``(K, K)`` confusion matrix (row = ground truth, column = prediction).
+
+    Returns:
+        ``(4, K)`` int64: intersection (the diagonal), union, prediction area (column sums), label area (row sums).
+    """
+    intersect = confusion.diagonal()
+    pred_area, label_area = confusion.sum(0), confusion.sum(1)
+    return torch.stack([intersect, pred_area + label_area - intersect, pred_area, label_area])
+
+
+def metrics_from_confusion(confusion: torch.Tensor) -> dict[str, Any]:
+    """`metrics_from_areas` of the areas of a ``(K, K)`` confusion matrix."""
+    return metrics_from_areas(*areas_from_confusion(confusion).cpu().numpy())
 
 
 class SegmentationMetric:
@@ -106,7 +132,7 @@ class SegmentationMetric:
 
     def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None) -> None:
         if num_classes <= 0:
-            raise ValueError(f"SegmentationMetric: num_classes must be positive, got {num_classes}")
+            raise UsageError(f"SegmentationMetric: num_classes must be positive, got {num_classes}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -118,33 +144,19 @@ class SegmentationMetric:
 
     @torch.no_grad()
     def update(self, pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor) -> None:
-        """Add one prediction / label pair (or a batch).
+        """Add one prediction / label pair (or a batch): the areas of their `confusion_matrix`.
 
         Args:
             pred: ``(H, W)`` or ``(B, H, W)`` integer class ids in ``0 .. K - 1``.
             label: same shape; class ids or ``ignore_index``.
         """
-        pred_t, label_t = _as_tensor(pred, self.device), _as_tensor(label, self.device)
-        if pred_t.shape != label_t.shape:
-            raise ValueError(f"SegmentationMetric.update: prediction shape {tuple(pred_t.shape)} differs from label "
-                             f"shape {tuple(label_t.shape)}; resize the prediction to the label size first")
-        valid = label_t != self.ignore_index
-        pred_v, label_v = pred_t[valid], label_t[valid]  # N, the labelled pixels
-        k = self.num_classes
-        for name, ids in (("prediction", pred_v), ("label", label_v)):
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k):
-                bad = torch.unique(ids[(ids < 0) | (ids >= k)]).tolist()[:10]
-                raise ValueError(f"SegmentationMetric.update: {name} values {bad} are outside 0..{k - 1} "
-                                 f"(ignore_index={self.ignore_index} is excluded from labels only)")
-        intersect = torch.bincount(pred_v[pred_v == label_v], minlength=k)
-        pred_area = torch.bincount(pred_v, minlength=k)
-        label_area = torch.bincount(label_v, minlength=k)
-        self.areas += torch.stack([intersect, pred_area + label_area - intersect, pred_area, label_area])
+        confusion = confusion_matrix(_as_tensor(pred, self.device), label, self.num_classes, self.ignore_index)
+        self.areas += areas_from_confusion(confusion)
 
     def merge(self, other: SegmentationMetric) -> SegmentationMetric:
         """Add the areas of another accumulator (same K) to this one; returns self."""
         if other.num_classes != self.num_classes:
-            raise ValueError(f"SegmentationMetric.merge: {other.num_classes} classes vs {self.num_classes}")
+            raise UsageError(f"SegmentationMetric.merge: {other.num_classes} classes vs {self.num_classes}")
         self.areas += other.areas.to(self.device)
         return self
 
@@ -189,7 +201,7 @@ def mean_iou(preds: Iterable[np.ndarray | torch.Tensor] | np.ndarray | torch.Ten
     else:
         preds, labels = list(preds), list(labels)
         if len(preds) != len(labels):
-            raise ValueError(f"mean_iou: {len(preds)} predictions but {len(labels)} labels")
+            raise UsageError(f"mean_iou: {len(preds)} predictions but {len(labels)} labels")
         for pred, label in zip(preds, labels):
             metric.update(pred, label)
     return metric.compute()
@@ -209,7 +221,7 @@ def format_table(result: dict[str, Any], class_names: Sequence[str] | None = Non
     iou, acc = np.asarray(result["IoU"]), np.asarray(result["Acc"])
     names = list(class_names) if class_names is not None else [f"class {k}" for k in range(iou.size)]
     if len(names) != iou.size:
-        raise ValueError(f"format_table: {len(names)} class names for {iou.size} classes")
+        raise UsageError(f"format_table: {len(names)} class names for {iou.size} classes")
     width = max([len("Class")] + [len(n) for n in names])
 
     def pct(value: float) -> str:

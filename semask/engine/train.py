@@ -7,29 +7,16 @@
     torchrun --nproc_per_node=2 -m semask train semask_tiny_ade20k --work-dir runs/tiny \
         --set data.root=/data/ADEChallengeData2016 model.pretrained=swin_tiny_patch4_window7_224.pth
 
-Each step, in nanoGPT's order: set the learning rate -> for each of the accumulation steps: batch, forward
-(under autocast), loss, backward (DDP synchronises the last one) -> unscale and clip -> optimizer step (the
-fp16 gradient scaler skips steps whose gradients overflowed) -> log -> evaluate and checkpoint. Everything the
-loop uses is built from the `TrainConfig` before it starts; there are no hooks.
-
-A run directory holds ``config.json`` (the resolved config), ``log.jsonl`` (one JSON object per log line:
-``{"kind": "train", "iter", "loss", "loss_decode", "loss_prior", "lr", "sec_per_iter", "data_sec",
-"images_per_s", "peak_memory_mb", ...}`` and ``{"kind": "eval", "iter", "mIoU", "mAcc", "aAcc", "IoU": {class:
-value}, ...}``), ``train.log`` (what was printed), ``latest.pth`` (model, optimizer, scaler, iteration; written
-every ``train.checkpoint_interval`` steps and at the end), ``best.pth`` (the weights with the best validation mIoU)
-and, when the `tensorboard` package is installed, ``tb/`` with the same scalars. Only the first process writes.
-
-Reproducibility and exact resume: the data order and every sample's augmentation are functions of
-(seed, epoch, sample) (`semask.data.loader.TrainSampler`, `AugmentedDataset`), and dropout / drop-path draw
-from torch's generator reseeded at every step from (seed, step, process). A run resumed from ``latest.pth``
-therefore computes exactly the steps the uninterrupted run would have.
+Each step, in nanoGPT's order: set the learning rate -> for each accumulation step: batch, forward (under
+autocast), loss, backward -> unscale and clip -> optimizer step -> log -> evaluate and checkpoint. Everything the
+loop uses is built from the `TrainConfig` before it starts; there are no hooks. What the run directory holds is
+`semask.engine.rundir`'s; why a resumed run computes exactly the steps of an uninterrupted one is in
+docs/design.md ("Engine: training, evaluation, inference").
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,30 +26,24 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from semask.engine import distributed
 from semask.checkpoint import is_url, load_pretrained_backbone, load_training_state, save_checkpoint
-from semask.engine.config import ConfigError, TrainConfig, to_dict
 from semask.data.datasets import ADE20K, COCOStuff10k, Cityscapes, FolderDataset, SegmentationDataset
 from semask.data.loader import build_train_loader, sample_seed
 from semask.data.toy import ToyDataset
 from semask.data.transforms import TrainTransform
-from semask.errors import SemaskError
+from semask.device import autocast, autocast_dtype, peak_memory_bytes, seed_everything
+from semask.engine import distributed
+from semask.engine.config import ConfigError, TrainConfig, to_dict
 from semask.engine.evaluate import EvalResult, check_classes, evaluate
 from semask.engine.losses import SeMaskLoss
-from semask.engine.rundir import BEST, CONFIG_FILE, LATEST, LOG_FILE, TENSORBOARD_DIR, TEXT_LOG
+from semask.engine.rundir import BEST, LATEST, RunLog, TrainingError, check_work_dir, records_upto
 from semask.model.registry import create_model
 from semask.model.segmentor import SeMaskFPN
-from semask.device import autocast, autocast_dtype, peak_memory_bytes, seed_everything
-from semask.io import atomic_path
 
 __all__ = ["TrainingError", "TrainResult", "build_datasets", "model_from_config", "param_groups",
            "learning_rate", "train"]
 
 DROPOUT_STREAM = 0x5EED  # salt of the per-step dropout/drop-path seeds (the data use the plain seed)
-
-
-class TrainingError(SemaskError, RuntimeError):
-    """Training cannot go on (non-finite loss, out of memory, a run directory in the way, ...)."""
 
 
 @dataclass
@@ -162,71 +143,16 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return lr
 
 
-class _RunLog:
-    """Rank 0's outputs: printed lines (also in train.log), log.jsonl records, TensorBoard scalars."""
-
-    def __init__(self, work_dir: Path, active: bool, tensorboard: bool,
-                 callback: Optional[Callable[[dict[str, Any]], None]]) -> None:
-        self.work_dir, self.active, self.callback = work_dir, active, callback
-        self.writer = None
-        if active and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # optional extra; the same scalars are in log.jsonl
-                self.print("tensorboard is not installed: scalars are in log.jsonl only "
-                           "(pip install 'semask[tensorboard]' to get them in TensorBoard too)")
-            else:
-                self.writer = SummaryWriter(str(work_dir / TENSORBOARD_DIR))
-
-    def print(self, line: str) -> None:
-        if self.active:
-            print(line, file=sys.stderr, flush=True)
-            with open(self.work_dir / TEXT_LOG, "a") as f:
-                f.write(line + "\n")
-
-    def record(self, rec: dict[str, Any]) -> None:
-        if not self.active:
-            return
-        with open(self.work_dir / LOG_FILE, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if self.writer is not None:
-            for key, value in rec.items():
-                if isinstance(value, (int, float)) and key not in ("iter", "time"):
-                    self.writer.add_scalar(f"{rec['kind']}/{key}", value, rec["iter"])
-            self.writer.flush()
-        if self.callback is not None:
-            self.callback(rec)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _read_log(path: Path, upto: int) -> list[dict[str, Any]]:
-    """The records of a run's log.jsonl up to step ``upto`` (later ones belong to steps a resume redoes)."""
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r.get("iter", 0) <= upto]
-
-
-def _check_work_dir(work_dir: Path, resume: Union[bool, str]) -> Optional[Path]:
-    """The checkpoint to resume from, or None; refuses to write over an existing run."""
-    latest = work_dir / LATEST
-    if resume not in (True, False, "auto"):
-        raise ConfigError(f"resume must be True, False or 'auto', got {resume!r}")
-    if resume == "auto":
-        resume = latest.is_file()
-    if resume:
-        if not latest.is_file():
-            raise TrainingError(f"--resume: {latest} does not exist; nothing to resume in {work_dir} "
-                                "(start a new run without --resume)")
-        return latest
-    existing = [p.name for p in (work_dir / LOG_FILE, latest, work_dir / BEST) if p.exists()]
-    if existing:
-        raise TrainingError(f"{work_dir} already holds a run ({', '.join(existing)}); continue it with --resume "
-                            "or choose another --work-dir (nothing was changed)")
-    return None
+# --------------------------------------------------------------------------------------------- set-up
+def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
+    return out
 
 
 def _batches(loader: Any, device: torch.device, channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -237,15 +163,219 @@ def _batches(loader: Any, device: torch.device, channels_last: bool) -> Iterator
         yield images, batch["label"].to(device, non_blocking=True)
 
 
-def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
-    return out
+def _prepare_work_dir(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
+                      info: distributed.DistInfo) -> tuple[int, Optional[Path]]:
+    """Check the batch arithmetic, the run directory and the ImageNet weights on every process, then create the
+    run directory. Returns the accumulation steps per optimizer step and the checkpoint to resume from (or None)."""
+    rt = config.train
+    per_step = rt.batch_size * info.world_size
+    if rt.global_batch % per_step:
+        raise ConfigError(f"train.global_batch={rt.global_batch} is not a multiple of train.batch_size x processes "
+                          f"= {rt.batch_size} x {info.world_size}; change one of them")
+    resume_from = check_work_dir(work_dir, resume)
+    if (config.model.pretrained and resume_from is None and not is_url(config.model.pretrained)
+            and not Path(config.model.pretrained).is_file()):  # URLs are downloaded by load_pretrained_backbone
+        raise FileNotFoundError(
+            f"model.pretrained: ImageNet weights {config.model.pretrained!r} not found. The {config.name} recipe "
+            "starts from them (Microsoft's Swin Transformer release, github.com/microsoft/Swin-Transformer); pass "
+            "--set model.pretrained=PATH, or model.pretrained=none to train from scratch (far lower mIoU)")
+    distributed.barrier(info)  # every process has checked before the first one writes
+    if info.is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(info)
+    return rt.global_batch // per_step, resume_from
+
+
+def _build_model(config: TrainConfig, given: Optional[nn.Module], train_set: SegmentationDataset,
+                 val_set: SegmentationDataset, info: distributed.DistInfo) -> nn.Module:
+    """The network to train (``given`` or the one ``config.model`` names), on the device, checked against the data."""
+    device = info.device
+    sync_bn = config.model.sync_bn if config.model.sync_bn is not None else (info.distributed and device.type == "cuda")
+    if sync_bn and device.type != "cuda" and info.distributed:
+        raise ConfigError("model.sync_bn=true needs CUDA processes (SyncBatchNorm has no CPU/gloo kernel); "
+                          "set model.sync_bn=false for CPU training")
+    if given is not None and config.model.pretrained:
+        raise ConfigError("model.pretrained loads ImageNet Swin weights into the configured model; it cannot be "
+                          "used with a model passed to train(model=...): load its weights yourself")
+    model = (given if given is not None else model_from_config(config, train_set, sync_bn=sync_bn)).to(device)
+    check_classes(model, train_set)
+    check_classes(model, val_set)
+    if config.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if config.loss.class_weight is not None and len(config.loss.class_weight) != model.num_classes:
+        raise ConfigError(f"loss.class_weight has {len(config.loss.class_weight)} values but the model predicts "
+                          f"{model.num_classes} classes ({', '.join(train_set.class_names[:12])} ...)")
+    return model
+
+
+@dataclass
+class _Run:
+    """What the loop works with, built from the config before it starts, and what it has produced so far."""
+
+    config: TrainConfig
+    info: distributed.DistInfo
+    work_dir: Path
+    log: RunLog
+    module: nn.Module  # the network; `model` is it, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: SeMaskLoss
+    dtype: Optional[torch.dtype]  # autocast dtype (None: fp32)
+    accum: int  # forward/backward passes per optimizer step
+    train_set: SegmentationDataset
+    val_set: SegmentationDataset
+    model: Optional[nn.Module] = None
+    batches: Optional[Iterator[tuple[torch.Tensor, torch.Tensor]]] = None
+    start_step: int = 0
+    best: Optional[dict[str, Any]] = None  # the best evaluation so far: iter, mIoU, mAcc, aAcc
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evaluation: Optional[EvalResult] = None
+    started: float = 0.0  # perf_counter at the run's time 0 (earlier than now for a resumed run)
+
+    def emit(self, rec: dict[str, Any]) -> None:
+        self.history.append(rec)
+        self.log.record(rec)
+
+
+def _resume(run: _Run, checkpoint: Path) -> None:
+    """Restore weights, optimizer, scaler, step and best evaluation; keep the log up to the checkpoint's step."""
+    state = load_training_state(checkpoint, run.module, run.optimizer,
+                                scaler=run.scaler if run.scaler.is_enabled() else None,
+                                map_location=run.info.device, restore_rng=False)
+    run.start_step = int(state.get("iteration", 0))
+    run.best = (state.get("extra") or {}).get("best")
+    run.history = records_upto(run.work_dir, run.start_step)
+    changed = _diff(state.get("train_config") or {}, to_dict(run.config))
+    run.log.rewrite(run.history)  # drop records of steps after the checkpoint
+    run.log.print(f"resuming {run.work_dir} at step {run.start_step}/{run.config.schedule.iters}"
+                  + (f"; config changed since the checkpoint: {'; '.join(changed)}" if changed else ""))
+
+
+def _load_pretrained(run: _Run) -> None:
+    """Load the ImageNet Swin weights of ``model.pretrained`` into the backbone and log what was loaded."""
+    source = run.config.model.pretrained
+    report = load_pretrained_backbone(run.module, source)  # raises when mostly unloaded
+    run.log.print(str(report))
+    run.emit({"kind": "pretrained", "iter": 0, "source": source, "layout": report.layout,
+              "loaded_fraction": report.loaded_fraction, "loaded": len(report.loaded), "resized": report.resized,
+              "missing": report.missing})
+
+
+def _setup(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
+           callback: Optional[Callable[[dict[str, Any]], None]], info: distributed.DistInfo,
+           given: Optional[nn.Module]) -> _Run:
+    """Everything the loop uses, in a fixed order (the seed is set before the model draws its weights)."""
+    rt, device = config.train, info.device
+    accum, resume_from = _prepare_work_dir(config, work_dir, resume, info)
+    log = RunLog(work_dir, info.is_main, rt.tensorboard, callback)
+    if rt.threads and device.type == "cpu":
+        torch.set_num_threads(rt.threads)
+    seed_everything(rt.seed)
+    train_set, val_set = build_datasets(config)
+    module = _build_model(config, given, train_set, val_set, info)
+    dtype = autocast_dtype(rt.precision, device)
+    optimizer = torch.optim.AdamW(param_groups(module, config.optim.weight_decay), lr=config.optim.lr,
+                                  betas=config.optim.betas, eps=config.optim.eps, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    loss_fn = SeMaskLoss(config.loss.prior_weight, ohem_min_kept=config.loss.ohem_min_kept,
+                         class_weight=config.loss.class_weight)
+    run = _Run(config, info, work_dir, log, module, optimizer, scaler, loss_fn, dtype, accum, train_set, val_set)
+    if resume_from is not None:
+        _resume(run, resume_from)
+    elif config.model.pretrained:
+        _load_pretrained(run)
+    log.write_config(to_dict(config))
+
+    run.model = module
+    if info.distributed:
+        run.model = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    loader = build_train_loader(train_set, TrainTransform(config.data.train_pipeline), rt.batch_size, rt.seed,
+                                info.rank, info.world_size, start=run.start_step * accum * rt.batch_size,
+                                num_workers=config.data.num_workers, pin_memory=device.type == "cuda")
+    run.batches = _batches(loader, device, rt.channels_last)
+    params = sum(p.numel() for p in module.parameters())
+    log.print(f"{config.name}: {module.name} ({params / 1e6:.2f}M parameters, {module.num_classes} classes) on "
+              f"{info.world_size} x {device}, {dtype or 'fp32'}; {len(train_set)} training / {len(val_set)} "
+              f"validation images; {rt.global_batch} images per step = {rt.batch_size} x {info.world_size} "
+              f"process(es) x {accum} accumulation step(s); {config.schedule.iters} steps")
+    return run
+
+
+# --------------------------------------------------------------------------------------------- parts of a step
+class _Window:
+    """The loss terms and timings of the steps since the last training log line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.data_time, self.steps, self.start = 0.0, 0, time.perf_counter()
+
+    def add(self, terms: dict[str, float], accum: int) -> None:
+        for key, value in terms.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value / accum
+
+
+def _stop_if_nonfinite(nonfinite: bool, step: int, lr: float, terms: dict[str, float],
+                       info: distributed.DistInfo) -> None:
+    if info.distributed:  # every process stops together, before any of them steps
+        flag = torch.tensor(float(nonfinite), device=info.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        nonfinite = bool(flag.item())
+    if nonfinite:
+        raise TrainingError(
+            f"the loss became non-finite at step {step + 1} (lr {lr:.3g}; last micro-batch: "
+            + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+            + "). Lower optim.lr, set optim.clip_grad_norm (e.g. 1.0), or use train.precision=bf16/fp32 "
+            "instead of fp16; check the data for broken labels. The last checkpoint is untouched.")
+
+
+def _train_record(run: _Run, window: _Window, done: int, lr: float, grad_norm: Optional[float]) -> dict[str, Any]:
+    """The log record of the steps in ``window`` (their loss terms averaged over steps and processes)."""
+    rt = run.config.train
+    means = distributed.all_reduce_mean({k: v / window.steps for k, v in window.sums.items()}, run.info)
+    elapsed = time.perf_counter() - window.start
+    return {"kind": "train", "iter": done, "epoch": done * rt.global_batch / len(run.train_set),
+            **{k: means[k] for k in sorted(means)}, "lr": lr,
+            **({"grad_norm": grad_norm} if grad_norm is not None else {}),
+            **({"loss_scale": run.scaler.get_scale()} if run.scaler.is_enabled() else {}),
+            "sec_per_iter": elapsed / window.steps, "data_sec": window.data_time / window.steps,
+            "images_per_s": rt.global_batch * window.steps / elapsed,
+            "peak_memory_mb": (peak_memory_bytes(run.info.device) or 0) / 2**20,
+            "time": time.perf_counter() - run.started}
+
+
+def _evaluate(run: _Run, done: int, progress: bool) -> None:
+    """Validate after step ``done``, log the result and save best.pth when it is the best so far."""
+    config, module = run.config, run.module
+    run.evaluation = result = evaluate(
+        module, run.val_set, mode=config.eval.mode, test_config=config.data.test_pipeline,
+        crop_size=config.eval.crop_size, stride=config.eval.stride, max_images=config.eval.max_images,
+        progress=progress)
+    module.train()
+    rec = {"kind": "eval", "iter": done, "mIoU": result.mIoU, "mAcc": result.metrics["mAcc"],
+           "aAcc": result.metrics["aAcc"], "IoU": result.to_dict()["IoU"], "Acc": result.to_dict()["Acc"],
+           "eval_sec": result.seconds, "num_images": result.num_images, "time": time.perf_counter() - run.started}
+    is_best = run.best is None or rec["mIoU"] > run.best["mIoU"]
+    if is_best:
+        run.best = {k: rec[k] for k in ("iter", "mIoU", "mAcc", "aAcc")}
+    best = run.best
+    run.emit(rec)
+    run.log.print(f"step {done}: mIoU {100 * rec['mIoU']:.2f}  mAcc {100 * rec['mAcc']:.2f}  aAcc "
+                  f"{100 * rec['aAcc']:.2f}" + ("  (best)" if is_best else f"  (best {100 * best['mIoU']:.2f} "
+                                                                           f"at step {best['iter']})"))
+    if is_best and run.info.is_main:
+        save_checkpoint(run.work_dir / BEST, module, iteration=done, train_config=to_dict(config),
+                        extra={"metrics": {k: rec[k] for k in ("mIoU", "mAcc", "aAcc")}})
+
+
+def _save_latest(run: _Run, done: int) -> None:
+    """Write latest.pth (weights, optimizer, scaler, step, best evaluation): what a resume continues from."""
+    if run.info.is_main:
+        scaler = run.scaler if run.scaler.is_enabled() else None
+        save_checkpoint(run.work_dir / LATEST, run.module, optimizer=run.optimizer, scaler=scaler, iteration=done,
+                        train_config=to_dict(run.config), extra={"best": run.best})
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -285,189 +415,10 @@ def train(config: TrainConfig, work_dir: Union[str, Path], *, resume: Union[bool
 def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
            callback: Optional[Callable[[dict[str, Any]], None]], progress: bool, info: distributed.DistInfo,
            given: Optional[nn.Module]) -> TrainResult:
-    rt, device = config.train, info.device
-    per_step = rt.batch_size * info.world_size
-    if rt.global_batch % per_step:
-        raise ConfigError(f"train.global_batch={rt.global_batch} is not a multiple of train.batch_size x processes "
-                          f"= {rt.batch_size} x {info.world_size}; change one of them")
-    accum = rt.global_batch // per_step
-    resume_from = _check_work_dir(work_dir, resume)
-    if (config.model.pretrained and resume_from is None and not is_url(config.model.pretrained)
-            and not Path(config.model.pretrained).is_file()):  # URLs are downloaded by load_pretrained_backbone
-        raise FileNotFoundError(
-            f"model.pretrained: ImageNet weights {config.model.pretrained!r} not found. The {config.name} recipe "
-            "starts from them (Microsoft's Swin Transformer release, github.com/microsoft/Swin-Transformer); pass "
-            "--set model.pretrained=PATH, or model.pretrained=none to train from scratch (far lower mIoU)")
-    distributed.barrier(info)  # every process has checked before the first one writes
-    if info.is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier(info)
-    log = _RunLog(work_dir, info.is_main, rt.tensorboard, callback)
-    if rt.threads and device.type == "cpu":
-        torch.set_num_threads(rt.threads)
-    seed_everything(rt.seed)
-
-    train_set, val_set = build_datasets(config)
-    sync_bn = config.model.sync_bn if config.model.sync_bn is not None else (info.distributed and device.type == "cuda")
-    if sync_bn and device.type != "cuda" and info.distributed:
-        raise ConfigError("model.sync_bn=true needs CUDA processes (SyncBatchNorm has no CPU/gloo kernel); "
-                          "set model.sync_bn=false for CPU training")
-    if given is not None and config.model.pretrained:
-        raise ConfigError("model.pretrained loads ImageNet Swin weights into the configured model; it cannot be "
-                          "used with a model passed to train(model=...): load its weights yourself")
-    model = (given if given is not None else model_from_config(config, train_set, sync_bn=sync_bn)).to(device)
-    check_classes(model, train_set)
-    check_classes(model, val_set)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if config.loss.class_weight is not None and len(config.loss.class_weight) != model.num_classes:
-        raise ConfigError(f"loss.class_weight has {len(config.loss.class_weight)} values but the model predicts "
-                          f"{model.num_classes} classes ({', '.join(train_set.class_names[:12])} ...)")
-    dtype = autocast_dtype(rt.precision, device)
-    optimizer = torch.optim.AdamW(param_groups(model, config.optim.weight_decay), lr=config.optim.lr,
-                                  betas=config.optim.betas, eps=config.optim.eps, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loss_fn = SeMaskLoss(config.loss.prior_weight, ohem_min_kept=config.loss.ohem_min_kept,
-                         class_weight=config.loss.class_weight)
-
-    start_step, best, history = 0, None, []
-    evaluation: Optional[EvalResult] = None
-
-    def emit(rec: dict[str, Any]) -> None:
-        history.append(rec)
-        log.record(rec)
-
-    if resume_from is not None:
-        state = load_training_state(resume_from, model, optimizer, scaler=scaler if scaler.is_enabled() else None,
-                                    map_location=device, restore_rng=False)
-        start_step = int(state.get("iteration", 0))
-        best = (state.get("extra") or {}).get("best")
-        history = _read_log(work_dir / LOG_FILE, start_step)
-        changed = _diff(state.get("train_config") or {}, to_dict(config))
-        if info.is_main:
-            with atomic_path(work_dir / LOG_FILE) as tmp:  # drop records of steps after the checkpoint
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-        log.print(f"resuming {work_dir} at step {start_step}/{config.schedule.iters}"
-                  + (f"; config changed since the checkpoint: {'; '.join(changed)}" if changed else ""))
-    elif config.model.pretrained:
-        report = load_pretrained_backbone(model, config.model.pretrained)  # raises when mostly unloaded
-        log.print(str(report))
-        emit({"kind": "pretrained", "iter": 0, "source": config.model.pretrained, "layout": report.layout,
-              "loaded_fraction": report.loaded_fraction, "loaded": len(report.loaded), "resized": report.resized,
-              "missing": report.missing})
-    if info.is_main:
-        with atomic_path(work_dir / CONFIG_FILE) as tmp:
-            tmp.write_text(json.dumps(to_dict(config), indent=2) + "\n")
-
-    module = model
-    if info.distributed:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    loader = build_train_loader(train_set, TrainTransform(config.data.train_pipeline), rt.batch_size, rt.seed,
-                                info.rank, info.world_size, start=start_step * accum * rt.batch_size,
-                                num_workers=config.data.num_workers, pin_memory=device.type == "cuda")
-    batches = _batches(loader, device, rt.channels_last)
-    params = sum(p.numel() for p in module.parameters())
-    log.print(f"{config.name}: {module.name} ({params / 1e6:.2f}M parameters, {module.num_classes} classes) on "
-              f"{info.world_size} x {device}, {dtype or 'fp32'}; {len(train_set)} training / {len(val_set)} "
-              f"validation images; {rt.global_batch} images per step = {rt.batch_size} x {info.world_size} "
-              f"process(es) x {accum} accumulation step(s); {config.schedule.iters} steps")
-
-    bar = None
-    if progress and info.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.schedule.iters, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-    # a resumed run's clock continues from its last record, so that "time" is the run's total
-    run_start = time.perf_counter() - max((r.get("time", 0.0) for r in history), default=0.0)
-    sums: dict[str, float] = {}
-    window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
-    grad_norm: Optional[float] = None
-    model.train()
+    run = _setup(config, work_dir, resume, callback, info, given)
+    rt = config.train
     try:
-        for step in range(start_step, config.schedule.iters):
-            lr = learning_rate(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            nonfinite = False
-            for micro in range(accum):
-                torch.manual_seed(sample_seed(rt.seed ^ DROPOUT_STREAM, step, info.rank * accum + micro))
-                t0 = time.perf_counter()
-                images, labels = next(batches)
-                data_time += time.perf_counter() - t0
-                sync = micro == accum - 1 or not info.distributed
-                with (contextlib.nullcontext() if sync else model.no_sync()):
-                    with autocast(device, dtype):
-                        out = model(images)
-                        losses = loss_fn(out, labels)
-                    scaler.scale(losses.total / accum).backward()
-                terms = losses.as_dict()  # one host sync per micro-batch: small next to a segmentation step
-                for key, value in terms.items():
-                    sums[key] = sums.get(key, 0.0) + value / accum
-                nonfinite |= not math.isfinite(terms["loss"])
-            if info.distributed:  # every process stops together, before any of them steps
-                flag = torch.tensor(float(nonfinite), device=device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                nonfinite = bool(flag.item())
-            if nonfinite:
-                raise TrainingError(
-                    f"the loss became non-finite at step {step + 1} (lr {lr:.3g}; last micro-batch: "
-                    + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-                    + "). Lower optim.lr, set optim.clip_grad_norm (e.g. 1.0), or use train.precision=bf16/fp32 "
-                    "instead of fp16; check the data for broken labels. The last checkpoint is untouched.")
-            if config.optim.clip_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm))
-            scaler.step(optimizer)  # skipped by the fp16 scaler when gradients overflowed
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            window_steps += 1
-            if bar is not None:
-                bar.update(1)
-
-            if done % rt.log_interval == 0 or done == config.schedule.iters:
-                means = distributed.all_reduce_mean({k: v / window_steps for k, v in sums.items()}, info)
-                elapsed = time.perf_counter() - window_start
-                rec = {"kind": "train", "iter": done, "epoch": done * rt.global_batch / len(train_set),
-                       **{k: means[k] for k in sorted(means)}, "lr": lr,
-                       **({"grad_norm": grad_norm} if grad_norm is not None else {}),
-                       **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}),
-                       "sec_per_iter": elapsed / window_steps, "data_sec": data_time / window_steps,
-                       "images_per_s": rt.global_batch * window_steps / elapsed,
-                       "peak_memory_mb": (peak_memory_bytes(device) or 0) / 2**20, "time": time.perf_counter() - run_start}
-                emit(rec)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
-                sums, data_time, window_steps, window_start = {}, 0.0, 0, time.perf_counter()
-
-            last = done == config.schedule.iters
-            if (rt.eval_interval and done % rt.eval_interval == 0) or last:
-                evaluation = result = evaluate(
-                    module, val_set, mode=config.eval.mode, test_config=config.data.test_pipeline,
-                    crop_size=config.eval.crop_size, stride=config.eval.stride, max_images=config.eval.max_images,
-                    progress=progress)
-                module.train()
-                rec = {"kind": "eval", "iter": done, "mIoU": result.mIoU, "mAcc": result.metrics["mAcc"],
-                       "aAcc": result.metrics["aAcc"], "IoU": result.to_dict()["IoU"], "Acc": result.to_dict()["Acc"],
-                       "eval_sec": result.seconds, "num_images": result.num_images,
-                       "time": time.perf_counter() - run_start}
-                is_best = best is None or rec["mIoU"] > best["mIoU"]
-                if is_best:
-                    best = {k: rec[k] for k in ("iter", "mIoU", "mAcc", "aAcc")}
-                emit(rec)
-                log.print(f"step {done}: mIoU {100 * rec['mIoU']:.2f}  mAcc {100 * rec['mAcc']:.2f}  aAcc "
-                          f"{100 * rec['aAcc']:.2f}" + ("  (best)" if is_best else f"  (best {100 * best['mIoU']:.2f} "
-                                                                                   f"at step {best['iter']})"))
-                if is_best and info.is_main:
-                    save_checkpoint(work_dir / BEST, module, iteration=done, train_config=to_dict(config),
-                                    extra={"metrics": {k: rec[k] for k in ("mIoU", "mAcc", "aAcc")}})
-                window_start = time.perf_counter()  # evaluation time is not training time
-            if (rt.checkpoint_interval and done % rt.checkpoint_interval == 0) or last:
-                if info.is_main:
-                    save_checkpoint(work_dir / LATEST, module, optimizer=optimizer,
-                                    scaler=scaler if scaler.is_enabled() else None, iteration=done,
-                                    train_config=to_dict(config), extra={"best": best})
-                window_start = time.perf_counter()
+        _loop(run, progress)
     except torch.OutOfMemoryError as exc:
         raise TrainingError(
             f"CUDA ran out of memory with train.batch_size={rt.batch_size} at "
@@ -475,13 +426,73 @@ def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
             f"a smaller train.batch_size (the global batch {rt.global_batch} is kept by gradient accumulation), "
             "or train.precision=bf16.") from exc
     finally:
+        run.log.close()
+    distributed.barrier(info)
+    run.module.eval()
+    run.log.print(f"done: {config.schedule.iters} steps, {time.perf_counter() - run.started:.0f} s in all"
+                  + (f"; best mIoU {100 * run.best['mIoU']:.2f} at step {run.best['iter']}" if run.best else ""))
+    return TrainResult(work_dir=work_dir, history=run.history, best=run.best, model=run.module, config=config,
+                       evaluation=run.evaluation)
+
+
+def _loop(run: _Run, progress: bool) -> None:
+    """Steps ``run.start_step`` .. ``schedule.iters`` - 1, each: lr -> forward -> loss -> backward -> clip ->
+    step -> log -> evaluate / checkpoint."""
+    config, info, model, accum = run.config, run.info, run.model, run.accum
+    optimizer, scaler, rt, iters = run.optimizer, run.scaler, config.train, config.schedule.iters
+    bar = None
+    if progress and info.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=iters, initial=run.start_step, desc="train", unit="step", dynamic_ncols=True)
+    # a resumed run's clock continues from its last record, so that "time" is the run's total
+    run.started = time.perf_counter() - max((r.get("time", 0.0) for r in run.history), default=0.0)
+    window, grad_norm = _Window(), None
+    model.train()
+    try:
+        for step in range(run.start_step, iters):
+            lr = learning_rate(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            nonfinite = False
+            for micro in range(accum):
+                torch.manual_seed(sample_seed(rt.seed ^ DROPOUT_STREAM, step, info.rank * accum + micro))
+                t0 = time.perf_counter()
+                images, labels = next(run.batches)
+                window.data_time += time.perf_counter() - t0
+                sync = micro == accum - 1 or not info.distributed  # DDP synchronises the last backward only
+                with (contextlib.nullcontext() if sync else model.no_sync()):
+                    with autocast(info.device, run.dtype):
+                        out = model(images)
+                        losses = run.loss_fn(out, labels)
+                    scaler.scale(losses.total / accum).backward()
+                terms = losses.as_dict()  # one host sync per micro-batch: small next to a segmentation step
+                window.add(terms, accum)
+                nonfinite |= not math.isfinite(terms["loss"])
+            _stop_if_nonfinite(nonfinite, step, lr, terms, info)
+            if config.optim.clip_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm))
+            scaler.step(optimizer)  # skipped by the fp16 scaler when gradients overflowed
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            window.steps += 1
+            if bar is not None:
+                bar.update(1)
+
+            if done % rt.log_interval == 0 or done == iters:
+                rec = _train_record(run, window, done, lr, grad_norm)
+                run.emit(rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
+                window.reset()
+            if (rt.eval_interval and done % rt.eval_interval == 0) or done == iters:
+                _evaluate(run, done, progress)
+                window.start = time.perf_counter()  # evaluation time is not training time
+            if (rt.checkpoint_interval and done % rt.checkpoint_interval == 0) or done == iters:
+                _save_latest(run, done)
+                window.start = time.perf_counter()
+    finally:
         if bar is not None:
             bar.close()
-        log.close()
-    distributed.barrier(info)
-    module.eval()
-    log.print(f"done: {config.schedule.iters} steps, {time.perf_counter() - run_start:.0f} s in all"
-              + (f"; best mIoU {100 * best['mIoU']:.2f} at step {best['iter']}" if best else ""))
-    return TrainResult(work_dir=work_dir, history=history, best=best, model=module, config=config,
-                       evaluation=evaluation)
-

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from semask.model.util import is_exporting
 
-__all__ = ["ConvBNReLU", "Upsample2x", "SemanticFPNHead"]
+__all__ = ["resize", "ConvBNReLU", "Upsample2x", "SemanticFPNHead"]
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

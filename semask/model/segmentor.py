@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from semask.model.config import ModelConfig
-from semask.model.decoder import SemanticFPNHead
+from semask.model.decoder import SemanticFPNHead, resize
 from semask.errors import UsageError, UsageTypeError
 from semask.model.semantic import SemanticAttentionMap
 from semask.model.swin import SeMaskSwin
@@ -90,7 +90,7 @@ class SeMaskFPN(nn.Module):
                  palette: Optional[Sequence[Sequence[int]]] = None, config: Optional[ModelConfig] = None):
         super().__init__()
         if decode_head.prior_branch and not backbone.has_semantic_layers:
-            raise ValueError("the decoder's prior branch needs a backbone with semantic layers")
+            raise UsageError("the decoder's prior branch needs a backbone with semantic layers")
         self.backbone = backbone
         self.decode_head = decode_head
         self.name = name
@@ -186,6 +186,5 @@ class ExternalSegmentor(nn.Module):
         w = round(scores.shape[-1] * W / padded.shape[-1])
         scores = scores[..., :h, :w].float()
         with torch.autocast(x.device.type, enabled=False):
-            logits = scores if scores.shape[-2:] == (H, W) else F.interpolate(
-                scores, size=(H, W), mode="bilinear", align_corners=False)
+            logits = resize(scores, (H, W))
         return SegmentationOutput(logits=logits, prior_logits=None, decoder_logits=scores)
