@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from semask.errors import UsageError
 from semask.model.util import is_exporting
 
 __all__ = ["resize", "ConvBNReLU", "Upsample2x", "SemanticFPNHead"]
@@ -72,7 +73,7 @@ class SemanticFPNHead(nn.Module):
                  prior_branch: bool = True, norm_layer: type[nn.Module] = nn.BatchNorm2d):
         super().__init__()
         if len(in_channels) != len(strides):
-            raise ValueError(f"in_channels {tuple(in_channels)} and strides {tuple(strides)} differ in length")
+            raise UsageError(f"in_channels {tuple(in_channels)} and strides {tuple(strides)} differ in length")
         self.num_classes = num_classes
         self.prior_branch = prior_branch
         self.num_units = [max(1, int(math.log2(s / strides[0]))) for s in strides]
@@ -127,7 +128,7 @@ class SemanticFPNHead(nn.Module):
             logits: (B, K, H_1, W_1); prior_logits: (B, K, H_1, W_1) or None without the prior branch.
         """
         if len(features) != len(self.scale_heads):
-            raise ValueError(f"expected {len(self.scale_heads)} feature maps, got {len(features)}")
+            raise UsageError(f"expected {len(self.scale_heads)} feature maps, got {len(features)}")
         out = self.scale_heads[0](features[0])
         size = out.shape[-2:]
         for head, feat in zip(self.scale_heads[1:], features[1:]):
@@ -136,7 +137,7 @@ class SemanticFPNHead(nn.Module):
         prior = None
         if self.prior_branch:
             if not priors:
-                raise ValueError("the prior branch needs the backbone's semantic priors, but none were given "
+                raise UsageError("the prior branch needs the backbone's semantic priors, but none were given "
                                  "(is the backbone a plain Swin without semantic layers?)")
             with torch.autocast(priors[0].device.type, enabled=False):  # summed in fp32 under autocast too
                 prior = self.sum_priors(priors)

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from semask.errors import UsageError
 from semask.model.windows import pad_to_multiple, window_partition, window_reverse
 
 __all__ = ["SemanticAttention", "SemanticLayer", "SemanticAttentionMap"]
@@ -128,7 +129,7 @@ class SemanticLayer(nn.Module):
                  proj_drop: float = 0.1, norm_layer: type[nn.Module] = nn.LayerNorm):
         super().__init__()
         if num_sem_blocks < 1:
-            raise ValueError(f"num_sem_blocks must be at least 1, got {num_sem_blocks}")
+            raise UsageError(f"num_sem_blocks must be at least 1, got {num_sem_blocks}")
         self.window_size = window_size
         self.norm1 = norm_layer(dim)
         self.class_injection = nn.ModuleList(

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, trunc_normal_
 
+from semask.errors import UsageError
 from semask.model.semantic import SemanticAttentionMap, SemanticLayer
 from semask.model.util import LRUCache, is_exporting
 from semask.model.windows import pad_to_multiple, window_partition, window_reverse
@@ -104,7 +105,7 @@ class WindowAttention(nn.Module):
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+            raise UsageError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.dim, self.num_heads, self.window_size = dim, num_heads, window_size
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=True)
@@ -381,10 +382,10 @@ class SeMaskSwin(nn.Module):
                  norm_layer: type[nn.Module] = nn.LayerNorm):
         super().__init__()
         if len(depths) != len(num_heads):
-            raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length")
+            raise UsageError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length")
         bad = [s for s in semantic_global_stages if not 0 <= s < len(depths)]
         if bad:
-            raise ValueError(f"semantic_global_stages {tuple(semantic_global_stages)}: stages {bad} do not exist "
+            raise UsageError(f"semantic_global_stages {tuple(semantic_global_stages)}: stages {bad} do not exist "
                              f"(the backbone has stages 0..{len(depths) - 1})")
         self.num_classes = num_classes
         self.window_size = window_size
