@@ -3,9 +3,9 @@
 A stage's feature grid covers the model's (h, w) input at a stride: the patch embedding and every patch merging
 pad their input up to a multiple of the stride (4, 8, 16, 32), so feature cell (r, c) of stage i covers input
 pixels [r * s_i, (r + 1) * s_i) x [c * s_i, (c + 1) * s_i), the last row and column only partly. `stage_to_image`
-is the one mapping from a grid to image pixels (cell to stride block, padding cropped, input resized to the
-original image) and `cell_box` the matching box of cells; `plot_stage_priors`, `plot_attention` and the explorer
-all draw through them.
+(the numpy form of `semask.engine.grid.stage_to_pixels`) is the one mapping from a grid to image pixels (cell to
+stride block, padding cropped, input resized to the original image) and `cell_box` the matching box of cells;
+`plot_stage_priors`, `plot_attention` and the explorer all draw through them.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from semask.engine.grid import Stride, grid_stride, stage_to_pixels, stride_pair
 from semask.engine.inference import ImageInput
 from semask.errors import UsageError, UsageTypeError
 from semask.model.segmentor import SegmentationOutput
@@ -38,12 +38,7 @@ __all__ = [
     "plot_attention",
 ]
 
-Stride = Union[int, tuple[int, int]]  # input pixels per feature cell: one for both axes, or (rows, columns)
 Size = tuple[int, int]
-
-
-def _pair(stride: Stride) -> tuple[int, int]:
-    return (stride, stride) if isinstance(stride, numbers.Integral) else (int(stride[0]), int(stride[1]))
 
 
 def _checked_size(value: object, name: str) -> Size:
@@ -54,33 +49,13 @@ def _checked_size(value: object, name: str) -> Size:
 
 
 # ----------------------------------------------------------------------------------------------- geometry
-def grid_stride(grid: Size, input_size: Size) -> tuple[int, int]:
-    """The stride of a stage whose (h_i, w_i) grid covers an (h, w) input: per axis, the smallest power of two s
-    with ceil(h / s) = h_i, the stride of every SeMask stage (a smaller one would give more cells).
-
-    Raises:
-        UsageError: no power of two tiles the input with that many cells (the grid is not of this input).
-    """
-    strides = []
-    for cells, pixels in zip(grid, input_size):
-        stride = 1
-        while -(-pixels // stride) > cells:
-            stride *= 2
-        if -(-pixels // stride) != cells:
-            raise UsageError(f"a stage grid of {grid[0]}x{grid[1]} cells does not cover a {input_size[0]}x"
-                             f"{input_size[1]} input at any stride; pass input_size=(h, w), the size of the input "
-                             "the model saw")
-        strides.append(stride)
-    return strides[0], strides[1]
-
-
 def stage_to_image(cells: torch.Tensor, stride: Stride, input_size: Size, image_size: Size,
                    smooth: bool) -> np.ndarray:
-    """A stage's (C, h_i, w_i) map on the original image's pixel grid: (C, H, W).
+    """A stage's (C, h_i, w_i) map on the original image's pixel grid: (C, H, W) float32 numpy.
 
-    Feature cell (r, c) covers input pixels [r*stride, (r+1)*stride) of the (h, w) input (the last row and
-    column only partly, the input having been padded up to the stride); that input is then resized to the
-    original (H, W).
+    The numpy form of `semask.engine.grid.stage_to_pixels`, the one mapping: feature cell (r, c) covers input
+    pixels [r*stride, (r+1)*stride) of the (h, w) input (the last row and column only partly, the input having
+    been padded up to the stride); that input is then resized to the original (H, W).
 
     Args:
         cells: (C, h_i, w_i) values per feature cell (class probabilities, labels, attention weights).
@@ -92,17 +67,7 @@ def stage_to_image(cells: torch.Tensor, stride: Stride, input_size: Size, image_
     Returns:
         (C, H, W) float32.
     """
-    sy, sx = _pair(stride)
-    h_i, w_i = cells.shape[-2:]
-    if h_i * sy < input_size[0] or w_i * sx < input_size[1]:
-        raise UsageError(f"a {h_i}x{w_i} grid at stride {(sy, sx)} does not cover a {input_size[0]}x{input_size[1]} "
-                         "input")
-    mode = dict(mode="bilinear", align_corners=False) if smooth else dict(mode="nearest")
-    grid = F.interpolate(cells[None].float(), size=(h_i * sy, w_i * sx), **mode)[0]  # C, h_i*s, w_i*s
-    grid = grid[:, : input_size[0], : input_size[1]]  # C, h, w
-    if tuple(input_size) != tuple(image_size):
-        grid = F.interpolate(grid[None], size=tuple(image_size), **mode)[0]  # C, H, W
-    return grid.numpy()
+    return stage_to_pixels(cells, stride, input_size, image_size, smooth).cpu().numpy()
 
 
 def prior_on_image(probabilities: torch.Tensor, class_index: Optional[int], stride: Stride, input_size: Size,
@@ -123,7 +88,7 @@ def cell_box(row0: int, col0: int, rows: int, cols: int, stride: Stride, input_s
              image_size: Size) -> tuple[float, float, float, float]:
     """Feature cells [row0, row0 + rows) x [col0, col0 + cols) as an image box (x, y, width, height) in imshow's
     pixel coordinates (pixel centres at integers), the padding cropped as in `stage_to_image`."""
-    sy, sx = _pair(stride)
+    sy, sx = stride_pair(stride)
     (H, W), (h, w) = image_size, input_size
     y0, y1 = row0 * sy * H / h, min((row0 + rows) * sy, h) * H / h
     x0, x1 = col0 * sx * W / w, min((col0 + cols) * sx, w) * W / w
