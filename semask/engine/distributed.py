@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from semask.device import check_device
 
-__all__ = ["DistInfo", "setup", "resolve_device", "barrier", "all_reduce_mean", "cleanup"]
+__all__ = ["DistInfo", "setup", "resolve_device", "shard", "barrier", "all_reduce_mean", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,19 @@ def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
         started = True
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
                     started_here=started)
+
+
+def shard(n: int) -> tuple[range, int, int]:
+    """This process's share of items 0 .. n-1 and where it stands: (indices, rank, world size).
+
+    Process ``r`` of ``w`` takes items ``r, r + w, r + 2w, ...`` (all of them without a process group), so the
+    shares are disjoint and together cover every item once; sums over them, added with ``all_reduce``, are the
+    single-process sums.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return range(rank, n, world), rank, world
+    return range(n), 0, 1
 
 
 def barrier(info: DistInfo) -> None:

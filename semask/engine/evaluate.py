@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from semask.data.transforms import TestPipelineConfig
+from semask.engine.distributed import shard
 from semask.engine.inference import Predictor
 from semask.engine.metrics import confusion_matrix, format_table, metrics_from_confusion
 from semask.errors import UsageError
@@ -118,13 +119,6 @@ def check_classes(model: nn.Module, dataset: Any) -> None:
                       "same class for both", stacklevel=2)
 
 
-def _shard(n: int) -> tuple[range, int, int]:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        return range(rank, n, world), rank, world
-    return range(n), 0, 1
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: bool = False,
              test_config: Optional[TestPipelineConfig] = None, crop_size: int = 512, stride: int = 341,
@@ -165,7 +159,7 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
     k = module.num_classes
     ignore = getattr(dataset, "ignore_index", 255)
     confusion = torch.zeros(k, k, dtype=torch.int64, device=predictor.device)
-    indices, rank, world = _shard(n)
+    indices, rank, world = shard(n)
     records: list[dict[str, Any]] = []
     if show_dir is not None:
         Path(show_dir).mkdir(parents=True, exist_ok=True)
