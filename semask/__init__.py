@@ -9,11 +9,13 @@ their outputs, with datasets, metrics, inference and visualisation around it.
     labels = semask.predict(model, "image.jpg", mode="msflip")
     result = semask.train(semask.config.get_preset("toy"), work_dir="runs/toy")
     print(semask.evaluate(result.model, dataset).table())
+    print(semask.analyze(result.model, dataset).table())      # what the semantic layers learn, per stage
 
 `semask.train` and `semask.evaluate` are the functions; their modules are `semask.engine.train` and
 `semask.engine.evaluate`. `semask.config` is the training config module `semask.engine.config`.
 """
 from semask.engine import config
+from semask.engine.analysis import Analysis, analyze
 from semask.checkpoint import load_checkpoint, load_pretrained_backbone, save_checkpoint
 from semask.engine.evaluate import EvalResult, evaluate
 from semask.apps.export import export_onnx
@@ -27,6 +29,7 @@ from semask.engine.train import TrainResult, train
 __version__ = "0.1.0"
 
 __all__ = [
+    "Analysis",
     "EvalResult",
     "ModelConfig",
     "Predictor",
@@ -35,6 +38,7 @@ __all__ = [
     "SegmentationOutput",
     "TrainResult",
     "config",
+    "analyze",
     "create_model",
     "evaluate",
     "export_onnx",

@@ -8,12 +8,14 @@ results, and the Jupyter apps (explorer, comparison).
 - `semask.viz.training`: `plot_training_log`, `LiveTrainingPlot`;
 - `semask.viz.results`: `plot_class_iou`, `results_table` / `ResultsTable`, `plot_results`, `plot_confusion`;
 - `semask.viz.analysis`: `analyse_image` / `ImageAnalysis`, one image through one model for the apps;
+- `semask.viz.analysis_plots`: `plot_stage_analysis`, `plot_class_attention`, the plots of `semask.analyze`;
 - `semask.viz.explorer`, `semask.viz.compare`: the ipywidgets apps `Explorer` and `compare`.
 
 Importing semask.viz imports neither pyplot (no matplotlib backend is chosen) nor ipywidgets or ipympl; the plot
 functions and the apps import them when called.
 """
 from semask.viz.analysis import ImageAnalysis, analyse_image, semantic_gammas
+from semask.viz.analysis_plots import plot_class_attention, plot_stage_analysis
 from semask.viz.compare import Comparison, compare
 from semask.viz.explorer import VIEWS, Explorer
 from semask.viz.labels import (ERROR_CLASSES, ERROR_PALETTE, class_legend, colorize, default_palette, denormalize,
@@ -49,6 +51,8 @@ __all__ = [
     "ImageAnalysis",
     "analyse_image",
     "semantic_gammas",
+    "plot_stage_analysis",
+    "plot_class_attention",
     "VIEWS",
     "Explorer",
     "Comparison",

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from semask.data.transforms import TestPipelineConfig
+from semask.engine.analysis import stage_gammas
 from semask.engine.inference import ImageInput, Predictor, load_image, resolve_test_config
 from semask.engine.metrics import mean_iou
 from semask.errors import UsageError
@@ -27,17 +28,13 @@ TestPreset = Union[str, TestPipelineConfig, None]
 
 
 def semantic_gammas(model: nn.Module) -> list[list[float]]:
-    """Each stage's semantic-layer gates: ``[[gamma of block 1, ...] per stage]``; empty for the baseline.
+    """Each semantic layer's gates: ``[[gamma of block 1, ...] per stage with one]``; empty for the baseline.
 
-    ``gamma`` scales the semantic attention's output before it is added to the normalised features (it starts
-    at 0: an untrained layer passes its features through unchanged).
+    `semask.engine.analysis.stage_gammas` without the stages that have no semantic layer. ``gamma`` scales the
+    semantic attention's output before it is added to the normalised features (it starts at 0: an untrained
+    layer passes its features through unchanged).
     """
-    gammas = []
-    for stage in getattr(model.backbone, "layers", []):
-        layer = stage.semantic_layer
-        if layer is not None:
-            gammas.append([float(block.gamma.detach().float().cpu()) for block in layer.class_injection])
-    return gammas
+    return [g for g in stage_gammas(model) if g is not None]
 
 
 @dataclass
