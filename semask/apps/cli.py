@@ -260,6 +260,45 @@ def _cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    """`semask.analyze` over the validation split a preset names, found as `semask test` finds it."""
+    from semask.checkpoint import load_checkpoint
+    from semask.device import autocast_dtype
+    from semask.engine import distributed
+    from semask.engine.analysis import analyze
+    from semask.engine.train import build_datasets
+    from semask.errors import OutputError
+    from semask.io import check_output_file
+
+    if args.max_images is not None and args.max_images < 1:
+        raise UsageError(f"--max-images must be a positive number of images, got {args.max_images}")
+    if args.json:  # planned before any work: a bad or existing output fails now, not after the whole split
+        target = check_output_file(args.json, "--json")
+        inputs = [p for p in (args.checkpoint, args.preset) if os.path.isfile(p)]
+        if target.exists() and any(os.path.samefile(target, p) for p in inputs):
+            raise OutputError(f"--json {args.json!r} is an input of this command; choose another file name")
+        if target.exists() and not args.overwrite:
+            raise OutputExistsError(f"--json {args.json!r} exists; choose another name or pass --overwrite")
+    config = _resolve_config(args.preset, args.set)
+    info = distributed.setup(args.device)
+    try:
+        model = load_checkpoint(args.checkpoint, map_location=info.device)
+        _, val_set = build_datasets(config)
+        max_images = args.max_images if args.max_images is not None else config.eval.max_images
+        result = analyze(model, val_set, max_images=max_images, test_config=config.data.test_pipeline,
+                         amp_dtype=autocast_dtype(args.precision, info.device), progress=not args.no_progress)
+        if info.is_main:
+            print(f"{args.checkpoint} on {val_set!r} ({result.num_images} images, whole image at the test scale, "
+                  f"{result.seconds:.1f} s)")
+            print(result.table())
+            if args.json:
+                result.save_json(args.json)
+                print(f"analysis written to {args.json}")
+    finally:
+        distributed.cleanup(info)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from semask.apps.demo import run_demo
 
@@ -350,6 +389,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override config fields, e.g. data.root=/data/ADEChallengeData2016")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_test)
+
+    p = sub.add_parser("analyze", help="measure what the semantic layers learn (per-stage prior quality, attention "
+                                        "statistics, gates) over a preset's validation split (also under torchrun)")
+    p.add_argument("preset", help="the preset whose dataset and test scale to use (or a run's config.json)")
+    p.add_argument("checkpoint", help="an official SeMask FPN checkpoint or one written by semask train")
+    p.add_argument("--json", default=None, help="also write the analysis as JSON (fractions in 0..1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.add_argument("--max-images", type=int, default=None, help="the first N images only (default: the preset's "
+                                                                "eval.max_images, else all)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config fields, e.g. data.root=/data/ADEChallengeData2016")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("demo", help="the main job: train SeMask on the built-in toy data, evaluate, draw (~10 min "
                                      "on a 2-core CPU)")
