@@ -290,6 +290,56 @@ def test_bad_arguments_are_usage_errors(model, toy_root, kwargs, error, match) -
         analyze(model, ToyDataset(toy_root, "validation"), progress=False, **kwargs)
 
 
+class _Samples:
+    """A dataset of given samples (dataset[i]), with the toy classes."""
+
+    class_names = TOY_CLASSES
+
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.items[index]
+
+
+def _image_with(toy_root, label) -> dict:
+    return {"image": ToyDataset(toy_root, "validation").load(0)["image"], "label": label, "path": "x.jpg"}
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda root: ("model", ToyDataset(root, "validation")), UsageTypeError, "model must be a SeMaskFPN"),
+    (lambda root: (None, _Samples([("image", "label")])), UsageError, "must be a dict with an 'image' and its"),
+    (lambda root: (None, _Samples([])), UsageError, "has no images"),
+    (lambda root: (None, _Samples([_image_with(root, np.zeros((30, 64), np.uint8))])), UsageError,
+     r"image 0 \(x.jpg\) is \(64, 64\) pixels but its label is \(30, 64\)"),
+    (lambda root: (None, _Samples([_image_with(root, np.full((64, 64), 40, np.uint8))])), UsageError,
+     r"image 0 \(x.jpg\): label values \[40\] are outside 0..10"),
+])
+def test_bad_inputs_are_usage_errors_naming_the_image(model, toy_root, make, error, match) -> None:
+    net, dataset = make(toy_root)
+    with pytest.raises(error, match=match):
+        analyze(net if net is not None else model, dataset, test_config=SMALL, progress=False)
+
+
+def test_unlabelled_and_one_pixel_images_give_none_not_nan(model, toy_root) -> None:
+    unlabelled = _image_with(toy_root, np.full((64, 64), 255, np.uint8))
+    tiny = {"image": np.zeros((1, 1, 3), np.uint8), "label": np.full((1, 1), 255, np.uint8)}
+    data = analyze(model, _Samples([unlabelled, tiny]), test_config=SMALL, progress=False).to_dict()
+    assert data["mIoU"] is None and data["decoder_prior_mIoU"] is None
+    assert all(s["attention_entropy"] is None and s["num_tokens"] == 0 for s in data["stages"])
+    assert json.loads(json.dumps(data, allow_nan=False)) == data
+    one = analyze(model, _Samples([{**tiny, "label": np.zeros((1, 1), np.uint8)}]), test_config=SMALL,
+                  progress=False)
+    # the 1-pixel image is seen at the test scale, 64 x 64: one labelled token per stage, among 7 x 7 window keys
+    # (stages 1-2, padding included) or the 4 x 4 and 2 x 2 maps of the global stages 3-4
+    assert [s.num_tokens for s in one.stages] == [1, 1, 1, 1]
+    assert [s.same_class_chance for s in one.stages] == pytest.approx([1 / 49, 1 / 49, 1 / 16, 1 / 4])
+    assert all(0 < s.attention_entropy <= 1 + 1e-6 for s in one.stages)
+
+
 def test_a_model_of_other_classes_is_refused(toy_root) -> None:
     other = semask.create_model("semask_toy_fpn", num_classes=5)
     with pytest.raises(UsageError, match="predicts 5 classes"):

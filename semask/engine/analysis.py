@@ -287,6 +287,16 @@ def _check_max_images(max_images: object) -> Optional[int]:
     return int(max_images)
 
 
+def _sample(dataset: Any, index: int) -> dict[str, Any]:
+    """Image ``index`` at its original size (``dataset.load``, else ``dataset[index]``) with its label."""
+    sample = dataset.load(index) if hasattr(dataset, "load") else dataset[index]
+    if not isinstance(sample, dict) or "image" not in sample or sample.get("label") is None:
+        got = sorted(sample) if isinstance(sample, dict) else type(sample).__name__
+        raise UsageError(f"analyze: sample {index} of {dataset!r} must be a dict with an 'image' and its 'label' "
+                         f"(as semask.data's datasets give), got {got}")
+    return sample
+
+
 @torch.no_grad()
 def analyze(model: nn.Module, dataset: Any, *, max_images: Optional[int] = None,
             device: Union[str, torch.device, None] = None, progress: bool = True,
@@ -315,13 +325,13 @@ def analyze(model: nn.Module, dataset: Any, *, max_images: Optional[int] = None,
     """
     module = getattr(model, "module", model)
     max_images = _check_max_images(max_images)
+    predictor = Predictor(module, mode="whole", device=device, amp_dtype=amp_dtype, test_config=test_config)
     check_classes(module, dataset)
     class_names = tuple(getattr(dataset, "class_names", None) or module.class_names
                         or [f"class {k}" for k in range(module.num_classes)])
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     if n < 1:
         raise UsageError(f"analyze: the dataset {dataset!r} has no images")
-    predictor = Predictor(module, mode="whole", device=device, amp_dtype=amp_dtype, test_config=test_config)
     k, ignore = module.num_classes, getattr(dataset, "ignore_index", 255)
     gammas = stage_gammas(module)
     semantic = [i for i, g in enumerate(gammas) if g is not None]
@@ -339,10 +349,16 @@ def analyze(model: nn.Module, dataset: Any, *, max_images: Optional[int] = None,
     start = time.perf_counter()
     try:
         for i in indices:
-            sample = dataset.load(i) if hasattr(dataset, "load") else dataset[i]
+            sample = _sample(dataset, i)
             pred, output = predictor.predict_with_output(sample["image"], return_attention=bool(semantic))
             label = torch.as_tensor(np.asarray(sample["label"]), device=predictor.device).long()
-            _add_image(sums, output, pred, label, semantic, priors_scored, k, ignore)
+            if tuple(label.shape) != tuple(pred.shape):
+                raise UsageError(f"analyze: image {i} ({sample.get('path', 'no path')}) is {tuple(pred.shape)} pixels "
+                                 f"but its label is {tuple(label.shape)}; labels must have their image's size")
+            try:
+                _add_image(sums, output, pred, label, semantic, priors_scored, k, ignore)
+            except UsageError as exc:  # a label the metrics refuse: say which image
+                raise UsageError(f"analyze: image {i} ({sample.get('path', 'no path')}): {exc}") from exc
             del output
             if bar is not None:
                 bar.update(min(world, n - bar.n))
