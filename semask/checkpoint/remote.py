@@ -317,17 +317,17 @@ def _read_body(url: str, response: Any, out: BinaryIO, limits: DownloadLimits, p
             if not chunk:
                 break
             got += len(chunk)
+            if declared is not None and got > declared:  # only a file:// body gets here (http.client stops)
+                break
             if got > limits.max_bytes:
-                raise DownloadLimitError(f"cannot download {url!r}: the server sent more than semask.checkpoint."
+                raise DownloadLimitError(f"cannot download {url!r}: the body is longer than semask.checkpoint."
                                          f"DOWNLOAD_LIMITS.max_bytes = {limits.max_bytes:,} bytes; the download was cut "
                                          "there; raise that limit only for a file you trust")
-            if declared is not None and got > declared:
-                break
             out.write(chunk)
             digest.update(chunk)
             bar.update(len(chunk))
     if declared is not None and (got > declared or (got == declared and not _nothing_more(response, limits))):
-        raise DownloadError(f"cannot download {url!r}: the server sent more than the {declared:,} bytes it declared "
+        raise DownloadError(f"cannot download {url!r}: the body is longer than the {declared:,} bytes declared "
                             "(Content-Length); the response is malformed")
     if declared is not None and got < declared:
         raise DownloadError(f"cannot download {url!r}: the server closed the connection after {got:,} of the "
