@@ -66,7 +66,8 @@ CASES = {
     "embed_dim": (_config(embed_dim=64), r"says semask_toy_fpn \(embed_dim 64\) but the tensors are "
                                          r"semask_toy_fpn's \(embed_dim 32\)"),
     "depths": (_config(depths=[2, 2, 6, 2]), r"\(depths \(2, 2, 6, 2\)\) but the tensors .*\(depths \(2, 2, 2, 2\)\)"),
-    "num_heads": (_config(num_heads=[2, 4, 8, 16]), r"\(num_heads \(2, 4, 8, 16\)\) but .*\(num_heads \(1, 2, 4, 8\)\)"),
+    "num_heads": (_config(num_heads=[2, 4, 8, 16]),
+                  r"\(num_heads \(2, 4, 8, 16\)\) but .*\(num_heads \(1, 2, 4, 8\)\)"),
     "window_size": (_config(window_size=12), r"\(window_size 12\) but the tensors are semask_toy_fpn's "
                                              r"\(window_size 7\)"),
     "num_classes": (_both(_config(num_classes=5), _set("class_names", None), _set("palette", None)),
@@ -106,7 +107,8 @@ def _craft(toy: semask.SeMaskFPN, folder: Path, fmt: str, edit: Callable[[dict],
     else:
         with safe_open(str(saved), "pt") as f:
             raw = dict(f.metadata())
-        meta = {"model_name": raw["model_name"], **{k: json.loads(raw[k]) for k in ("config", "class_names", "palette")}}
+        meta = {"model_name": raw["model_name"],
+                **{k: json.loads(raw[k]) for k in ("config", "class_names", "palette")}}
         edit(meta)
         raw.update({"model_name": meta["model_name"],
                     **{k: json.dumps(meta[k]) for k in ("config", "class_names", "palette")}})

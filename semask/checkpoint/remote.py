@@ -321,8 +321,8 @@ def _read_body(url: str, response: Any, out: BinaryIO, limits: DownloadLimits, p
                 break
             if got > limits.max_bytes:
                 raise DownloadLimitError(f"cannot download {url!r}: the body is longer than semask.checkpoint."
-                                         f"DOWNLOAD_LIMITS.max_bytes = {limits.max_bytes:,} bytes; the download was cut "
-                                         "there; raise that limit only for a file you trust")
+                                         f"DOWNLOAD_LIMITS.max_bytes = {limits.max_bytes:,} bytes; the download was "
+                                         "cut there; raise that limit only for a file you trust")
             out.write(chunk)
             digest.update(chunk)
             bar.update(len(chunk))
