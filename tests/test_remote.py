@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import semask
-from semask.checkpoint import CheckpointError, download_checkpoint, to_official_checkpoint
+from semask.checkpoint import CheckpointError, cache_path, download_checkpoint, to_official_checkpoint
 from semask.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,8 @@ def test_file_url_is_cached_in_torch_hub_dir(toy, tmp_path: Path, hub_dir: Path)
     src = semask.save_checkpoint(tmp_path / "toy.safetensors", toy)
     url = src.resolve().as_uri()
     loaded = semask.load_checkpoint(url, sha256=_sha256(src))
-    cached = hub_dir / "checkpoints" / "toy.safetensors"
+    cached = cache_path(url)  # named by a hash of the whole URL, beside the file name
+    assert cached.parent == hub_dir / "checkpoints" and cached.name.startswith("toy.")
     assert cached.read_bytes() == src.read_bytes()
     assert torch.equal(_logits(loaded), _logits(toy)) and loaded.class_names == ("a", "b", "c")
     src.unlink()  # the second load comes from the cache
@@ -193,7 +194,7 @@ def test_torch_hub_load_from_a_local_clone(toy, tmp_path: Path) -> None:
     assert report["fresh"] == ["semask_tiny_fpn", 19, True]
     assert report["loaded"] == ["semask_toy_fpn", ["a", "b", "c"], [[1, 1, 1], [2, 2, 2], [3, 3, 3]], False]
     assert torch.equal(torch.load(out, weights_only=True), _logits(toy))
-    assert (tmp_path / "hub" / "checkpoints" / "toy.safetensors").is_file()  # the URL went through the hub cache
+    assert len(list((tmp_path / "hub" / "checkpoints").glob("toy.*.safetensors"))) == 1  # through the hub cache
 
 
 def test_hub_entry_points_check_their_arguments(toy, tmp_path: Path) -> None:
@@ -230,4 +231,4 @@ def test_training_starts_from_imagenet_weights_at_a_url(tiny_toy_root, tmp_path:
         result = train(config, tmp_path / "run", progress=False)
     report = next(r for r in result.history if r["kind"] == "pretrained")
     assert report["source"] == url and report["loaded_fraction"] == 1.0
-    assert (hub_dir / "checkpoints" / "swin_toy.pth").is_file()
+    assert cache_path(url).is_file() and cache_path(url).parent == hub_dir / "checkpoints"

@@ -25,7 +25,8 @@ import torch.nn as nn
 
 from semask.checkpoint.checks import check_architecture, check_config_limits, check_tensors, load_model_weights
 from semask.checkpoint.errors import CheckpointError
-from semask.checkpoint.official import is_segmentor_state_dict, read_official, strip_prefix, unwrap_checkpoint
+from semask.checkpoint.official import (check_metadata, is_segmentor_state_dict, read_official, strip_prefix,
+                                        unwrap_checkpoint)
 from semask.checkpoint.remote import is_url, resolve_checkpoint_path
 from semask.device import check_device
 from semask.errors import OutputError, OutputExistsError, UsageError
@@ -112,6 +113,7 @@ def _read_own(obj: Mapping[str, Any], source: str) -> tuple[str, ModelConfig, Ma
         raise CheckpointError(f"{source}: its config is invalid: {exc}") from exc
     check_config_limits(config, f"{source}: its config has")
     check_tensors(sd, source)
+    check_metadata(name, config, sd, source)  # the name and config are claims; the tensors are the model
     return name, config, sd
 
 

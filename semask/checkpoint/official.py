@@ -18,10 +18,10 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from semask.checkpoint.checks import check_config_limits, check_limit, check_tensors
-from semask.checkpoint.errors import CheckpointError
+from semask.checkpoint.errors import CheckpointError, CheckpointLimitError
 from semask.errors import UsageError
 from semask.model.config import ModelConfig, released_global_stages
-from semask.model.registry import model_config, variant_size
+from semask.model.registry import list_models, model_config, variant_size
 from semask.model.segmentor import SeMaskFPN
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "unwrap_checkpoint",
     "strip_prefix",
     "infer_model_config",
+    "check_metadata",
     "read_official",
     "to_official_checkpoint",
 ]
@@ -234,6 +235,73 @@ def infer_model_config(sd: Mapping[str, torch.Tensor], source: str = "checkpoint
                          .resolved_global_stages() if size else released_global_stages(embed_dim, backbone_classes))
         config = dataclasses.replace(config, semantic_global_stages=global_stages)
     return name, config
+
+
+# ----------------------------------------------------------------------------------------------- metadata
+# The config fields the tensors show (everything else -- dropout, global stages, sync BN -- they cannot contradict).
+_SHOWN_FIELDS = ("semantic", "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "num_classes",
+                 "backbone_classes", "num_sem_blocks", "decoder_channels")
+_VARIANT_FIELDS = ("embed_dim", "depths", "num_heads")
+_NAME = re.compile(r"(semask|swin)_(\w+)_fpn")
+
+
+def _shown(config: ModelConfig, field: str) -> Any:
+    """The value of `field` that the tensors of a model built from `config` show."""
+    if field in ("backbone_classes", "num_sem_blocks") and not config.semantic:
+        return None  # a plain-Swin backbone has no semantic layers
+    if field == "backbone_classes":
+        return config.backbone_classes or config.num_classes
+    if field == "mlp_ratio":
+        return round(float(config.mlp_ratio), 6)
+    return getattr(config, field)
+
+
+def _name_contradicts(name: str, shown_name: str) -> bool:
+    """Whether a registry-style `name` (``semask_tiny_fpn``) names another model than the tensors show.
+
+    Any other name is a free label (``build_model``'s default is ``"semask"``); an unregistered size
+    (``semask_huge_fpn``) may label any unregistered architecture of its family.
+    """
+    match = _NAME.fullmatch(name)
+    if match is None or name == shown_name:
+        return False
+    registered = set(list_models())
+    return match.group(1) != shown_name.split("_")[0] or name in registered or shown_name in registered
+
+
+def check_metadata(name: str, config: ModelConfig, sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse metadata (the model name and config of semask's own files) that its tensors contradict.
+
+    The architecture is read from the tensors (`infer_model_config`) and compared with every field the tensors
+    show (`_SHOWN_FIELDS`), and a registry-style name with the variant the tensors are: a file whose metadata says
+    ``semask_tiny_fpn`` over the toy model's tensors must not load, or be described, as SeMask-T.
+
+    Raises:
+        CheckpointError: naming what the metadata says and what the tensors show.
+        CheckpointLimitError: tensors that claim an architecture beyond `LIMITS`.
+    """
+    if not is_segmentor_state_dict(sd):
+        return  # `check_architecture` lists the missing keys
+    try:
+        shown_name, shown = infer_model_config(sd, source)
+    except CheckpointLimitError:
+        raise
+    except CheckpointError:
+        return  # numbers that make no architecture: `check_architecture` names the tensors that do not fit
+    claimed = {f: _shown(config, f) for f in _SHOWN_FIELDS}
+    fields = [f for f in _SHOWN_FIELDS if claimed[f] != _shown(shown, f)]
+    if _name_contradicts(name, shown_name):  # what the name says: its family, and a registered size's numbers
+        claimed["semantic"] = name.startswith("semask_")
+        if name in list_models():
+            claimed.update({f: _shown(model_config(name), f) for f in _VARIANT_FIELDS})
+        fields = [f for f in _SHOWN_FIELDS if f in fields or f in _VARIANT_FIELDS
+                  or (f == "semantic" and claimed[f] != shown.semantic)]
+    if fields:
+        said = ", ".join(f"{f} {claimed[f]}" for f in fields)
+        seen = ", ".join(f"{f} {_shown(shown, f)}" for f in fields)
+        raise CheckpointError(f"{source}: its metadata says {name} ({said}) but the tensors are {shown_name}'s "
+                              f"({seen}); the metadata contradicts the weights (the file was edited or damaged): "
+                              "re-save it from the model it came from")
 
 
 # ----------------------------------------------------------------------------------------------- the layout
