@@ -32,7 +32,7 @@ from semask.data.transforms import TestPipelineConfig
 from semask.engine.inference import Predictor
 from semask.engine.metrics import SegmentationMetric, confusion_matrix, format_table, metrics_from_areas
 
-__all__ = ["EvalResult", "evaluate", "check_classes"]
+__all__ = ["EvalResult", "evaluate", "check_classes", "plan_panels", "dataset_inputs"]
 
 
 @dataclass
@@ -128,7 +128,7 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
              test_config: Optional[TestPipelineConfig] = None, crop_size: int = 512, stride: int = 341,
              amp_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
              max_images: Optional[int] = None, show_dir: Union[str, Path, None] = None,
-             progress: bool = True) -> EvalResult:
+             overwrite: bool = False, progress: bool = True) -> EvalResult:
     """Evaluate a model on a dataset split with the paper's protocol.
 
     Args:
@@ -142,11 +142,18 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
         amp_dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``) or None for fp32.
         device: where to run (default: the model's device).
         max_images: evaluate the first N images only.
-        show_dir: write a panel per image (image, ground truth, prediction, error map, class legend) here.
+        show_dir: write a panel per image (image, ground truth, prediction, error map, class legend) here, as
+            ``<image stem>.png``; planned before any image is evaluated: the folder may not be or lie inside the
+            dataset's folders, and existing panels are an error unless `overwrite`.
+        overwrite: replace panels that already exist in `show_dir`.
         progress: show a progress bar (on the first process).
 
     Returns:
         An `EvalResult`; identical on every process of a distributed run.
+
+    Raises:
+        OutputError: `show_dir` is or lies inside the dataset's folders, cannot be written, or two images would
+            give the same panel name; `OutputExistsError` for existing panels without `overwrite`.
     """
     module = getattr(model, "module", model)
     check_classes(module, dataset)
@@ -165,6 +172,8 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
     metric = SegmentationMetric(k, ignore, device=predictor.device)
     confusion = torch.zeros(k, k, dtype=torch.int64, device=predictor.device)
     indices, rank, world = _shard(n)
+    if show_dir is not None:  # before any work; each process checks the panels it writes
+        plan_panels(dataset, show_dir, n, indices, overwrite)
     records: list[dict[str, Any]] = []
     if show_dir is not None:
         Path(show_dir).mkdir(parents=True, exist_ok=True)
@@ -203,6 +212,41 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
     areas = metric.all_reduced().areas.cpu().numpy()
     return EvalResult(metrics=metrics_from_areas(*areas), class_names=class_names, confusion=confusion.cpu().numpy(),
                       per_image=records, mode=mode, aug_test=aug_test, seconds=seconds)
+
+
+def dataset_inputs(dataset: Any) -> list[tuple[str, Path]]:
+    """The folders a dataset reads (its root, image and label folders, and every folder holding its files), as
+    `semask.io` inputs: no output may go into them."""
+    inputs = [(f"the dataset's {name.replace('_', ' ')}", Path(getattr(dataset, name)))
+              for name in ("root", "img_dir", "ann_dir") if getattr(dataset, name, None) is not None]
+    folders = {p.parent for pair in getattr(dataset, "pairs", ()) for p in pair}
+    return inputs + [("a dataset folder", folder) for folder in sorted(folders)]
+
+
+def plan_panels(dataset: Any, show_dir: Union[str, Path], n: int, indices: Sequence[int] = (),
+                overwrite: bool = False) -> list[Path]:
+    """Check the ``show_dir`` panels of the first `n` images before any work (`semask.io.check_output_folder`).
+
+    Returns:
+        The panel paths of `indices` (the images this process draws); empty when the dataset does not list its
+        files (``dataset.pairs``): then only the folder is checked.
+    """
+    from semask.errors import OutputError
+    from semask.io import check_output_folder
+
+    pairs = getattr(dataset, "pairs", None)
+    names = [Path(pairs[i][0]).stem + ".png" for i in range(n)] if pairs is not None else []
+    seen: dict[str, int] = {}
+    clashes = [f"{pairs[i][0]} and {pairs[seen[name]][0]}" for i, name in enumerate(names)
+               if seen.setdefault(name, i) != i]
+    if clashes:
+        raise OutputError(f"show_dir (--show-dir): {len(clashes)} panel name(s) would be written by two images "
+                          f"({'; '.join(clashes[:5])}); panels are named by the image's file name, so these "
+                          "images cannot share one folder")
+    mine = [names[i] for i in indices] if names else []
+    check_output_folder(show_dir, "show_dir (--show-dir)", inputs=dataset_inputs(dataset), files=mine,
+                        overwrite=overwrite)
+    return [Path(show_dir) / name for name in mine]
 
 
 def _save_panel(folder: Path, sample: dict[str, Any], pred: np.ndarray, model: nn.Module,

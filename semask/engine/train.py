@@ -53,7 +53,7 @@ from semask.engine.rundir import BEST, CONFIG_FILE, LATEST, LOG_FILE, TENSORBOAR
 from semask.model.registry import create_model
 from semask.model.segmentor import SeMaskFPN
 from semask.device import autocast, autocast_dtype, peak_memory_bytes, seed_everything
-from semask.io import atomic_path
+from semask.io import atomic_path, check_output_folder
 
 __all__ = ["TrainingError", "TrainResult", "build_datasets", "model_from_config", "param_groups",
            "learning_rate", "train"]
@@ -291,6 +291,8 @@ def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
         raise ConfigError(f"train.global_batch={rt.global_batch} is not a multiple of train.batch_size x processes "
                           f"= {rt.batch_size} x {info.world_size}; change one of them")
     accum = rt.global_batch // per_step
+    check_output_folder(work_dir, "work_dir (--work-dir)", inputs=[("the dataset root", config.data.root),
+                                                                   ("model.pretrained", config.model.pretrained)])
     resume_from = _check_work_dir(work_dir, resume)
     if (config.model.pretrained and resume_from is None and not is_url(config.model.pretrained)
             and not Path(config.model.pretrained).is_file()):  # URLs are downloaded by load_pretrained_backbone
