@@ -131,7 +131,9 @@ class _Inputs:
             if path is None or (isinstance(path, str) and (not path or _URL.match(path))):
                 continue
             self.items.append((what, str(path), Path(path).resolve()))
-        self.by_path = {os.path.normcase(str(r)): (what, shown) for what, shown, r in self.items}
+        self.by_path: dict[str, tuple[str, str]] = {}
+        for what, shown, resolved in self.items:  # the first description of a path wins
+            self.by_path.setdefault(os.path.normcase(str(resolved)), (what, shown))
         self.folders = [item for item in self.items if item[2].is_dir()]
         self._by_inode: Optional[dict[tuple[int, int], tuple[str, str]]] = None
 

@@ -9,14 +9,16 @@ line does can also be done from Python and is tested there.
     semask toy-data ROOT [--seed N]
     semask convert cityscapes ROOT
     semask convert coco-stuff10k ROOT
-    semask benchmark [--model semask_tiny --size 512 ...]
+    semask benchmark [--model semask_tiny --size 512 ...] [--json FILE [--overwrite]]
     semask export CHECKPOINT OUT.onnx [--size H W] [--dynamic] [--prior]
     semask convert-weights IN.pth OUT.safetensors
     semask configs [PRESET] [--set KEY=VALUE ...]
     semask train PRESET --work-dir DIR [--set KEY=VALUE ...] [--resume]
-    semask test PRESET CHECKPOINT [--aug-test] [--mode whole|slide] [--show-dir DIR] [--json FILE]
+    semask test PRESET CHECKPOINT [--aug-test] [--mode whole|slide] [--show-dir DIR] [--json FILE] [--overwrite]
     semask demo [--work-dir DIR] [--data-root DIR] [--set KEY=VALUE ...]
 
+Every command that writes checks all its outputs before any work (`semask.io`): never one of its inputs or inside
+one, existing files replaced only with --overwrite, the destination writable.
 `train` and `test` also run under torchrun: ``torchrun --nproc_per_node=N -m semask train ...``.
 
 Errors (`main`): every error is printed as one line, ``semask COMMAND: error: MESSAGE``, without a traceback

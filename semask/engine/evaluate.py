@@ -217,8 +217,9 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
 def dataset_inputs(dataset: Any) -> list[tuple[str, Path]]:
     """The folders a dataset reads (its root, image and label folders, and every folder holding its files), as
     `semask.io` inputs: no output may go into them."""
-    inputs = [(f"the dataset's {name.replace('_', ' ')}", Path(getattr(dataset, name)))
-              for name in ("root", "img_dir", "ann_dir") if getattr(dataset, name, None) is not None]
+    names = {"root": "the dataset root", "img_dir": "the dataset's image folder", "ann_dir": "the dataset's label folder"}
+    inputs = [(what, Path(getattr(dataset, name))) for name, what in names.items()
+              if getattr(dataset, name, None) is not None]
     folders = {p.parent for pair in getattr(dataset, "pairs", ()) for p in pair}
     return inputs + [("a dataset folder", folder) for folder in sorted(folders)]
 
