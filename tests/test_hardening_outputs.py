@@ -620,3 +620,14 @@ def test_a_full_disk_on_the_command_line_and_in_toy_data(tmp_path, full_disk) ->
                                                    "bytes free there; nothing was written")):
         make_toy_dataset(full_disk / "toy", num_train=2, num_val=1, size=64)
     assert sorted(p.name for p in full_disk.rglob("*")) == ["filler", "toy"]  # no staging folder left
+
+
+def test_the_dataset_root_is_an_input_only_where_a_dataset_is(tmp_path) -> None:
+    from semask.engine.evaluate import data_inputs
+
+    config = apply_overrides(get_preset("semask_tiny_ade20k"), [f"data.root={tmp_path}", "model.pretrained=none"])
+    assert data_inputs(config.data) == []  # nothing to protect: a parent folder where runs may go
+    (tmp_path / "ADEChallengeData2016" / "images").mkdir(parents=True)
+    assert data_inputs(config.data) == [("the dataset root", tmp_path / "ADEChallengeData2016")]
+    with pytest.raises(OutputError, match="is inside the dataset root"):
+        semask.train(config, tmp_path / "ADEChallengeData2016" / "run", progress=False)

@@ -249,13 +249,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_test(args: argparse.Namespace) -> int:
     from semask.engine import distributed
     from semask.checkpoint import load_checkpoint
-    from semask.engine.evaluate import evaluate
+    from semask.engine.evaluate import data_inputs, evaluate
     from semask.device import autocast_dtype
     from semask.engine.train import build_datasets
 
     config = _resolve_config(args.preset, args.set)
     inputs = [("the checkpoint", args.checkpoint), ("the config file", _config_file(args.preset)),
-              ("the dataset root", config.data.root)]
+              *data_inputs(config.data)]
     if args.json:  # every output is checked before the checkpoint is read and the split evaluated
         check_output_file(args.json, "--json", inputs=inputs, overwrite=args.overwrite, probe=True)
     if args.show_dir:  # its panels are checked against the dataset's files once the split is listed (evaluate)

@@ -32,7 +32,7 @@ from semask.data.transforms import TestPipelineConfig
 from semask.engine.inference import Predictor
 from semask.engine.metrics import SegmentationMetric, confusion_matrix, format_table, metrics_from_areas
 
-__all__ = ["EvalResult", "evaluate", "check_classes", "plan_panels", "dataset_inputs"]
+__all__ = ["EvalResult", "evaluate", "check_classes", "plan_panels", "dataset_inputs", "data_inputs"]
 
 
 @dataclass
@@ -212,6 +212,19 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
     areas = metric.all_reduced().areas.cpu().numpy()
     return EvalResult(metrics=metrics_from_areas(*areas), class_names=class_names, confusion=confusion.cpu().numpy(),
                       per_image=records, mode=mode, aug_test=aug_test, seconds=seconds)
+
+
+def data_inputs(data: Any) -> list[tuple[str, Path]]:
+    """The dataset root that a config's ``data`` section reads, as a `semask.io` input (no output goes into it).
+
+    Only a root that holds a dataset counts (its image or label folder exists; for ADE20K also the
+    ``ADEChallengeData2016`` folder inside it): a root without one holds nothing to protect, and may well be a
+    parent folder where runs are kept; reading it then fails with the dataset's expected layout.
+    """
+    root = Path(data.root)
+    subs = ("leftImg8bit", "gtFine") if data.dataset == "cityscapes" else ("images", "annotations")
+    roots = [root, root / "ADEChallengeData2016"] if data.dataset == "ade20k" else [root]
+    return [("the dataset root", r) for r in roots if any((r / sub).is_dir() for sub in subs)]
 
 
 def dataset_inputs(dataset: Any) -> list[tuple[str, Path]]:

@@ -47,7 +47,7 @@ from semask.data.loader import build_train_loader, sample_seed
 from semask.data.toy import ToyDataset
 from semask.data.transforms import TrainTransform
 from semask.errors import SemaskError
-from semask.engine.evaluate import EvalResult, check_classes, evaluate
+from semask.engine.evaluate import EvalResult, check_classes, data_inputs, evaluate
 from semask.engine.losses import SeMaskLoss
 from semask.engine.rundir import BEST, CONFIG_FILE, LATEST, LOG_FILE, TENSORBOARD_DIR, TEXT_LOG
 from semask.model.registry import create_model
@@ -291,8 +291,8 @@ def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
         raise ConfigError(f"train.global_batch={rt.global_batch} is not a multiple of train.batch_size x processes "
                           f"= {rt.batch_size} x {info.world_size}; change one of them")
     accum = rt.global_batch // per_step
-    check_output_folder(work_dir, "work_dir (--work-dir)", inputs=[("the dataset root", config.data.root),
-                                                                   ("model.pretrained", config.model.pretrained)])
+    check_output_folder(work_dir, "work_dir (--work-dir)",
+                        inputs=[*data_inputs(config.data), ("model.pretrained", config.model.pretrained)])
     resume_from = _check_work_dir(work_dir, resume)
     if (config.model.pretrained and resume_from is None and not is_url(config.model.pretrained)
             and not Path(config.model.pretrained).is_file()):  # URLs are downloaded by load_pretrained_backbone
