@@ -214,6 +214,40 @@ def _read_only(folder: Path) -> bool:
         return False
 
 
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def _check_one(path: Path, what: str, checked: _Inputs, folders: dict[Path, Path], probe: bool) -> None:
+    """The checks of `check_output_files` for one output (the folders checked so far are in `folders`)."""
+    hit = checked.conflict(path)
+    if hit is not None:
+        raise _refuse_input(what, path, hit)
+    if path.is_symlink():  # `atomic_path` writes the file the link points to, and keeps the link
+        path = Path(os.path.realpath(path))
+    if path.is_dir():
+        raise OutputError(f"{what} {str(path)!r} is a folder; expected a file name")
+    if path.exists() and not path.is_file():  # e.g. /dev/null: a write would replace the device with a file
+        mode = path.stat().st_mode
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise OutputError(f"{what} {str(path)!r} is {kind}, not a file; give a file name")
+    if path.parent not in folders:
+        existing = folders[path.parent] = _existing_ancestor(path.parent)
+        if not existing.is_dir():
+            raise OutputError(f"{what} {str(path)!r} cannot be created: {str(existing)!r} is a file, not a folder")
+        reason = _unwritable(existing, probe)
+        if reason is not None:
+            raise OutputError(f"{what} {str(path)!r} cannot be written: no write permission in {str(existing)!r} "
+                              f"({reason})")
+    existing, long, limit = folders[path.parent], [], 0
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no pathconf on Windows
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+        long = [part for part in path.relative_to(existing).parts if len(os.fsencode(part)) > limit]
+    if long:  # found now, not when the file is opened after the work
+        raise OutputError(f"{what} {str(path)!r} cannot be created: a name of {len(os.fsencode(long[0]))} bytes "
+                          f"({long[0][:24]!r}...), the file system allows {limit}")
+
+
 def check_output_files(paths: Iterable[PathLike], what: str = "output", *, inputs: Inputs = (),
                        overwrite: bool = True, probe: bool = False) -> list[Path]:
     """Check, before any work, that each of `paths` can be written as a file.
@@ -239,20 +273,10 @@ def check_output_files(paths: Iterable[PathLike], what: str = "output", *, input
     checked = _Inputs(inputs)
     folders: dict[Path, Path] = {}
     for path in paths:
-        hit = checked.conflict(path)
-        if hit is not None:
-            raise _refuse_input(what, path, hit)
-        if path.is_dir():
-            raise OutputError(f"{what} {str(path)!r} is a folder; expected a file name")
-        if path.parent not in folders:
-            existing = folders[path.parent] = _existing_ancestor(path.parent)
-            if not existing.is_dir():
-                raise OutputError(f"{what} {str(path)!r} cannot be created: {str(existing)!r} is a file, not a "
-                                  "folder")
-            reason = _unwritable(existing, probe)
-            if reason is not None:
-                raise OutputError(f"{what} {str(path)!r} cannot be written: no write permission in "
-                                  f"{str(existing)!r} ({reason})")
+        try:
+            _check_one(path, what, checked, folders, probe)
+        except OSError as exc:  # a path the OS cannot even look up (e.g. a name too long)
+            raise OutputError(f"{what} {str(path)!r} cannot be used: {exc.strerror or exc}") from exc
     present = [] if overwrite else [p for p in paths if p.exists() or p.is_symlink()]
     if len(present) == 1 and len(paths) == 1:
         raise OutputExistsError(f"{what} {str(present[0])!r} already exists; choose another name or pass "
@@ -380,7 +404,8 @@ def _failed_write(exc: BaseException, tmp: Path, path: Path) -> Optional[OSError
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success move it over `path`, on failure delete it.
 
-    Readers never see a half-written file: either the old file or the complete new one. The temporary file is
+    Readers never see a half-written file: either the old file or the complete new one. A symbolic link is
+    followed: the file it points to is replaced and the link kept. The temporary file is
     flushed to disk (fsync) before the rename and the folder after it, so a power cut cannot leave a torn file
     under the final name. It is created with the user's usual permissions (0666 less the umask) or, when
     `path` exists, with that file's permissions. On the first write into a folder, the temporary files that
@@ -391,6 +416,9 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         WriteError: the OS refused the write (no space left, read-only file system, no permission), also when
             the writer (e.g. ``torch.save``) reported it without the OS's reason; the previous file is kept.
     """
+    path = Path(path)
+    if path.is_symlink():  # replace the file the link points to, not the link (e.g. /dev/stdout as root)
+        path = Path(os.path.realpath(path))
     path = check_output_file(path)
     kept = "the previous file is kept" if path.exists() else "nothing was written"
     tmp = path.parent / f".{path.name}.{_host()}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}"

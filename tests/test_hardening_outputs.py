@@ -441,7 +441,8 @@ def test_python_entry_points_check_their_outputs_first(world, tmp_path, monkeypa
     assert (tmp_path / "old.onnx").read_text() == "mine"
 
 
-@pytest.mark.parametrize("case", ["hard_link", "symlinked_folder", "url_input_is_skipped", "unwritable_many"])
+@pytest.mark.parametrize("case", ["hard_link", "symlinked_folder", "url_input_is_skipped", "unwritable_many",
+                                  "device", "fifo", "name_too_long", "symlink_is_followed"])
 def test_the_planner(tmp_path, case) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -456,10 +457,27 @@ def test_the_planner(tmp_path, case) -> None:
             check_output_folder(tmp_path / "link" / "show", inputs=[("the data", data)])
     elif case == "url_input_is_skipped":
         assert check_output_file(tmp_path / "x.json", inputs=["https://host/x.json", None, ""], probe=True)
-    else:
+    elif case == "unwritable_many":
         (tmp_path / "file").write_text("x")
         with pytest.raises(OutputError, match=r"'.*file/b.png' cannot be created: '.*file' is a file"):
             check_output_files([tmp_path / "a.png", tmp_path / "file" / "b.png"], probe=True)
+    elif case == "device":  # replacing it atomically would put a regular file in place of the device, as root
+        with pytest.raises(OutputError, match=r"'/dev/null' is a character device, not a file"):
+            check_output_file("/dev/null", overwrite=True, probe=True)
+    elif case == "fifo":
+        os.mkfifo(tmp_path / "pipe")
+        with pytest.raises(OutputError, match=r"is a named pipe, not a file"):
+            with atomic_path(tmp_path / "pipe"):
+                pass
+    elif case == "name_too_long":  # found before the work, not when the file is opened after it
+        with pytest.raises(OutputError, match=r"cannot be created: a name of 300 bytes .*allows 255"):
+            check_output_file(tmp_path / "new" / ("a" * 296 + ".png"), probe=True)
+    else:
+        (tmp_path / "link.json").symlink_to("real.json")
+        (tmp_path / "real.json").write_text("old")
+        with atomic_path(tmp_path / "link.json") as tmp:
+            tmp.write_text("new")
+        assert (tmp_path / "link.json").is_symlink() and (tmp_path / "real.json").read_text() == "new"
     assert (data / "label.png").read_text() == "truth"
 
 
