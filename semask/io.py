@@ -121,6 +121,13 @@ def _shown(paths: Sequence[object], limit: int = 10) -> str:
     return names + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
+def _resolved(path: PathLike) -> Path:
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # a symbolic link loop (RuntimeError before Python 3.13)
+        return Path(os.path.abspath(path))
+
+
 class _Inputs:
     """A command's inputs, resolved once, to tell whether an output is one of them or lies inside one of them."""
 
@@ -130,7 +137,7 @@ class _Inputs:
             what, path = item if isinstance(item, tuple) else (label, item)
             if path is None or (isinstance(path, str) and (not path or _URL.match(path))):
                 continue
-            self.items.append((what, str(path), Path(path).resolve()))
+            self.items.append((what, str(path), _resolved(path)))
         self.by_path: dict[str, tuple[str, str]] = {}
         for what, shown, resolved in self.items:  # the first description of a path wins
             self.by_path.setdefault(os.path.normcase(str(resolved)), (what, shown))
@@ -156,7 +163,7 @@ class _Inputs:
         """How `output` lands on an input (``is the checkpoint 'x.pth'``, ``is inside the dataset root 'd'``)."""
         if not self.items:
             return None
-        resolved = Path(output).resolve()
+        resolved = _resolved(output)
         hit = self.by_path.get(os.path.normcase(str(resolved)))
         if hit is None and resolved.is_file():
             hit = self._inode(resolved)
