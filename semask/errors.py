@@ -31,6 +31,7 @@ __all__ = [
     "OutputError",
     "OutputExistsError",
     "MissingPackageError",
+    "WriteError",
     "ImageError",
     "LimitError",
     "NonFiniteError",
@@ -75,6 +76,11 @@ class OutputError(UsageError):
 
 class OutputExistsError(OutputError, FileExistsError):
     """An output that already exists and was not asked to be replaced (``overwrite`` / ``--overwrite``)."""
+
+
+class WriteError(SemaskError, OSError):
+    """A write that failed (no space left, read-only file system, no permission): the message names the file and the
+    operating system's reason, and ``errno``/``strerror``/``filename`` carry them; the previous file is kept."""
 
 
 class MissingPackageError(UsageError, ImportError):

@@ -1,7 +1,16 @@
-"""Safe file output for semask (arXiv 2112.12782): atomic writes, stale-temp clean-up, output planning."""
+"""Safe file output for semask (arXiv 2112.12782): output planning, atomic writes, stale-temp clean-up, write errors.
+
+Every command that writes plans its outputs here before it does any work (`check_output_file`,
+`check_output_folder`, `plan_outputs`): an output that is, or is inside, one of the command's inputs is refused,
+so is an existing file that may not be replaced, and the destination must be writable (checked with a real
+probe file, so that read-only mounts and immutable folders show up for root too). Every file is then written
+through `atomic_path`, which turns a failed write into a `WriteError` naming the file and the operating
+system's reason, keeps the previous file and leaves no temporary file.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -10,12 +19,17 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Tuple, Union
 
-from semask.errors import OutputError, OutputExistsError, UsageError
+from semask.errors import OutputError, OutputExistsError, SemaskError, WriteError
 
-__all__ = ['process_alive', 'fsync_directory', 'fsync_file', 'remove_stale_temp_files', 'check_output_file', 'atomic_path', 'plan_outputs']
+__all__ = ['process_alive', 'fsync_directory', 'fsync_file', 'remove_stale_temp_files', 'check_output_file',
+           'check_output_files', 'check_output_folder', 'atomic_path', 'plan_outputs', 'write_error']
 
+PathLike = Union[str, os.PathLike]
+# a command's inputs: paths, or (what the path is, path) pairs such as ("the checkpoint", "model.pth"); None and
+# URLs are skipped
+Inputs = Iterable[Union[PathLike, Tuple[str, Optional[PathLike]], None]]
 
 TEMP_SUFFIX = ".tmp"  # temporary files of atomic writes: .<name>.<host>.<pid>-<random>.tmp beside the target
 
@@ -97,29 +111,308 @@ def _clean_once(folder: Path) -> None:
     remove_stale_temp_files(folder)
 
 
-def check_output_file(path: Union[str, os.PathLike], what: str = "output") -> Path:
-    """Check that `path` can be written as a file: not a folder, its folder creatable and writable.
 
-    Raises:
-        OutputError: with the path, what is wrong and what to do.
+# --------------------------------------------------------------------------------------------- output planning
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _shown(paths: Sequence[object], limit: int = 10) -> str:
+    names = ", ".join(repr(str(p)) for p in paths[:limit])
+    return names + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def _resolved(path: PathLike) -> Path:
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # a symbolic link loop (RuntimeError before Python 3.13)
+        return Path(os.path.abspath(path))
+
+
+class _Inputs:
+    """A command's inputs, resolved once, to tell whether an output is one of them or lies inside one of them."""
+
+    def __init__(self, inputs: Inputs, label: str = "the input") -> None:
+        self.items: list[tuple[str, str, Path]] = []
+        for item in inputs:
+            what, path = item if isinstance(item, tuple) else (label, item)
+            if path is None or (isinstance(path, str) and (not path or _URL.match(path))):
+                continue
+            self.items.append((what, str(path), _resolved(path)))
+        self.by_path: dict[str, tuple[str, str]] = {}
+        for what, shown, resolved in self.items:  # the first description of a path wins
+            self.by_path.setdefault(os.path.normcase(str(resolved)), (what, shown))
+        self.folders = [item for item in self.items if item[2].is_dir()]
+        self._by_inode: Optional[dict[tuple[int, int], tuple[str, str]]] = None
+
+    def _inode(self, path: Path) -> Optional[tuple[str, str]]:
+        """The input that `path` is a hard link of, if any."""
+        if self._by_inode is None:
+            self._by_inode = {}
+            for what, shown, resolved in self.items:
+                with contextlib.suppress(OSError):
+                    st = resolved.stat()
+                    if stat.S_ISREG(st.st_mode):
+                        self._by_inode[(st.st_dev, st.st_ino)] = (what, shown)
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return self._by_inode.get((st.st_dev, st.st_ino))
+
+    def conflict(self, output: PathLike) -> Optional[str]:
+        """How `output` lands on an input (``is the checkpoint 'x.pth'``, ``is inside the dataset root 'd'``)."""
+        if not self.items:
+            return None
+        resolved = _resolved(output)
+        hit = self.by_path.get(os.path.normcase(str(resolved)))
+        if hit is None and resolved.is_file():
+            hit = self._inode(resolved)
+        if hit is not None:
+            return f"is {hit[0]} {hit[1]!r}"
+        for what, shown, folder in self.folders:
+            if folder in resolved.parents:
+                return f"is inside {what} {shown!r}"
+        return None
+
+
+def _refuse_input(what: str, path: PathLike, hit: str, kind: str = "file") -> OutputError:
+    return OutputError(f"{what} {str(path)!r} {hit}; a command never writes over or into its own inputs: choose "
+                       f"another {kind} (nothing was written)")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """`path` or its nearest ancestor that exists (the folder a new path would be created in)."""
+    return next(p for p in (path, *path.parents) if p.exists() or p.is_symlink() or p == Path(p.anchor))
+
+
+def _probe(folder: Path, size: int = 0) -> Optional[OSError]:
+    """Create a temporary file in `folder` and write `size` bytes to it: the OS's error, or None when it works.
+
+    A real write, because permission bits do not stop root while read-only mounts and immutable folders do.
     """
-    path = Path(path)
+    try:
+        handle = tempfile.TemporaryFile(dir=folder, prefix=".semask-probe-")
+    except OSError as exc:
+        return exc
+    with handle:
+        block, written = bytes(min(size, 1 << 16)), 0
+        try:
+            while written < size:
+                written += os.write(handle.fileno(), block[: size - written])
+        except OSError as exc:
+            return exc
+    return None
+
+
+def _unwritable(folder: Path, probe: bool) -> Optional[str]:
+    """Why nothing can be written in the existing `folder` (the OS's words), or None."""
+    if probe:
+        exc = _probe(folder)
+        return None if exc is None else (exc.strerror or str(exc))
+    if os.access(folder, os.W_OK | os.X_OK):
+        return None
+    return os.strerror(errno.EROFS if _read_only(folder) else errno.EACCES)
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return False
+
+
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def _check_one(path: Path, what: str, checked: _Inputs, folders: dict[Path, Path], probe: bool) -> None:
+    """The checks of `check_output_files` for one output (the folders checked so far are in `folders`)."""
+    hit = checked.conflict(path)
+    if hit is not None:
+        raise _refuse_input(what, path, hit)
+    if path.is_symlink():  # `atomic_path` writes the file the link points to, and keeps the link
+        path = Path(os.path.realpath(path))
     if path.is_dir():
         raise OutputError(f"{what} {str(path)!r} is a folder; expected a file name")
-    parent = path.parent
-    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise OutputError(f"{what} {str(path)!r} cannot be created: {str(existing)!r} is a file, not a folder")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"{what} {str(path)!r} cannot be written: no write permission in {str(existing)!r}")
+    if path.exists() and not path.is_file():  # e.g. /dev/null: a write would replace the device with a file
+        mode = path.stat().st_mode
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise OutputError(f"{what} {str(path)!r} is {kind}, not a file; give a file name")
+    if path.parent not in folders:
+        existing = folders[path.parent] = _existing_ancestor(path.parent)
+        if not existing.is_dir():
+            raise OutputError(f"{what} {str(path)!r} cannot be created: {str(existing)!r} is a file, not a folder")
+        reason = _unwritable(existing, probe)
+        if reason is not None:
+            raise OutputError(f"{what} {str(path)!r} cannot be written: no write permission in {str(existing)!r} "
+                              f"({reason})")
+    existing, long, limit = folders[path.parent], [], 0
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no pathconf on Windows
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+        long = [part for part in path.relative_to(existing).parts if len(os.fsencode(part)) > limit]
+    if long:  # found now, not when the file is opened after the work
+        raise OutputError(f"{what} {str(path)!r} cannot be created: a name of {len(os.fsencode(long[0]))} bytes "
+                          f"({long[0][:24]!r}...), the file system allows {limit}")
+
+
+def check_output_files(paths: Iterable[PathLike], what: str = "output", *, inputs: Inputs = (),
+                       overwrite: bool = True, probe: bool = False) -> list[Path]:
+    """Check, before any work, that each of `paths` can be written as a file.
+
+    Args:
+        paths: the files to write.
+        what: how the message names them (e.g. ``"--json"``).
+        inputs: the command's inputs (paths, or ``(description, path)`` pairs); no output may be one of them or
+            lie inside one of their folders.
+        overwrite: whether existing files may be replaced.
+        probe: check that each folder is writable by creating a temporary file there (planning before work);
+            otherwise by its permissions (the check `atomic_path` makes on every write).
+
+    Returns:
+        `paths` as `Path` objects.
+
+    Raises:
+        OutputError: an output is or is inside an input, is a folder, or its folder cannot be created or written
+            (the first such output is named, with the input).
+        OutputExistsError: outputs exist and `overwrite` is False (they are listed).
+    """
+    paths = [Path(p) for p in paths]
+    checked = _Inputs(inputs)
+    folders: dict[Path, Path] = {}
+    for path in paths:
+        try:
+            _check_one(path, what, checked, folders, probe)
+        except OSError as exc:  # a path the OS cannot even look up (e.g. a name too long)
+            raise OutputError(f"{what} {str(path)!r} cannot be used: {exc.strerror or exc}") from exc
+    present = [] if overwrite else [p for p in paths if p.exists() or p.is_symlink()]
+    if len(present) == 1 and len(paths) == 1:
+        raise OutputExistsError(f"{what} {str(present[0])!r} already exists; choose another name or pass "
+                                "--overwrite (overwrite=True) to replace it")
+    if present:
+        raise OutputExistsError(f"{what}: {len(present)} file(s) already exist: {_shown(present)}; pass "
+                                "--overwrite (overwrite=True) to replace them")
+    return paths
+
+
+def check_output_file(path: PathLike, what: str = "output", *, inputs: Inputs = (), overwrite: bool = True,
+                      probe: bool = False) -> Path:
+    """`check_output_files` for one file: not an input, not a folder, writable, replaced only if `overwrite`."""
+    return check_output_files([path], what, inputs=inputs, overwrite=overwrite, probe=probe)[0]
+
+
+def check_output_folder(path: PathLike, what: str = "output folder", *, inputs: Inputs = (),
+                        files: Iterable[str] = (), overwrite: bool = True,
+                        replace_hint: str = "pass --overwrite (overwrite=True) to replace them") -> Path:
+    """Check, before any work, that files can be written into the folder `path` (created later if needed).
+
+    Args:
+        path: the output folder.
+        what: how the message names it (e.g. ``"--show-dir"``).
+        inputs: the command's inputs; the folder may not be one of them or lie inside one, and none of `files`
+            may be one of them.
+        files: the names (relative to `path`) the command will write, when known.
+        overwrite: whether existing `files` may be replaced.
+        replace_hint: what the message suggests when `files` exist and `overwrite` is False.
+
+    Returns:
+        `path` as a `Path`.
+
+    Raises:
+        OutputError: the folder is or is inside an input, is a file (or under one), cannot be written, or one of
+            `files` is an input.
+        OutputExistsError: some of `files` exist and `overwrite` is False (they are listed).
+    """
+    path = Path(path)
+    checked = _Inputs(inputs)
+    hit = checked.conflict(path)
+    if hit is not None:
+        raise _refuse_input(what, path, hit, "folder")
+    existing = _existing_ancestor(path)
+    if not existing.is_dir():
+        raise OutputError(f"{what} {str(path)!r} cannot be used: {str(existing)!r} is a file; give a folder (it "
+                          "is created if needed)")
+    reason = _unwritable(existing, probe=True)
+    if reason is not None:
+        raise OutputError(f"{what} {str(path)!r} cannot be written: no write permission in {str(existing)!r} "
+                          f"({reason})")
+    targets = [path / name for name in files]
+    hits = [f"{str(t)!r} {h}" for t in targets for h in [checked.conflict(t)] if h is not None]
+    if hits:
+        raise OutputError(f"{what} {str(path)!r}: {len(hits)} output(s) would replace input files: "
+                          f"{'; '.join(hits[:10])}; choose another folder (nothing was written)")
+    if not overwrite:
+        present = [t for t in targets if t.exists() or t.is_symlink()]
+        if present:
+            raise OutputExistsError(f"{what} {str(path)!r} already holds {len(present)} of the outputs: "
+                                    f"{_shown(present)}; choose another folder or {replace_hint}")
     return path
 
 
+# --------------------------------------------------------------------------------------------- write errors
+# errors of a write that the OS refused; any other OSError raised while a file is written is passed on unchanged
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG,
+                 getattr(errno, "EDQUOT", errno.ENOSPC)}
+_WHAT_TO_DO = {errno.ENOSPC: "free some space or write elsewhere", errno.EROFS: "write to another file system",
+               errno.EACCES: "write elsewhere or change the folder's permissions",
+               errno.EPERM: "write elsewhere or change the folder's permissions",
+               getattr(errno, "EDQUOT", errno.ENOSPC): "free some space or write elsewhere"}
+PROBE_BYTES = 1 << 20  # written to find why a write failed: once a write ran out of space, even this much fails
+
+
+def _free_space(folder: Path) -> str:
+    with contextlib.suppress(OSError, AttributeError):
+        st = os.statvfs(folder)
+        free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+        return f", {free / 2**20:.1f} MiB free there" if free >= 2**20 else f", {free} bytes free there"
+    return ""
+
+
+def write_error(path: PathLike, error: Union[OSError, int], kept: str = "nothing was written") -> WriteError:
+    """The `WriteError` for a failed write of `path`: the file, the OS's reason, what was kept and what to do.
+
+    Args:
+        path: the file that was being written.
+        error: the OS's error, or its errno.
+        kept: what the failure left in place, e.g. ``"the previous file is kept"``.
+    """
+    path = Path(path)
+    code = error if isinstance(error, int) else error.errno
+    reason = os.strerror(code) if code else str(error)
+    space = _free_space(_existing_ancestor(path.parent)) if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) \
+        else ""
+    todo = _WHAT_TO_DO.get(code)
+    exc = WriteError(f"cannot write {str(path)!r}: {reason}{space}; {kept}" + (f"; {todo}" if todo else ""))
+    exc.errno, exc.strerror, exc.filename = code, reason, str(path)
+    return exc
+
+
+def _same_file_name(name: object, *paths: Path) -> bool:
+    if name is None:
+        return True  # os.write and file.write name no file: the file being written is the one
+    with contextlib.suppress(TypeError, ValueError):
+        return os.path.abspath(os.fsdecode(name)) in {os.path.abspath(p) for p in paths}
+    return False
+
+
+def _failed_write(exc: BaseException, tmp: Path, path: Path) -> Optional[OSError]:
+    """The OS's error behind `exc`, raised while `tmp` was written, if it is a refused write; else None."""
+    if isinstance(exc, SemaskError) or not isinstance(exc, Exception):
+        return None
+    if isinstance(exc, OSError):
+        return exc if exc.errno in _WRITE_ERRNOS and _same_file_name(exc.filename, tmp, path) else None
+    # torch.save ("[enforce fail at inline_container.cc] unexpected pos") and safetensors report a failed write
+    # without the OS's error: ask the OS now, while the partial file still takes its space
+    if _read_only(tmp.parent):
+        return OSError(errno.EROFS, os.strerror(errno.EROFS))
+    return _probe(tmp.parent, PROBE_BYTES)
+
+
 @contextlib.contextmanager
-def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
+def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success move it over `path`, on failure delete it.
 
-    Readers never see a half-written file: either the old file or the complete new one. The temporary file is
+    Readers never see a half-written file: either the old file or the complete new one. A symbolic link is
+    followed: the file it points to is replaced and the link kept. The temporary file is
     flushed to disk (fsync) before the rename and the folder after it, so a power cut cannot leave a torn file
     under the final name. It is created with the user's usual permissions (0666 less the umask) or, when
     `path` exists, with that file's permissions. On the first write into a folder, the temporary files that
@@ -127,27 +420,49 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
 
     Raises:
         OutputError: `path` is a folder, or its folder cannot be created or written.
+        WriteError: the OS refused the write (no space left, read-only file system, no permission), also when
+            the writer (e.g. ``torch.save``) reported it without the OS's reason; the previous file is kept.
     """
+    path = Path(path)
+    if path.is_symlink():  # replace the file the link points to, not the link (e.g. /dev/stdout as root)
+        path = Path(os.path.realpath(path))
     path = check_output_file(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _clean_once(path.parent)
+    kept = "the previous file is kept" if path.exists() else "nothing was written"
     tmp = path.parent / f".{path.name}.{_host()}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any new file
-    os.close(fd)
     try:
-        if path.exists():
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-        yield tmp
-        fsync_file(tmp)
-        os.replace(tmp, path)
-        fsync_directory(path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _clean_once(path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any new file
+        os.close(fd)
+    except OSError as exc:
+        raise write_error(path, exc, kept) from exc
+    try:
+        try:
+            if path.exists():
+                os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+            yield tmp
+        except Exception as exc:
+            refused = _failed_write(exc, tmp, path)  # before the partial file is removed
+            if refused is None:
+                raise
+            raise write_error(path, refused, kept) from exc
+        try:
+            fsync_file(tmp)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise write_error(path, exc, kept) from exc
+        try:
+            fsync_directory(path.parent)
+        except OSError as exc:
+            raise write_error(path, exc, "the new file is in place but may not survive a power cut") from exc
     finally:
         if os.path.lexists(tmp):
-            os.unlink(tmp)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
-def plan_outputs(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.PathLike], suffix: str,
-                 overwrite: bool = False, protected: Sequence[Union[str, os.PathLike]] = ()) -> list[Path]:
+def plan_outputs(inputs: Sequence[PathLike], out_dir: PathLike, suffix: str, overwrite: bool = False,
+                 protected: Inputs = ()) -> list[Path]:
     """Choose one output file per input inside `out_dir`, and check them all before anything is written.
 
     Each output keeps its input's path relative to the folder that holds all inputs, with the file suffix
@@ -159,7 +474,8 @@ def plan_outputs(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, 
         out_dir: the output folder (need not exist yet).
         suffix: the outputs' suffix, e.g. ``".png"``.
         overwrite: replace outputs that already exist; otherwise they are an error.
-        protected: further files no output may replace (e.g. the checkpoint).
+        protected: further files no output may replace (paths, or ``(description, path)`` pairs such as
+            ``("the checkpoint", path)``).
 
     Returns:
         The output paths, in the order of `inputs`.
@@ -169,17 +485,7 @@ def plan_outputs(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, 
             clashing names are listed), or an output would replace an input or a protected file.
         OutputExistsError: outputs already exist and `overwrite` is False (they are listed).
     """
-    out_dir = Path(out_dir)
-    existing_dir = next(p for p in (out_dir, *out_dir.parents) if p.exists() or p == Path(p.anchor))
-    if not existing_dir.is_dir():
-        raise OutputError(f"output folder {str(out_dir)!r} cannot be used: {str(existing_dir)!r} is a file; "
-                          "give a folder (it is created if needed)")
-    try:  # a real probe: permissions, read-only mounts and immutable folders all show here, also for root
-        with tempfile.TemporaryFile(dir=existing_dir, prefix=".semask-probe-"):
-            pass
-    except OSError as exc:
-        raise OutputError(f"output folder {str(out_dir)!r} cannot be written: no write permission in "
-                          f"{str(existing_dir)!r} ({exc.strerror or exc})") from exc
+    out_dir = check_output_folder(out_dir, "output folder")
     resolved = [Path(p).resolve() for p in inputs]
     if not resolved:
         return []
@@ -193,12 +499,11 @@ def plan_outputs(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, 
         shown = "; ".join(" and ".join(names) for names in clashes[:10])
         raise OutputError(f"{len(clashes)} output name(s) would be written by more than one input ({shown}); "
                           "rename the inputs or run them separately")
-    keep = {os.path.normcase(str(p)) for p in resolved} | {os.path.normcase(str(Path(p).resolve())) for p in protected}
-    same = [str(t) for t in outputs if os.path.normcase(str(t.resolve())) in keep
-            or (t.exists() and any(os.path.exists(k) and os.path.samefile(t, k) for k in keep))]
-    if same:
-        raise OutputError(f"output(s) {', '.join(same[:10])} would replace input files; choose another output "
-                          "folder")
+    kept = _Inputs([*inputs, *(p if isinstance(p, tuple) else ("the protected file", p) for p in protected)])
+    hits = [f"{str(t)!r} {h}" for t in outputs for h in [kept.conflict(t)] if h is not None]
+    if hits:
+        raise OutputError(f"{len(hits)} output(s) would replace input files: {'; '.join(hits[:10])}; choose "
+                          "another output folder")
     folders = [str(t) for t in outputs if t.is_dir()]
     if folders:
         raise OutputError(f"output(s) {', '.join(folders[:10])} exist as folders; choose another output folder")

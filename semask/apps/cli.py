@@ -9,14 +9,16 @@ line does can also be done from Python and is tested there.
     semask toy-data ROOT [--seed N]
     semask convert cityscapes ROOT
     semask convert coco-stuff10k ROOT
-    semask benchmark [--model semask_tiny --size 512 ...]
+    semask benchmark [--model semask_tiny --size 512 ...] [--json FILE [--overwrite]]
     semask export CHECKPOINT OUT.onnx [--size H W] [--dynamic] [--prior]
     semask convert-weights IN.pth OUT.safetensors
     semask configs [PRESET] [--set KEY=VALUE ...]
     semask train PRESET --work-dir DIR [--set KEY=VALUE ...] [--resume]
-    semask test PRESET CHECKPOINT [--aug-test] [--mode whole|slide] [--show-dir DIR] [--json FILE]
+    semask test PRESET CHECKPOINT [--aug-test] [--mode whole|slide] [--show-dir DIR] [--json FILE] [--overwrite]
     semask demo [--work-dir DIR] [--data-root DIR] [--set KEY=VALUE ...]
 
+Every command that writes checks all its outputs before any work (`semask.io`): never one of its inputs or inside
+one, existing files replaced only with --overwrite, the destination writable.
 `train` and `test` also run under torchrun: ``torchrun --nproc_per_node=N -m semask train ...``.
 
 Errors (`main`): every error is printed as one line, ``semask COMMAND: error: MESSAGE``, without a traceback
@@ -36,7 +38,8 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
-from semask.errors import BatchError, OutputExistsError, SemaskError, UsageError, error_lines, exit_status
+from semask.errors import BatchError, SemaskError, UsageError, error_lines, exit_status
+from semask.io import check_output_file, check_output_folder
 
 __all__ = ["main", "build_parser", "note"]
 
@@ -102,7 +105,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     device = check_device(args.device)
     images = _input_images(args.images)
     # every output is decided and checked before anything is read or written
-    targets = plan_outputs(images, args.out, ".png", overwrite=args.overwrite, protected=[args.checkpoint])
+    targets = plan_outputs(images, args.out, ".png", overwrite=args.overwrite,
+                           protected=[("the checkpoint", args.checkpoint)])
     model = load_checkpoint(args.checkpoint, map_location=device)
     if model.num_classes > 256:
         raise UsageError(f"{args.checkpoint} has {model.num_classes} classes; PNG label maps hold at most 256 "
@@ -162,11 +166,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if len(args.size) not in (1, 2):
         raise UsageError(f"--size takes one or two numbers (height [width]), got {args.size}")
-    if Path(args.out).exists() and not args.overwrite:
-        raise OutputExistsError(f"{args.out!r} exists; choose another name or pass --overwrite")
+    check_output_file(args.out, "output", inputs=[("the checkpoint", args.checkpoint)], overwrite=args.overwrite,
+                      probe=True)  # before the checkpoint is read and the model traced
     model = load_checkpoint(args.checkpoint, map_location="cpu", sha256=args.sha256)
     result = export_onnx(model, args.out, size=(args.size[0], args.size[-1]), batch_size=args.batch_size,
-                         dynamic=args.dynamic, prior=args.prior, opset=args.opset, check=not args.no_check)
+                         dynamic=args.dynamic, prior=args.prior, opset=args.opset, check=not args.no_check,
+                         overwrite=args.overwrite)
     print(json.dumps({"path": str(result.path), "model": model.name, "size": list(result.size),
                       "batch_size": "dynamic" if result.dynamic else result.batch_size, "dynamic": result.dynamic,
                       "min_size": result.min_size, "outputs": list(result.outputs), "opset": result.opset,
@@ -180,6 +185,13 @@ def _cmd_convert_weights(args: argparse.Namespace) -> int:
     out = convert_to_safetensors(args.input, args.output, sha256=args.sha256, overwrite=args.overwrite)
     print(f"{args.input} -> {out}")
     return 0
+
+
+def _config_file(name_or_path: str) -> str | None:
+    """The config file a preset argument names (a run's config.json), or None for a preset name."""
+    from semask.engine.config import PRESETS
+
+    return None if name_or_path in PRESETS or not name_or_path.endswith(".json") else name_or_path
 
 
 def _resolve_config(name_or_path: str, overrides: Sequence[str]):
@@ -221,9 +233,13 @@ def _cmd_configs(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from semask.engine.rundir import CONFIG_FILE
     from semask.engine.train import train
 
     config = _resolve_config(args.preset, args.set)
+    if not args.resume:  # a resumed run rewrites its own config.json; a new run never writes over the one it read
+        check_output_folder(args.work_dir, "--work-dir", inputs=[("the config file", _config_file(args.preset))],
+                            files=[CONFIG_FILE])
     result = train(config, args.work_dir, resume=args.resume, progress=not args.no_progress)
     if result.best is not None:
         print(f"best mIoU {100 * result.best['mIoU']:.2f} at step {result.best['iter']}; run in {result.work_dir}")
@@ -233,11 +249,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_test(args: argparse.Namespace) -> int:
     from semask.engine import distributed
     from semask.checkpoint import load_checkpoint
-    from semask.engine.evaluate import evaluate
+    from semask.engine.evaluate import data_inputs, evaluate
     from semask.device import autocast_dtype
     from semask.engine.train import build_datasets
 
     config = _resolve_config(args.preset, args.set)
+    inputs = [("the checkpoint", args.checkpoint), ("the config file", _config_file(args.preset)),
+              *data_inputs(config.data)]
+    if args.json:  # every output is checked before the checkpoint is read and the split evaluated
+        check_output_file(args.json, "--json", inputs=inputs, overwrite=args.overwrite, probe=True)
+    if args.show_dir:  # its panels are checked against the dataset's files once the split is listed (evaluate)
+        check_output_folder(args.show_dir, "--show-dir", inputs=inputs)
     info = distributed.setup(args.device)
     try:
         model = load_checkpoint(args.checkpoint, map_location=info.device)
@@ -246,7 +268,7 @@ def _cmd_test(args: argparse.Namespace) -> int:
         result = evaluate(model, val_set, mode=args.mode or config.eval.mode, aug_test=args.aug_test,
                           test_config=config.data.test_pipeline, crop_size=config.eval.crop_size,
                           stride=config.eval.stride, amp_dtype=dtype, max_images=config.eval.max_images,
-                          show_dir=args.show_dir, progress=not args.no_progress)
+                          show_dir=args.show_dir, overwrite=args.overwrite, progress=not args.no_progress)
         if info.is_main:
             protocol = ("multi-scale + flip" if args.aug_test else "single scale") + f", {result.mode}"
             print(f"{args.checkpoint} on {val_set!r} ({result.num_images} images, {protocol}, "
@@ -381,8 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="an official SeMask FPN checkpoint or one written by semask train")
     p.add_argument("--aug-test", action="store_true", help="multi-scale (0.5 .. 1.75) + flip")
     p.add_argument("--mode", choices=["whole", "slide"], default=None, help="default: the preset's eval.mode")
-    p.add_argument("--show-dir", default=None, help="write an image | truth | prediction | error panel per image")
+    p.add_argument("--show-dir", default=None, help="write an image | truth | prediction | error panel per image "
+                                                     "(<image name>.png; never into the dataset's folders)")
     p.add_argument("--json", default=None, help="write the metrics (per class, per image, confusion) as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file and --show-dir panels")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",

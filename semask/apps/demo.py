@@ -23,9 +23,9 @@ import torch
 from semask.engine.config import apply_overrides, get_preset, to_dict
 from semask.data.toy import META_FILE, STUFF, ToyDataset, make_toy_dataset
 from semask.engine.inference import Predictor, normalize
-from semask.engine.rundir import BEST, CONFIG_FILE, LATEST, LOG_FILE
+from semask.engine.rundir import BEST, CONFIG_FILE, LATEST, LOG_FILE, TEXT_LOG
 from semask.engine.train import train
-from semask.io import atomic_path
+from semask.io import atomic_path, check_output_folder
 
 __all__ = ["DemoResult", "run_demo", "DEFAULT_DATA_ROOT", "DEFAULT_RUNS_DIR"]
 
@@ -101,12 +101,28 @@ def _draw_priors(model: torch.nn.Module, sample: dict[str, Any], device: torch.d
     return folder
 
 
+# everything the demo writes into its run directory; the demo never replaces any of them (it has no --overwrite: each
+# run gets a new folder by default, and an earlier run is worth keeping)
+OUTPUTS = (LATEST, BEST, LOG_FILE, CONFIG_FILE, TEXT_LOG, "curves.png", "demo.json", "predictions", "priors")
+
+
+def _plan(work_dir: Path, data_root: Path) -> None:
+    """Check every output before any work: the run directory outside the toy dataset and free of an earlier
+    demo's files, and the dataset's folder writable when the dataset is still to be written."""
+    check_output_folder(work_dir, "work_dir (--work-dir)", inputs=[("the toy dataset (--data-root)", data_root)],
+                        files=OUTPUTS, overwrite=False,
+                        replace_hint="leave out --work-dir (every demo gets a new folder by default)")
+    if not (data_root / META_FILE).is_file():
+        check_output_folder(data_root, "data_root (--data-root)")
+
+
 def run_demo(work_dir: Union[str, Path, None] = None, data_root: Union[str, Path] = DEFAULT_DATA_ROOT,
              overrides: Sequence[str] = (), progress: bool = True) -> DemoResult:
     """Train, evaluate and draw SeMask on the toy data (see the module docstring).
 
     Args:
-        work_dir: run directory (default ``runs/demo-<date>-<time>``); an existing run there is an error.
+        work_dir: run directory (default ``runs/demo-<date>-<time>``); an existing run or demo output there is an
+            error, and so is a folder inside the toy dataset (checked before any work).
         data_root: the toy dataset's folder; it is written there first when it holds none.
         overrides: ``key=value`` config overrides on top of the `toy` preset (e.g. ``schedule.iters=100``).
         progress: progress bars.
@@ -119,13 +135,14 @@ def run_demo(work_dir: Union[str, Path, None] = None, data_root: Union[str, Path
 
     start = time.perf_counter()
     data_root = Path(data_root)
-    if not (data_root / META_FILE).is_file():
-        _say(f"writing the toy dataset to {data_root} ...")
-        make_toy_dataset(data_root)
     config = apply_overrides(get_preset("toy"), [f"data.root={data_root}", *overrides])
     if work_dir is None:
         work_dir = Path(DEFAULT_RUNS_DIR) / time.strftime("demo-%Y%m%d-%H%M%S")
     work_dir = Path(work_dir)
+    _plan(work_dir, data_root)
+    if not (data_root / META_FILE).is_file():
+        _say(f"writing the toy dataset to {data_root} ...")
+        make_toy_dataset(data_root)
     result = train(config, work_dir, progress=progress)
     model = result.model
     device = next(model.parameters()).device

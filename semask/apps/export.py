@@ -25,7 +25,7 @@ import torch.nn as nn
 from semask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from semask.model.segmentor import SeMaskFPN
 from semask.errors import MissingPackageError, SemaskError, UsageError, UsageTypeError
-from semask.io import atomic_path
+from semask.io import atomic_path, check_output_file
 
 __all__ = [
     "MIN_DYNAMIC_SIZE",
@@ -270,7 +270,7 @@ def _check_graph(onnx: Any, proto: Any, path: Path, net: SeMaskFPN, sizes: Seque
 # ----------------------------------------------------------------------------------------------- export
 def export_onnx(model: SeMaskFPN, path: PathLike, *, size: Sequence[int] = (512, 512), batch_size: int = 1,
                 dynamic: bool = False, prior: bool = False, opset: Optional[int] = None, check: bool = True,
-                atol: float = 1e-3, min_agreement: float = 0.999) -> OnnxExport:
+                atol: float = 1e-3, min_agreement: float = 0.999, overwrite: bool = True) -> OnnxExport:
     """Export a model's logits (and optionally its semantic prior) to an ONNX file.
 
     Args:
@@ -289,16 +289,21 @@ def export_onnx(model: SeMaskFPN, path: PathLike, *, size: Sequence[int] = (512,
             (dynamic graphs: also at a second, smaller size that pads differently); raise `ExportError` if the
             logits differ by more than `atol` or the argmax agreement is below `min_agreement`.
         atol, min_agreement: the check's tolerances.
+        overwrite: replace an existing `path` (as Python's writers do; `semask export` passes its --overwrite).
+            Whether `path` can be written is checked before the model is traced.
 
     Returns:
         `OnnxExport` describing the file (with the check results).
 
     Raises:
         UsageError: a request that cannot be exported (see the messages); `UsageTypeError` for a model that is
-            not a `SeMaskFPN`; `MissingPackageError` without the export extra.
+            not a `SeMaskFPN`; `MissingPackageError` without the export extra; `OutputError` for a `path` that
+            cannot be written (`OutputExistsError`: it exists and `overwrite` is False).
+        WriteError: the OS refused the write (no space left, ...); the previous file is kept.
         ExportError: PyTorch cannot trace or translate the model, or the check fails.
     """
     size = _check_request(model, size, batch_size, dynamic, prior)
+    path = check_output_file(path, "path", overwrite=overwrite, probe=True)  # before the (slow) trace
     _require("onnxscript")
     onnx = _require("onnx")
 
@@ -314,7 +319,6 @@ def export_onnx(model: SeMaskFPN, path: PathLike, *, size: Sequence[int] = (512,
         raise ExportError(f"torch.onnx could not translate the traced model to ONNX: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     onnx_program.model.metadata_props.update(_metadata(model, outputs, dynamic, size, min_size))
-    path = Path(path)
     with atomic_path(path) as tmp:
         onnx_program.save(tmp, external_data=False)
         proto = onnx.load(str(tmp))

@@ -29,8 +29,8 @@ from semask.checkpoint.official import (check_metadata, is_segmentor_state_dict,
                                         unwrap_checkpoint)
 from semask.checkpoint.remote import is_url, resolve_checkpoint_path
 from semask.device import check_device
-from semask.errors import OutputError, OutputExistsError, UsageError
-from semask.io import atomic_path
+from semask.errors import UsageError
+from semask.io import atomic_path, check_output_file
 from semask.model.config import ModelConfig, check_class_metadata
 from semask.model.registry import build_model
 from semask.model.segmentor import ExternalSegmentor, SeMaskFPN
@@ -389,17 +389,15 @@ def convert_to_safetensors(src: PathLike, dst: PathLike, *, sha256: Optional[str
         The written path.
 
     Raises:
-        UsageError: `dst` without the suffix. OutputError: `dst` is `src`. OutputExistsError (a FileExistsError):
-            `dst` exists and `overwrite` is off.
+        UsageError: `dst` without the suffix. OutputError: `dst` is `src` or cannot be written. OutputExistsError
+            (a FileExistsError): `dst` exists and `overwrite` is off. WriteError: the OS refused the write.
     """
     dst = Path(dst)
     if dst.suffix != SAFETENSORS_SUFFIX:
         raise UsageError(f"the output {str(dst)!r} must end in {SAFETENSORS_SUFFIX}")
-    if dst.exists() and not overwrite:
-        raise OutputExistsError(f"{str(dst)!r} exists; choose another name or pass overwrite=True (--overwrite)")
+    # before the input is read or downloaded: never the input itself, replaced only when asked, writable
+    check_output_file(dst, "output", inputs=[("the input", src)], overwrite=overwrite, probe=True)
     local = resolve_checkpoint_path(src, sha256=sha256)
-    if not is_url(src) and dst.exists() and local.resolve() == dst.resolve():
-        raise OutputError(f"input and output are the same file {str(dst)!r}")
     obj = read_checkpoint_file(local)
     if _is_own(obj):
         return save_safetensors(dst, load_checkpoint(local))

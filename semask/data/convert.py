@@ -9,7 +9,9 @@
 
 Every output is written with :func:`semask.io.atomic_path` (a temporary file in the target folder, flushed
 to disk, then renamed into place), so an interrupted run never leaves a half-written file under the final
-name. Existing outputs are kept unless ``overwrite``.
+name. Existing outputs are kept unless ``overwrite``. Before any file is converted, every output is checked
+(`semask.io.check_output_files`): none may be one of the downloaded files, and every output folder must be
+writable.
 
 Reading the ``.mat`` annotations of COCO-Stuff 10k needs scipy, semask's optional ``convert`` extra
 (``pip install 'semask[convert]'``); it is imported only by that converter.
@@ -28,7 +30,7 @@ from PIL import Image
 
 from semask.data.datasets import DatasetError, preview_list, read_label
 from semask.errors import MissingPackageError
-from semask.io import atomic_path
+from semask.io import atomic_path, check_output_files
 
 __all__ = [
     "CITYSCAPES_ID_TO_TRAIN_ID",
@@ -93,6 +95,12 @@ def _save_png(array: np.ndarray, target: Path) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
+def _plan(what: str, targets: Sequence[Path], sources: Sequence[Path]) -> None:
+    """Before any file is converted: no output is one of the downloaded files, and every output folder is
+    writable (existing outputs are kept or, with ``overwrite``, replaced, as the converters document)."""
+    check_output_files(targets, what, inputs=[("a downloaded file", s) for s in sources], probe=True)
+
+
 def _run(jobs: Sequence[Callable[[], bool]], num_workers: int | None) -> int:
     """Run the jobs (PIL releases the GIL while coding images, so threads scale); returns how many wrote."""
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
@@ -103,6 +111,10 @@ def _run(jobs: Sequence[Callable[[], bool]], num_workers: int | None) -> int:
 
 
 # --------------------------------------------------------------------------------------------- Cityscapes
+def _cityscapes_target(src: Path) -> Path:
+    return src.with_name(src.name.replace("_gtFine_labelIds.png", "_gtFine_labelTrainIds.png"))
+
+
 def convert_cityscapes(root: str | Path, overwrite: bool = False, num_workers: int | None = None) -> int:
     """Write ``*_gtFine_labelTrainIds.png`` next to every ``*_gtFine_labelIds.png`` under ``root/gtFine``.
 
@@ -123,10 +135,11 @@ def convert_cityscapes(root: str | Path, overwrite: bool = False, num_workers: i
         raise FileNotFoundError(f"convert_cityscapes: no *_gtFine_labelIds.png under {gt_dir}. Expected layout:\n"
                                 f"{CITYSCAPES_DOWNLOAD_LAYOUT}")
     lut = cityscapes_lut()
+    _plan("convert_cityscapes: output", [_cityscapes_target(s) for s in sources], sources)
 
     def job(src: Path) -> Callable[[], bool]:
         def run() -> bool:
-            target = src.with_name(src.name.replace("_gtFine_labelIds.png", "_gtFine_labelTrainIds.png"))
+            target = _cityscapes_target(src)
             if target.exists() and not overwrite:
                 return False
             label_ids = read_label(src)
@@ -201,6 +214,8 @@ def convert_coco_stuff10k(root: str | Path, overwrite: bool = False, num_workers
                                 f"{COCO_STUFF10K_DOWNLOAD_LAYOUT}")
     lut = coco_stuff10k_lut()
     jobs: list[Callable[[], bool]] = []
+    sources: list[Path] = []
+    targets: list[Path] = []
     for folder, list_file in lists.items():
         names = _read_names(list_file)
         absent = [f"{n}.jpg" for n in names if not (root / "images" / f"{n}.jpg").is_file()]
@@ -209,15 +224,23 @@ def convert_coco_stuff10k(root: str | Path, overwrite: bool = False, num_workers
             raise DatasetError(f"convert_coco_stuff10k: {list_file} names {len(absent)} file(s) missing from "
                                f"images/ or annotations/: {preview_list(absent)}")
         for name in names:
+            src_files, dst_files = _coco_files(root, folder, name)
+            sources += src_files
+            targets += dst_files
             jobs.append(_coco_job(root, folder, name, lut, overwrite))
+    _plan("convert_coco_stuff10k: output", targets, sources)
     return _run(jobs, num_workers)
+
+
+def _coco_files(root: Path, folder: str, name: str) -> tuple[list[Path], list[Path]]:
+    """``([image, annotation], [image copy, label map])`` of one COCO-Stuff 10k scene."""
+    return ([root / "images" / f"{name}.jpg", root / "annotations" / f"{name}.mat"],
+            [root / "images" / folder / f"{name}.jpg", root / "annotations" / folder / f"{name}_labelTrainIds.png"])
 
 
 def _coco_job(root: Path, folder: str, name: str, lut: np.ndarray, overwrite: bool) -> Callable[[], bool]:
     def run() -> bool:
-        src_image, src_mat = root / "images" / f"{name}.jpg", root / "annotations" / f"{name}.mat"
-        dst_image = root / "images" / folder / f"{name}.jpg"
-        dst_label = root / "annotations" / folder / f"{name}_labelTrainIds.png"
+        (src_image, src_mat), (dst_image, dst_label) = _coco_files(root, folder, name)
         if overwrite or not dst_image.exists():
             with atomic_path(dst_image) as tmp:
                 shutil.copyfile(src_image, tmp)

@@ -35,7 +35,7 @@ from PIL import Image
 
 from semask.data.datasets import SegmentationDataset, Transform, pair_files, resolve_split, split_dirs
 from semask.errors import OutputError, OutputExistsError, UsageError, UsageTypeError
-from semask.io import fsync_directory, process_alive
+from semask.io import check_output_folder, fsync_directory, process_alive, write_error
 
 __all__ = [
     "TOY_CLASSES",
@@ -369,8 +369,7 @@ def _check_arguments(root: Path, seed: int, num_train: int, num_val: int, size: 
     if num_train < 1 or num_val < 1 or size < 64:
         raise UsageError(f"make_toy_dataset: need num_train >= 1, num_val >= 1 and size >= 64, got "
                          f"num_train={num_train}, num_val={num_val}, size={size}")
-    if root.exists() and not root.is_dir():
-        raise OutputError(f"make_toy_dataset: {root} is a file; give a folder (it is created if needed)")
+    check_output_folder(root, "make_toy_dataset: root")  # a folder, writable, before any scene is drawn
 
 
 def _write_dataset(staging: Path, seed: int, counts: dict[str, int], size: int) -> None:
@@ -419,7 +418,9 @@ def make_toy_dataset(root: str | Path, seed: int = 0, num_train: int | None = No
 
     Raises:
         OutputExistsError: a dataset exists and ``overwrite`` is False.
-        OutputError: ``root`` is a file, or holds content semask did not write (with ``overwrite``).
+        OutputError: ``root`` is a file or cannot be written, or holds content semask did not write (with
+            ``overwrite``); checked before any scene is drawn.
+        WriteError: the OS refused a write (no space left, ...); the previous dataset is kept.
         UsageError: counts or size out of range.
     """
     root = Path(root)
@@ -441,8 +442,13 @@ def make_toy_dataset(root: str | Path, seed: int = 0, num_train: int | None = No
         shutil.rmtree(staging)
     staging.mkdir()
     try:
-        (staging / STAGING_MARK).write_text("semask toy-data staging folder; safe to delete\n")
-        _write_dataset(staging, seed, {"training": num_train, "validation": num_val}, size)
+        try:
+            (staging / STAGING_MARK).write_text("semask toy-data staging folder; safe to delete\n")
+            _write_dataset(staging, seed, {"training": num_train, "validation": num_val}, size)
+        except OSError as exc:  # a full disk names the dataset and the OS's reason, and changes nothing
+            if exc.errno is None:
+                raise
+            raise write_error(root, exc, "the previous dataset is kept" if existing else "nothing was written") from exc
         if existing:  # only now remove the old dataset (checked again), so a failed run leaves it intact
             old_files, old_folders = _owned_dataset(root)
             for path in old_files:

@@ -35,7 +35,7 @@ from semask.engine.inference import Predictor
 from semask.engine.metrics import confusion_matrix, format_table, metrics_from_confusion
 from semask.errors import UsageError
 
-__all__ = ["EvalResult", "evaluate", "check_classes"]
+__all__ = ["EvalResult", "evaluate", "check_classes", "plan_panels", "dataset_inputs", "data_inputs"]
 
 
 @dataclass
@@ -124,7 +124,7 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
              test_config: Optional[TestPipelineConfig] = None, crop_size: int = 512, stride: int = 341,
              amp_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
              max_images: Optional[int] = None, show_dir: Union[str, Path, None] = None,
-             progress: bool = True) -> EvalResult:
+             overwrite: bool = False, progress: bool = True) -> EvalResult:
     """Evaluate a model on a dataset split with the paper's protocol.
 
     Args:
@@ -138,11 +138,18 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
         amp_dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``) or None for fp32.
         device: where to run (default: the model's device).
         max_images: evaluate the first N images only.
-        show_dir: write a panel per image (image, ground truth, prediction, error map, class legend) here.
+        show_dir: write a panel per image (image, ground truth, prediction, error map, class legend) here, as
+            ``<image stem>.png``; planned before any image is evaluated: the folder may not be or lie inside the
+            dataset's folders, and existing panels are an error unless `overwrite`.
+        overwrite: replace panels that already exist in `show_dir`.
         progress: show a progress bar (on the first process).
 
     Returns:
         An `EvalResult`; identical on every process of a distributed run.
+
+    Raises:
+        OutputError: `show_dir` is or lies inside the dataset's folders, cannot be written, or two images would
+            give the same panel name; `OutputExistsError` for existing panels without `overwrite`.
     """
     module = getattr(model, "module", model)
     check_classes(module, dataset)
@@ -160,6 +167,8 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
     ignore = getattr(dataset, "ignore_index", 255)
     confusion = torch.zeros(k, k, dtype=torch.int64, device=predictor.device)
     indices, rank, world = shard(n)
+    if show_dir is not None:  # before any work; each process checks the panels it writes
+        plan_panels(dataset, show_dir, n, indices, overwrite)
     records: list[dict[str, Any]] = []
     if show_dir is not None:
         Path(show_dir).mkdir(parents=True, exist_ok=True)
@@ -196,6 +205,55 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
     return EvalResult(metrics=metrics_from_confusion(confusion), class_names=class_names,
                       confusion=confusion.cpu().numpy(), per_image=records, mode=mode, aug_test=aug_test,
                       seconds=seconds)
+
+
+def data_inputs(data: Any) -> list[tuple[str, Path]]:
+    """The dataset root that a config's ``data`` section reads, as a `semask.io` input (no output goes into it).
+
+    Only a root that holds a dataset counts (its image or label folder exists; for ADE20K also the
+    ``ADEChallengeData2016`` folder inside it): a root without one holds nothing to protect, and may well be a
+    parent folder where runs are kept; reading it then fails with the dataset's expected layout.
+    """
+    root = Path(data.root)
+    subs = ("leftImg8bit", "gtFine") if data.dataset == "cityscapes" else ("images", "annotations")
+    roots = [root, root / "ADEChallengeData2016"] if data.dataset == "ade20k" else [root]
+    return [("the dataset root", r) for r in roots if any((r / sub).is_dir() for sub in subs)]
+
+
+def dataset_inputs(dataset: Any) -> list[tuple[str, Path]]:
+    """The folders a dataset reads (its root, image and label folders, and every folder holding its files), as
+    `semask.io` inputs: no output may go into them."""
+    names = {"root": "the dataset root", "img_dir": "the dataset's image folder", "ann_dir": "the dataset's label folder"}
+    inputs = [(what, Path(getattr(dataset, name))) for name, what in names.items()
+              if getattr(dataset, name, None) is not None]
+    folders = {p.parent for pair in getattr(dataset, "pairs", ()) for p in pair}
+    return inputs + [("a dataset folder", folder) for folder in sorted(folders)]
+
+
+def plan_panels(dataset: Any, show_dir: Union[str, Path], n: int, indices: Sequence[int] = (),
+                overwrite: bool = False) -> list[Path]:
+    """Check the ``show_dir`` panels of the first `n` images before any work (`semask.io.check_output_folder`).
+
+    Returns:
+        The panel paths of `indices` (the images this process draws); empty when the dataset does not list its
+        files (``dataset.pairs``): then only the folder is checked.
+    """
+    from semask.errors import OutputError
+    from semask.io import check_output_folder
+
+    pairs = getattr(dataset, "pairs", None)
+    names = [Path(pairs[i][0]).stem + ".png" for i in range(n)] if pairs is not None else []
+    seen: dict[str, int] = {}
+    clashes = [f"{pairs[i][0]} and {pairs[seen[name]][0]}" for i, name in enumerate(names)
+               if seen.setdefault(name, i) != i]
+    if clashes:
+        raise OutputError(f"show_dir (--show-dir): {len(clashes)} panel name(s) would be written by two images "
+                          f"({'; '.join(clashes[:5])}); panels are named by the image's file name, so these "
+                          "images cannot share one folder")
+    mine = [names[i] for i in indices] if names else []
+    check_output_folder(show_dir, "show_dir (--show-dir)", inputs=dataset_inputs(dataset), files=mine,
+                        overwrite=overwrite)
+    return [Path(show_dir) / name for name in mine]
 
 
 def _save_panel(folder: Path, sample: dict[str, Any], pred: np.ndarray, model: nn.Module,

@@ -34,11 +34,12 @@ from semask.data.transforms import TrainTransform
 from semask.device import autocast, autocast_dtype, peak_memory_bytes, seed_everything
 from semask.engine import distributed
 from semask.engine.config import ConfigError, TrainConfig, to_dict
-from semask.engine.evaluate import EvalResult, check_classes, evaluate
+from semask.engine.evaluate import EvalResult, check_classes, data_inputs, evaluate
 from semask.engine.losses import SeMaskLoss
 from semask.engine.rundir import BEST, LATEST, RunLog, TrainingError, check_work_dir, records_upto
 from semask.model.registry import create_model
 from semask.model.segmentor import SeMaskFPN
+from semask.io import check_output_folder
 
 __all__ = ["TrainingError", "TrainResult", "build_datasets", "model_from_config", "param_groups",
            "learning_rate", "train"]
@@ -172,6 +173,8 @@ def _prepare_work_dir(config: TrainConfig, work_dir: Path, resume: Union[bool, s
     if rt.global_batch % per_step:
         raise ConfigError(f"train.global_batch={rt.global_batch} is not a multiple of train.batch_size x processes "
                           f"= {rt.batch_size} x {info.world_size}; change one of them")
+    check_output_folder(work_dir, "work_dir (--work-dir)",
+                        inputs=[*data_inputs(config.data), ("model.pretrained", config.model.pretrained)])
     resume_from = check_work_dir(work_dir, resume)
     if (config.model.pretrained and resume_from is None and not is_url(config.model.pretrained)
             and not Path(config.model.pretrained).is_file()):  # URLs are downloaded by load_pretrained_backbone

@@ -22,7 +22,7 @@ from semask.apps.benchmark.timing import environment, matmul_peak
 from semask.apps.export import EXPORT_PACKAGES
 from semask.device import autocast_dtype, check_device
 from semask.errors import UsageError
-from semask.io import atomic_path
+from semask.io import atomic_path, check_output_file
 
 __all__ = ["run_benchmark", "summary", "build_parser", "main"]
 
@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None,
                    help="take the model, classes, crop (--size) and images per GPU (--train-batch-size) from a "
                         "training preset, e.g. toy or semask_tiny_ade20k")
-    p.add_argument("--json", default=None, help="also write the full result to this file")
+    p.add_argument("--json", default=None, help="also write the full result to this file (checked before the run)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     return p
 
 
@@ -232,11 +233,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """`semask benchmark ...`: print a summary to stderr and the JSON result to stdout.
 
     Raises:
-        UsageError: a bad argument (see `run_benchmark`).
+        UsageError: a bad argument (see `run_benchmark`); `OutputError` for a --json file that is an input, exists
+            (without --overwrite) or cannot be written, before anything is measured.
     """
     args = build_parser().parse_args(argv)
     if len(args.size) not in (1, 2):
         raise UsageError(f"--size takes one or two numbers, got {args.size}")
+    if args.json:  # before minutes of measuring: never an input, replaced only with --overwrite, writable
+        check_output_file(args.json, "--json", overwrite=args.overwrite, probe=True,
+                          inputs=[("the checkpoint", args.checkpoint), ("the dataset (--agreement-root)",
+                                                                         args.agreement_root)])
     cfg = BenchmarkConfig(
         model=args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, size=(args.size[0], args.size[-1]),
         batch_size=args.batch_size, train_batch_size=args.train_batch_size, precision=args.precision,
