@@ -222,6 +222,26 @@ def test_no_images_names_the_images_of_other_suffixes(tmp_path: Path) -> None:
         FolderDataset(tmp_path / "img", tmp_path / "ann", ["x"])
 
 
+def test_linked_and_unreadable_folders_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    layout = LAYOUTS["FolderDataset"]
+    _layout_tree(tmp_path, layout)
+    _save(tmp_path / "elsewhere" / "s9.jpg")
+    (tmp_path / "img" / "more").symlink_to(tmp_path / "elsewhere")  # not searched (a link may loop)
+    with pytest.warns(DatasetWarning, match=r"more \(a linked folder, not searched\)"):
+        assert len(layout.build(tmp_path)) == 2
+    walk = os.walk
+
+    def walk_with_a_locked_folder(top, onerror=None, **kwargs):  # what os.walk does for a folder it cannot list
+        if onerror is not None and Path(top).name == "img":
+            onerror(PermissionError(13, "Permission denied", str(Path(top) / "locked")))
+        return walk(top, onerror=onerror, **kwargs)
+
+    monkeypatch.setattr(os, "walk", walk_with_a_locked_folder)
+    with pytest.raises(DatasetError, match=r"1 folder\(s\) under the image folder .* cannot be listed: .*locked "
+                                           r"\(Permission denied\)"):
+        layout.build(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def toy_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "toy.pth"
@@ -513,6 +533,17 @@ def test_a_worker_error_reaches_the_caller_as_itself(corrupt_toy, loader: str) -
     message = str(info.value)
     assert str(bad) in message and "cannot be read" in message and "\n" not in message and "Caught" not in message
     assert "Original Traceback" in str(info.value.__cause__)  # the worker's traceback stays attached
+
+
+def test_the_loaders_still_give_every_batch_with_workers(tmp_path: Path) -> None:
+    root = make_toy_dataset(tmp_path / "toy", num_train=4, num_val=1, size=64)
+    ds = ToyDataset(root, "train")
+    loader = build_dataloader(ds, batch_size=2, shuffle=False, num_workers=2)  # persistent workers
+    assert isinstance(loader, torch.utils.data.DataLoader) and len(loader) == 2
+    inline = [b["image"] for b in build_dataloader(ds, batch_size=2, shuffle=False, num_workers=0)]
+    for _ in range(2):  # two epochs over the same workers
+        batches = [b["image"] for b in loader]
+        assert len(batches) == 2 and all(torch.equal(a, b) for a, b in zip(batches, inline))
 
 
 @pytest.mark.slow  # a fresh semask process per case

@@ -9,13 +9,15 @@ Every dataset class (ADE20K, Cityscapes, COCO-Stuff 10k, folders, the toy set) l
   TIFF extensions are one (``.jpg``/``.jpeg``, ``.tif``/``.tiff``). Two files of one name that differ only there
   (``a.jpg`` and ``a.JPG``) are an error: which one is meant cannot be known.
 - Errors (:class:`DatasetError`, naming the files): images without labels and labels without images; a name
-  that matches a suffix but is no readable file (a folder, a dangling link); an image file (by its extension:
+  that matches a suffix but is no readable file (a folder, a dangling link); a folder that cannot be listed
+  (permissions); an image file (by its extension:
   ``.png``, ``.jpg``, ...) in the image folder that does not match the image suffix -- an image of another
   format beside its twin, or one that would be left out.
 - A notice (:class:`DatasetWarning`, shown when the dataset is built): every other file that is not used, by
   name -- files that are not images in the image folder, unused files in the label folder, and hidden files.
   Hidden files and folders (a name starting with ``.``: ``.DS_Store``, macOS's ``._x.jpg``,
-  ``.ipynb_checkpoints/``) are never data. Files that a dataset's layout keeps beside its labels (Cityscapes'
+  ``.ipynb_checkpoints/``) are never data. Symbolic links to folders are named there too: they are not
+  searched (a link can loop). Files that a dataset's layout keeps beside its labels (Cityscapes'
   ``*_gtFine_color.png``, ...) are expected and not reported.
 """
 from __future__ import annotations
@@ -66,35 +68,45 @@ def _matched(name: str, spellings: tuple[str, ...]) -> int:
     return next((len(s) for s in spellings if low.endswith(s)), 0)
 
 
-def _hidden(rel: Path) -> bool:
-    return any(part.startswith(".") for part in rel.parts)
-
-
 def _scan(folder: Path, spellings: tuple[str, ...], what: str,
           suffix: str) -> tuple[dict[str, list[Path]], list[Path], list[Path]]:
-    """Files below ``folder`` ending in a spelling of ``suffix`` by relative path minus it; the other files; the
-    hidden files.
+    """Files below ``folder`` ending in a spelling of ``suffix`` by relative path minus it; the other files (and
+    symbolic links to folders, which are not searched); the hidden files.
 
     Raises:
         DatasetError: a matching name that is not a readable file (a dangling symbolic link, a folder).
     """
     found: dict[str, list[Path]] = {}
-    others, hidden, broken = [], [], []
-    for p in folder.rglob("*"):
-        rel = p.relative_to(folder)
-        if _hidden(rel):
-            if not p.is_dir():
-                hidden.append(p)
-            continue
-        n = _matched(p.name, spellings)
-        if n and p.is_file():
-            found.setdefault(str(rel)[:-n], []).append(p)
-        elif n and (p.is_symlink() or not p.is_dir()):
-            broken.append(str(rel) + (" (dangling symbolic link)" if p.is_symlink() else ""))
-        elif n:
-            broken.append(f"{rel} (a folder)")
-        elif not p.is_dir():
-            others.append(p)
+    others: list[Path] = []
+    hidden: list[Path] = []
+    broken: list[str] = []
+    unreadable: list[OSError] = []  # a folder that cannot be listed would silently hide its files
+    for top, dirs, files in os.walk(folder, onerror=unreadable.append):  # not rglob: a third of the time
+        rel = os.path.relpath(top, folder)
+        prefix = "" if rel == "." else rel + os.sep
+        top_hidden = any(part.startswith(".") for part in Path(prefix).parts)
+        for name in dirs:  # symbolic links to folders are listed here but not entered
+            if top_hidden or name.startswith("."):
+                continue
+            if _matched(name, spellings):
+                broken.append(f"{prefix}{name} (a folder)")
+            elif os.path.islink(os.path.join(top, name)):
+                others.append(Path(top, name))
+        for name in files:
+            path = Path(top, name)
+            n = _matched(name, spellings)
+            if top_hidden or name.startswith("."):
+                hidden.append(path)
+            elif n and path.is_file():
+                found.setdefault((prefix + name)[:-n], []).append(path)
+            elif n:
+                broken.append(prefix + name + (" (dangling symbolic link)" if path.is_symlink() else ""))
+            else:
+                others.append(path)
+    if unreadable:
+        raise DatasetError(f"{len(unreadable)} folder(s) under the {what} folder {folder} cannot be listed: "
+                           + preview_list(sorted(f"{e.filename} ({e.strerror})" for e in unreadable))
+                           + "; fix their permissions (nothing is skipped)")
     if broken:
         raise DatasetError(f"{len(broken)} {what} path(s) under {folder} ending in {suffix!r} are not readable "
                            f"files: {preview_list(sorted(broken))}; fix or remove them (nothing is skipped)")
@@ -117,16 +129,22 @@ def _overlap(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def _depth_below(path: Path, folder: Path) -> int:
-    """How many folders deep `folder` is if it holds `path` (compared through symbolic links), else -1."""
-    parent = Path(os.path.realpath(path.parent))
+def _depth_below(parent: Path, folder: Path) -> int:
+    """How many folders deep `folder` is if it is or holds the resolved folder `parent`, else -1."""
     return len(folder.parts) if folder == parent or folder in parent.parents else -1
 
 
 def _unused(img_dir: Path, ann_dir: Path, others: list[Path], used: list[Path]) -> tuple[list[Path], list[Path]]:
     """The files of overlapping image and label folders that are not used, split into those of the image folder
     (the deeper of the two that holds them; the image folder when it is the same) and those of the label folder."""
-    key = lambda p: (os.path.realpath(p.parent), p.name)  # noqa: E731 (a folder reached by two names is one)
+    folders: dict[str, str] = {}
+
+    def key(p: Path) -> tuple[str, str]:  # a folder reached by two names is one; resolved once per folder
+        parent, name = os.path.split(p)
+        if parent not in folders:
+            folders[parent] = os.path.realpath(parent)
+        return folders[parent], name
+
     taken = {key(p) for p in used}
     img_real, ann_real = img_dir.resolve(), ann_dir.resolve()
     img_files, ann_files, seen = [], [], set()
@@ -134,13 +152,15 @@ def _unused(img_dir: Path, ann_dir: Path, others: list[Path], used: list[Path]) 
         if key(p) in taken or key(p) in seen:
             continue
         seen.add(key(p))
-        image_side = _depth_below(p, img_real) >= _depth_below(p, ann_real)
+        parent = Path(key(p)[0])
+        image_side = _depth_below(parent, img_real) >= _depth_below(parent, ann_real)
         (img_files if image_side else ann_files).append(p)
     return img_files, ann_files
 
 
 def _rel(paths: Sequence[Path], folder: Path) -> list[str]:
-    return sorted(os.path.relpath(p, folder) for p in paths)
+    return sorted(os.path.relpath(p, folder) + (" (a linked folder, not searched)" if p.is_dir() else "")
+                  for p in paths)
 
 
 def _refuse_other_images(img_dir: Path, img_suffix: str, strays: list[Path], images: dict[str, Path]) -> None:
