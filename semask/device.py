@@ -13,10 +13,10 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from semask.errors import UsageError
+from semask.errors import UsageError, UsageTypeError
 
-__all__ = ["check_device", "autocast_dtype", "autocast", "peak_memory_bytes", "PeakMemory", "seed_everything",
-           "keep_freed_memory"]
+__all__ = ["check_device", "check_tensor", "autocast_dtype", "autocast", "peak_memory_bytes", "PeakMemory",
+           "seed_everything", "keep_freed_memory"]
 
 
 def check_device(device: Union[str, torch.device, None]) -> torch.device:
@@ -47,6 +47,36 @@ def check_device(device: Union[str, torch.device, None]) -> torch.device:
         raise UsageError(f"device {str(device)!r} was asked for but Apple's MPS backend is not available here; "
                          "use 'cpu'")
     return dev
+
+
+def check_tensor(x: torch.Tensor, name: str, device: Optional[torch.device] = None) -> None:
+    """Refuse a tensor whose values semask cannot use, naming it as `name`.
+
+    Supported: dense (strided) tensors of real values on a real device, of any strides (transposed, sliced,
+    expanded, channels-last) and with or without ``requires_grad``. Refused, each with what to do instead: the
+    ``meta`` device (shapes without values), sparse and other non-strided layouts, quantised and nested tensors,
+    complex dtypes, and with `device` given, a tensor on another device (the model's, for its input).
+
+    Raises:
+        UsageError: one of the above; UsageTypeError for a complex dtype.
+    """
+    if x.is_meta:
+        raise UsageError(f"{name} is on the 'meta' device, which holds shapes but no values; give a tensor with "
+                         "values on a real device (e.g. 'cpu' or 'cuda')")
+    if x.is_nested:
+        raise UsageError(f"{name} is a nested tensor; give one image at a time, or a batch of images of one size")
+    if x.layout != torch.strided:
+        raise UsageError(f"{name} has layout {x.layout}; semask takes dense (strided) tensors: pass its .to_dense()")
+    if x.is_quantized:
+        raise UsageError(f"{name} is a quantised tensor ({x.dtype}); pass its .dequantize(), a float tensor")
+    if x.is_complex():
+        raise UsageTypeError(f"{name} has the complex dtype {x.dtype}; semask takes real values")
+    if device is not None and device.type == "meta":
+        raise UsageError(f"the model is on the 'meta' device (shapes without weights), so it cannot run on {name}; "
+                         "build it on a real device, or load weights into it (semask.load_checkpoint)")
+    if device is not None and x.device != device:
+        raise UsageError(f"{name} is on {x.device} but the model is on {device}; move it with .to('{device}') "
+                         f"(or the model with model.to('{x.device}'))")
 
 
 def seed_everything(seed: int) -> None:

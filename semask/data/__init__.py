@@ -1,8 +1,8 @@
 """Data for SeMask (arXiv 2112.12782): datasets, the paper's augmentation pipeline, the toy set, converters."""
 from semask.data.classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE,
                                  COCO_STUFF_CLASSES, COCO_STUFF_PALETTE)
-from semask.data.datasets import (ADE20K, IGNORE_INDEX, COCOStuff10k, Cityscapes, DatasetError, FolderDataset,
-                                  SegmentationDataset, read_image, read_label)
+from semask.data.datasets import (ADE20K, IGNORE_INDEX, COCOStuff10k, Cityscapes, DatasetError, DatasetWarning,
+                                  FolderDataset, SegmentationDataset, read_image, read_label)
 from semask.data.loader import build_dataloader, cycle, measure_pipeline_throughput, seed_worker
 from semask.data.photometric import PhotoMetricDistortion
 from semask.data.toy import TOY_CLASSES, TOY_PALETTE, ToyDataset, make_toy_dataset
@@ -12,7 +12,8 @@ from semask.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TEST_PRESETS, T
 
 __all__ = [
     "ADE20K", "Cityscapes", "COCOStuff10k", "FolderDataset", "ToyDataset", "SegmentationDataset", "DatasetError",
-    "IGNORE_INDEX", "read_image", "read_label", "make_toy_dataset", "build_dataloader", "seed_worker", "cycle",
+    "DatasetWarning", "IGNORE_INDEX", "read_image", "read_label", "make_toy_dataset", "build_dataloader",
+    "seed_worker", "cycle",
     "measure_pipeline_throughput", "PhotoMetricDistortion",
     "ADE20K_CLASSES", "ADE20K_PALETTE", "CITYSCAPES_CLASSES", "CITYSCAPES_PALETTE", "COCO_STUFF_CLASSES",
     "COCO_STUFF_PALETTE", "TOY_CLASSES", "TOY_PALETTE",

@@ -1,7 +1,9 @@
 """Segmentation datasets of SeMask (arXiv 2112.12782): ADE20K, Cityscapes, COCO-Stuff 10k and plain folders.
 
-Every dataset is a list of (image, label) file pairs, fixed when the dataset is built; building it fails with
-an error naming the files when an image has no label or a label has no image. Reading a sample checks the
+Every dataset is a list of (image, label) file pairs, fixed when the dataset is built by
+:func:`semask.data.pairing.pair_files`: building it fails with an error naming the files when an image has no
+label or a label has no image, or an image file would be left out, and names every other file of the folders
+that is not used in a :class:`DatasetWarning` (suffixes match case-insensitively). Reading a sample checks the
 files themselves: an unreadable or truncated file, a label whose size differs from its image, or label values
 outside ``0 .. num_classes - 1`` (255 = ignore allowed) raise :class:`DatasetError` naming the file. Nothing is
 skipped silently.
@@ -21,12 +23,14 @@ from PIL import Image
 
 from semask.data.classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE,
                                  COCO_STUFF_CLASSES, COCO_STUFF_PALETTE, default_palette)
-from semask.errors import ImageError, LimitError, SemaskError, UnknownNameError, UsageError
+from semask.errors import ImageError, LimitError, UnknownNameError, UsageError
 from semask.data.images import open_image, pil_to_rgb
+from semask.data.pairing import DatasetError, DatasetWarning, pair_files, preview_list
 
 __all__ = [
     "IGNORE_INDEX",
     "DatasetError",
+    "DatasetWarning",
     "read_image",
     "read_label",
     "pair_files",
@@ -76,10 +80,6 @@ coco_stuff10k/                      <- root
     |-- train2014/     COCO_train2014_000000000077_labelTrainIds.png ...  (0 = unlabelled, 1..171)
     `-- test2014/
 (make this layout from the downloaded .mat files with `semask convert coco-stuff10k ROOT`)"""
-
-
-class DatasetError(SemaskError, ValueError):
-    """A dataset's files are missing, unpaired, unreadable or inconsistent; the message names the file."""
 
 
 # --------------------------------------------------------------------------------------------- file reading
@@ -132,81 +132,6 @@ def read_label(path: str | Path) -> np.ndarray:
         mode = img.mode
     raise DatasetError(f"label file {path} has image mode {mode!r}; expected a single-channel label map "
                        f"(modes L, P, I;16 or I) whose pixel values are class ids")
-
-
-# --------------------------------------------------------------------------------------------- pairing
-def preview_list(names: Sequence[str], limit: int = 10) -> str:
-    """The first `limit` names joined by commas, and how many more there are."""
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
-def _scan(folder: Path, suffix: str, what: str) -> dict[str, Path]:
-    """Files below ``folder`` (recursively) ending in ``suffix``, keyed by relative path minus the suffix.
-
-    Raises:
-        DatasetError: a matching name that is not a readable file (a dangling symbolic link, a folder).
-    """
-    found, broken = {}, []
-    for p in folder.rglob(f"*{suffix}"):
-        if p.is_file():
-            found[str(p.relative_to(folder))[: -len(suffix)]] = p
-        elif p.is_symlink() or not p.is_dir():
-            broken.append(str(p.relative_to(folder)) + (" (dangling symbolic link)" if p.is_symlink() else ""))
-        elif p.is_dir():
-            broken.append(f"{p.relative_to(folder)} (a folder)")
-    if broken:
-        raise DatasetError(f"{len(broken)} {what} path(s) under {folder} ending in {suffix!r} are not readable "
-                           f"files: {preview_list(sorted(broken))}; fix or remove them (nothing is skipped)")
-    return found
-
-
-def _overlap(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or a in b.parents or b in a.parents
-
-
-def pair_files(img_dir: str | Path, ann_dir: str | Path, img_suffix: str,
-               seg_map_suffix: str) -> list[tuple[Path, Path]]:
-    """Pair every image below ``img_dir`` with the label of the same relative name below ``ann_dir``.
-
-    Args:
-        img_dir: image folder (searched recursively).
-        ann_dir: label folder (searched recursively).
-        img_suffix: how image file names end, e.g. ``".jpg"`` or ``"_leftImg8bit.png"``.
-        seg_map_suffix: how label file names end, e.g. ``".png"`` or ``"_gtFine_labelTrainIds.png"``.
-
-    Returns:
-        ``(image_path, label_path)`` pairs sorted by name.
-
-    Raises:
-        FileNotFoundError: a folder is missing.
-        DatasetError: no images, or images without labels, or labels without images.
-    """
-    img_dir, ann_dir = Path(img_dir), Path(ann_dir)
-    for folder, what in ((img_dir, "image"), (ann_dir, "label")):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{what} folder {folder} does not exist")
-    for suffix, name in ((img_suffix, "img_suffix"), (seg_map_suffix, "seg_map_suffix")):
-        if not isinstance(suffix, str) or not suffix:
-            raise UsageError(f"{name} must be a non-empty string such as '.jpg' (how the file names end), got "
-                             f"{suffix!r}: with an empty suffix every file would pair with every other")
-    if _overlap(img_dir, ann_dir) and (img_suffix.endswith(seg_map_suffix) or seg_map_suffix.endswith(img_suffix)):
-        raise UsageError(f"img_suffix {img_suffix!r} and seg_map_suffix {seg_map_suffix!r} clash: the image and "
-                         f"label folders ({img_dir}, {ann_dir}) overlap, so one file would match both; give "
-                         "suffixes that tell images from labels (e.g. '_img.png' and '_label.png')")
-    images, labels = _scan(img_dir, img_suffix, "image"), _scan(ann_dir, seg_map_suffix, "label")
-    if not images:
-        raise DatasetError(f"no images ending in {img_suffix!r} under {img_dir}")
-    no_label = sorted(set(images) - set(labels))
-    if no_label:
-        raise DatasetError(f"{len(no_label)} image(s) under {img_dir} have no label '<name>{seg_map_suffix}' "
-                           f"under {ann_dir}: {preview_list([str(images[k].relative_to(img_dir)) for k in no_label])}")
-    no_image = sorted(set(labels) - set(images))
-    if no_image:
-        raise DatasetError(f"{len(no_image)} label(s) under {ann_dir} have no image '<name>{img_suffix}' under "
-                           f"{img_dir}: {preview_list([str(labels[k].relative_to(ann_dir)) for k in no_image])}")
-    return [(images[k], labels[k]) for k in sorted(images)]
 
 
 # --------------------------------------------------------------------------------------------- datasets
@@ -375,6 +300,11 @@ class ADE20K(SegmentationDataset):
         self.root, self.split = root, folder
 
 
+# the other files of each image in Cityscapes' gtFine/ (the download's own), expected beside the train-id labels
+CITYSCAPES_COMPANIONS = ("_gtFine_color.png", "_gtFine_instanceIds.png", "_gtFine_labelIds.png",
+                         "_gtFine_polygons.json")
+
+
 class Cityscapes(SegmentationDataset):
     """Cityscapes fine annotations (19 train ids, 255 ignore), read from ``*_gtFine_labelTrainIds.png``.
 
@@ -394,7 +324,8 @@ class Cityscapes(SegmentationDataset):
         if not any(ann_dir.rglob("*_gtFine_labelTrainIds.png")) and any(ann_dir.rglob("*_gtFine_labelIds.png")):
             raise DatasetError(f"Cityscapes split {split!r}: {ann_dir} holds *_gtFine_labelIds.png but no "
                                f"*_gtFine_labelTrainIds.png; run `semask convert cityscapes {root}` first")
-        super().__init__(pair_files(img_dir, ann_dir, "_leftImg8bit.png", "_gtFine_labelTrainIds.png"),
+        super().__init__(pair_files(img_dir, ann_dir, "_leftImg8bit.png", "_gtFine_labelTrainIds.png",
+                                    expected=CITYSCAPES_COMPANIONS),
                          CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, reduce_zero_label=False, transform=transform,
                          name=f"Cityscapes[{folder}]")
         self.root, self.split = root, folder

@@ -16,6 +16,10 @@ rules, or is refused with a message that says why:
   order of preference, ``(3, H, W)`` (torchvision's), ``(H, W, 3)``, ``(C, H, W)`` and ``(H, W, C)`` with C = 1 or
   4 (so a ``(3, 5, 3)`` tensor is read as channels first, a ``(1, 1, 3)`` one as a single RGB pixel). Grey
   images are repeated to three channels, a fourth (alpha) channel is dropped. Tensors stay on their device.
+- **Tensors**: dense ones of any strides (transposed, sliced, expanded, channels-last), with or without
+  ``requires_grad`` (their values are read, detached). Tensors without values to read -- on the ``meta``
+  device, sparse, quantised or nested -- are refused with a :class:`~semask.errors.UsageError` saying what to
+  pass instead (`semask.device.check_tensor`).
 - **Size**: an image needs at least one pixel. Files are refused *before decoding* when they declare more
   pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (89,478,485 by default; PIL itself only warns up to twice
   that), a guard against decompression bombs -- a few-kilobyte PNG can declare 20000 x 20000 pixels. For
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from semask.device import check_tensor
 from semask.errors import ImageError, LimitError, NonFiniteError, UsageError, UsageTypeError
 
 __all__ = [
@@ -204,7 +209,8 @@ def rgb_tensor(image: ImageInput, name: Optional[str] = None) -> torch.Tensor:
         that need no conversion share their memory).
 
     Raises:
-        UsageTypeError: not an image type. UsageError: a shape that is not an image.
+        UsageTypeError: not an image type. UsageError: a shape that is not an image; a tensor without usable
+            values (`meta` device, sparse, quantised, nested; see `semask.device.check_tensor`).
         ImageError, NonFiniteError, LimitError: values or sizes the rules refuse.
     """
     if isinstance(image, (str, os.PathLike)):
@@ -228,6 +234,7 @@ def rgb_tensor(image: ImageInput, name: Optional[str] = None) -> torch.Tensor:
         values = torch.from_numpy(np.ascontiguousarray(image))  # H, W, C
     elif isinstance(image, torch.Tensor):
         name = name or "image tensor"
+        check_tensor(image, name)  # before any value is read: meta, sparse, quantised and nested tensors
         if image.ndim == 2:
             image = image[None]
         if image.ndim != 3:

@@ -6,16 +6,22 @@ numbers from torch's generator, so every worker has its own stream and a run is 
 also seeds Python's ``random`` and numpy's global generator in each worker for any user code that uses them.
 With ``num_workers=0`` the transforms run in the main process and draw from its global torch generator, which
 this module does not touch: seed it first (:func:`semask.device.seed_everything`) for a repeatable run.
+
+Errors: an error raised while a worker loads a sample (an unreadable image, a label out of range) reaches the
+caller as that error, with its own one-line message that names the file (:func:`unwrap_worker_error`), not as
+torch's "Caught X in DataLoader worker process N ... Original Traceback" text; torch's error, with the worker's
+traceback, stays attached as its ``__cause__`` (shown by ``semask ... --debug``).
 """
 from __future__ import annotations
 
 import random
+import re
 import statistics
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -25,7 +31,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from semask.errors import UsageError
 
 __all__ = ["seed_worker", "build_dataloader", "cycle", "measure_pipeline_throughput", "sample_seed",
-           "TrainSampler", "AugmentedDataset", "build_train_loader"]
+           "TrainSampler", "AugmentedDataset", "build_train_loader", "unwrap_worker_error", "WorkerErrorLoader"]
+
+# torch's text for an error re-raised from a loader worker or its pin-memory thread (torch._utils.ExceptionWrapper)
+_WRAPPED = re.compile(r"Caught (\w+) in (?:DataLoader worker process \d+|pin memory thread[^\n]*)\.\n"
+                      r"Original Traceback \(most recent call last\):\n")
 
 
 def seed_worker(worker_id: int) -> None:
@@ -33,6 +43,56 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+
+
+def unwrap_worker_error(exc: BaseException) -> Optional[BaseException]:
+    """The error a DataLoader worker raised, rebuilt from torch's re-raised copy of it; None for other errors.
+
+    torch sends a worker's error to the main process as its type and formatted traceback, and raises
+    ``type("Caught X in DataLoader worker process N.\\nOriginal Traceback ...")``. This returns an error of the
+    same type whose message is the original one (the last lines of that traceback), or a ``RuntimeError`` naming
+    the original type when the type cannot be rebuilt from a message.
+    """
+    text = exc.args[0] if len(exc.args) == 1 and isinstance(exc.args[0], str) else ""
+    match = _WRAPPED.match(text)
+    if match is None:
+        return None
+    name, lines = match.group(1), text.splitlines()
+    # the last traceback of the chain ends with the error's own lines: the first unindented line after its header
+    i = max(k for k, line in enumerate(lines) if line.endswith("Traceback (most recent call last):")) + 1
+    while i < len(lines) and (not lines[i] or lines[i][0].isspace()):
+        i += 1
+    body = "\n".join(lines[i:]).strip()
+    message = re.sub(rf"^(?:[\w.]+\.)?{re.escape(name)}(?::[ \t]?|$)", "", body, count=1).strip()
+    cls = type(exc)
+    if cls.__name__ == name:
+        try:
+            return cls(message)
+        except Exception:  # a type that is not built from one message
+            pass
+    return RuntimeError(f"{name}: {message}" if message else name)
+
+
+def _unwrapping(batches: Iterator[Any]) -> Iterator[Any]:
+    """Yield from a DataLoader iterator, raising a worker's error as itself (:func:`unwrap_worker_error`)."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as exc:
+            original = unwrap_worker_error(exc)
+            if original is None:
+                raise
+            raise original from exc
+        yield batch
+
+
+class WorkerErrorLoader(DataLoader):
+    """A DataLoader whose workers' errors reach the caller as themselves (see :func:`unwrap_worker_error`)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return _unwrapping(super().__iter__())
 
 
 def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool = True, num_workers: int = 0,
@@ -73,7 +133,7 @@ def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool = True, nu
     extra: dict[str, Any] = {}
     if num_workers > 0 and prefetch_factor is not None:
         extra["prefetch_factor"] = prefetch_factor
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+    return WorkerErrorLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last,
                       persistent_workers=persistent_workers, worker_init_fn=seed_worker, generator=generator,
                       **extra)
@@ -192,7 +252,7 @@ def build_train_loader(dataset: Any, transform: Any, batch_size: int, seed: int 
     # its own generator: starting the loader's iterator draws the workers' base seed, which must not consume
     # the global generator that dropout and drop-path use
     generator = torch.Generator().manual_seed(sample_seed(seed, rank, start))
-    return DataLoader(AugmentedDataset(dataset, transform, seed), batch_size=batch_size, sampler=sampler,
+    return WorkerErrorLoader(AugmentedDataset(dataset, transform, seed), batch_size=batch_size, sampler=sampler,
                       num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
                       persistent_workers=False, worker_init_fn=seed_worker, generator=generator)
 

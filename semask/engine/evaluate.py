@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from semask.data.transforms import TestPipelineConfig
+from semask.device import check_tensor
 from semask.engine.distributed import shard
 from semask.engine.inference import Predictor
 from semask.engine.metrics import confusion_matrix, format_table, metrics_from_confusion
@@ -119,6 +120,22 @@ def check_classes(model: nn.Module, dataset: Any) -> None:
                       "same class for both", stacklevel=2)
 
 
+def _sample(dataset: Any, index: int) -> Mapping[str, Any]:
+    """Item `index` of `dataset` without its transform, checked to hold an image and a label that can be read."""
+    sample = dataset.load(index) if hasattr(dataset, "load") else dataset[index]
+    where = f"dataset item {index}"
+    if not isinstance(sample, Mapping) or "image" not in sample or "label" not in sample:
+        what = f"a dict with keys {sorted(map(str, sample))}" if isinstance(sample, Mapping) else type(sample).__name__
+        raise UsageError(f"evaluate: {where} is {what}; expected a dict with 'image' and 'label' (as the "
+                         "load(i) of semask.data's datasets returns)")
+    if "path" in sample:
+        where += f" ({sample['path']})"
+    for key in ("image", "label"):
+        if isinstance(sample[key], torch.Tensor):
+            check_tensor(sample[key], f"evaluate: {where} {key!r}")
+    return sample
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: bool = False,
              test_config: Optional[TestPipelineConfig] = None, crop_size: int = 512, stride: int = 341,
@@ -180,7 +197,7 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
     start = time.perf_counter()
     try:
         for i in indices:
-            sample = dataset.load(i) if hasattr(dataset, "load") else dataset[i]
+            sample = _sample(dataset, i)
             pred = predictor.predict_labels(sample["image"])
             label = torch.as_tensor(sample["label"], device=predictor.device)
             image_confusion = confusion_matrix(pred, label, k, ignore)

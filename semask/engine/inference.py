@@ -52,6 +52,8 @@ __all__ = [
     "predict",
 ]
 
+_META_MODEL = ("model is on the 'meta' device (shapes without weights) and cannot segment images; build it on a "
+               "real device, or load weights into it (semask.load_checkpoint)")
 _CHUNK_BYTES = 256 << 20  # above this, the final resize + argmax of one view works on groups of classes
 
 
@@ -176,8 +178,13 @@ class Predictor:
         test_config: a `TestPipelineConfig` or the name of a `TEST_PRESETS` entry (scale, multi-scale ratios,
             normalisation); default ``model_test_config(model)``, the one of the model's recipe.
 
+    Images are given as paths, PIL images, arrays or tensors (`semask.data.images`); a tensor on another device
+    than the model is copied to the model's device, and its ``requires_grad`` does not matter. Tensors without
+    values to read (``meta`` device, sparse, quantised, nested) are refused with a `UsageError`.
+
     Raises:
-        UsageError, UsageTypeError: an argument of the wrong type or out of range.
+        UsageError, UsageTypeError: an argument of the wrong type or out of range; `device` for a model on the
+            ``meta`` device (such a predictor tells its settings, and refuses to segment).
     """
 
     def __init__(self, model: nn.Module, mode: str = "whole", scale: Optional[tuple[int, int]] = None,
@@ -203,7 +210,10 @@ class Predictor:
         if self.stride > self.crop_size:
             raise UsageError(f"stride {self.stride} is larger than crop_size {self.crop_size}: the windows would "
                              "leave pixels uncovered; use a stride of at most the crop size")
+        weight = next(model.parameters(), None)
         if device is not None:
+            if weight is not None and weight.is_meta:
+                raise UsageError(_META_MODEL)
             self.device = check_device(device)
             model = model.to(self.device)
         else:
@@ -220,6 +230,8 @@ class Predictor:
     # ------------------------------------------------------------------------------------------- internals
     def _image(self, image: ImageInput) -> torch.Tensor:
         """(1, 3, H, W) uint8 on the device (a view of an (H, W, 3) tensor, as the reference pipeline has it)."""
+        if self.device.type == "meta":  # a predictor of a meta model tells its settings but segments nothing
+            raise UsageError(_META_MODEL)
         return rgb_tensor(image).to(self.device).permute(2, 0, 1)[None]  # 1, 3, H, W
 
     def _check_finite(self, decoder_logits: torch.Tensor) -> None:

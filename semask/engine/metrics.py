@@ -20,13 +20,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from semask.device import check_tensor
 from semask.errors import UsageError, UsageTypeError
 
 __all__ = ["SegmentationMetric", "mean_iou", "format_table", "metrics_from_areas", "metrics_from_confusion",
            "confusion_matrix", "areas_from_confusion"]
 
 
-def _as_tensor(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+def _as_tensor(x: np.ndarray | torch.Tensor, device: torch.device, name: str = "class ids") -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        check_tensor(x, name)  # values must be readable: not meta, sparse, quantised or nested
     tensor = torch.as_tensor(x, device=device)
     if tensor.is_floating_point() or tensor.dtype == torch.bool:
         raise UsageTypeError(f"expected integer class ids, got dtype {tensor.dtype}; pass argmax'ed predictions")
@@ -82,7 +85,7 @@ def confusion_matrix(pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.
         ``0 .. K - 1`` (the message lists them).
     """
     device = pred.device if isinstance(pred, torch.Tensor) else torch.device("cpu")
-    pred_t, label_t = _as_tensor(pred, device), _as_tensor(label, device)
+    pred_t, label_t = _as_tensor(pred, device, "prediction"), _as_tensor(label, device, "label")
     if pred_t.shape != label_t.shape:
         raise UsageError(f"prediction shape {tuple(pred_t.shape)} differs from label shape {tuple(label_t.shape)}; "
                          "resize the prediction to the label size first")
@@ -150,7 +153,8 @@ class SegmentationMetric:
             pred: ``(H, W)`` or ``(B, H, W)`` integer class ids in ``0 .. K - 1``.
             label: same shape; class ids or ``ignore_index``.
         """
-        confusion = confusion_matrix(_as_tensor(pred, self.device), label, self.num_classes, self.ignore_index)
+        confusion = confusion_matrix(_as_tensor(pred, self.device, "prediction"), label, self.num_classes,
+                                     self.ignore_index)
         self.areas += areas_from_confusion(confusion)
 
     def merge(self, other: SegmentationMetric) -> SegmentationMetric:

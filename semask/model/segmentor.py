@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from semask.model.config import ModelConfig
 from semask.model.decoder import SemanticFPNHead, resize
+from semask.device import check_tensor
 from semask.errors import UsageError, UsageTypeError
 from semask.model.semantic import SemanticAttentionMap
 from semask.model.swin import SeMaskSwin
@@ -42,7 +43,8 @@ class SegmentationOutput:
     attentions: list[SemanticAttentionMap] = field(default_factory=list)
 
 
-def check_input(x: torch.Tensor, in_chans: int = 3, dtype: Optional[torch.dtype] = None) -> None:
+def check_input(x: torch.Tensor, in_chans: int = 3, dtype: Optional[torch.dtype] = None,
+                device: Optional[torch.device] = None) -> None:
     """Fail early, with a message that says what to do, on inputs the model cannot take.
 
     Args:
@@ -51,12 +53,16 @@ def check_input(x: torch.Tensor, in_chans: int = 3, dtype: Optional[torch.dtype]
         dtype: the model's weight dtype; the batch must have it, except under autocast, which casts every
             floating type but float64 (float64 or float16 into a float32 model is an error here, not a matmul
             error deep inside).
+        device: the model's device; the batch must be on it (None: not checked).
 
     Raises:
-        UsageTypeError: not a tensor. UsageError: wrong shape, empty batch or image, wrong dtype.
+        UsageTypeError: not a tensor, or complex. UsageError: a tensor without usable values (`meta` device,
+        sparse, quantised, nested: `semask.device.check_tensor`), on another device than the model, wrong shape,
+        empty batch or image, wrong dtype.
     """
     if not isinstance(x, torch.Tensor):
         raise UsageTypeError(f"expected a torch.Tensor of shape (B, {in_chans}, H, W), got {type(x).__name__}")
+    check_tensor(x, "the model's input x", device)
     if x.ndim != 4 or x.shape[1] != in_chans:
         raise UsageError(f"expected a normalised image batch of shape (B, {in_chans}, H, W), got {tuple(x.shape)}"
                          + (" (add a batch dimension with x[None])" if x.ndim == 3 else ""))
@@ -114,7 +120,8 @@ class SeMaskFPN(nn.Module):
         Returns:
             `SegmentationOutput`; `.logits` is (B, K, H, W), `.prior_logits` (B, K, ceil(H/4), ceil(W/4)).
         """
-        check_input(x, dtype=self.backbone.patch_embed.proj.weight.dtype)
+        weight = self.backbone.patch_embed.proj.weight
+        check_input(x, dtype=weight.dtype, device=weight.device)
         feats = self.backbone(x, return_attention=return_attention)
         decoder_logits, prior = self.decode_head(feats.features, feats.priors)
         # class scores leave the model in fp32 even under autocast (which would resize in bf16/fp16): the
@@ -174,7 +181,8 @@ class ExternalSegmentor(nn.Module):
         Returns:
             `SegmentationOutput` with `.logits` (B, K, H, W) and no priors.
         """
-        check_input(x)
+        weight = next(self.net.parameters(), None)
+        check_input(x, device=weight.device if weight is not None else None)
         H, W = x.shape[-2:]
         d = self.size_divisor
         padded = F.pad(x, (0, -W % d, 0, -H % d))  # B, 3, ceil(H/d)*d, ceil(W/d)*d

@@ -19,7 +19,7 @@ from semask.engine.inference import ImageInput, Predictor, load_image, resolve_t
 from semask.engine.metrics import mean_iou
 from semask.errors import UsageError
 from semask.model.semantic import SemanticAttentionMap
-from semask.viz.inputs import names_caller
+from semask.viz.inputs import names_caller, to_numpy
 from semask.viz.stages import cell_box, prior_on_image, stage_to_image
 
 __all__ = ["TestPreset", "ImageAnalysis", "analyse_image", "semantic_gammas"]
@@ -127,7 +127,7 @@ class ImageAnalysis:
 
 def _label_of(label: Any, size: tuple[int, int]) -> np.ndarray:
     """The (H, W) int64 ground truth of an image of `size`."""
-    lab = np.asarray(label.detach().cpu() if isinstance(label, torch.Tensor) else label)
+    lab = to_numpy(label, "label")
     if lab.shape != size or not np.issubdtype(lab.dtype, np.integer):
         raise UsageError(f"expected an (H, W) integer label of the image's size {size}, got shape {lab.shape} "
                          f"dtype {lab.dtype}")

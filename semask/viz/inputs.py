@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from semask.data.classes import default_palette
+from semask.device import check_tensor
 from semask.engine.inference import ImageInput, load_image
 from semask.errors import SemaskError, UsageError
 
@@ -57,9 +58,13 @@ def names_caller(name: str) -> Callable[[Function], Function]:
     return decorate
 
 
-def to_numpy(x: ArrayLike) -> np.ndarray:
-    """A numpy array of an array or a tensor (detached, on the CPU)."""
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+def to_numpy(x: ArrayLike, name: str = "tensor") -> np.ndarray:
+    """A numpy array of an array or a tensor (detached, on the CPU); a tensor without values to read (``meta``
+    device, sparse, quantised, nested) is a `UsageError` naming it as `name` (`semask.device.check_tensor`)."""
+    if isinstance(x, torch.Tensor):
+        check_tensor(x, name)
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
 
 
 def image_array(image: ImageInput) -> np.ndarray:
@@ -86,7 +91,7 @@ def class_index_map(label: ArrayLike, name: str, size: Optional[tuple[int, int]]
         name: what the map is, for messages (``"the label"``, ``"prediction 'whole'"``).
         size: the (H, W) it must have, or None.
     """
-    array = to_numpy(label)
+    array = to_numpy(label, name)
     if array.ndim != 2:
         hint = " (class scores? pass their argmax over the class axis)" if array.ndim == 3 else ""
         raise UsageError(f"expected {name} as an (H, W) map of class indices, got shape {array.shape}{hint}")

@@ -53,7 +53,7 @@ def colorize(label: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: 
     Returns:
         (H, W, 3) uint8 RGB.
     """
-    label = np.asarray(label)
+    label = to_numpy(label, "label")
     if label.ndim != 2:
         raise UsageError(f"expected an (H, W) label map, got shape {label.shape}")
     lut = np.zeros((max(256, int(label.max(initial=0)) + 1), 3), dtype=np.uint8)
@@ -71,11 +71,12 @@ def colorize(label: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: 
 def overlay(image: np.ndarray, label: np.ndarray, palette: Sequence[Sequence[int]], alpha: float = 0.5,
             ignore_index: int = 255) -> np.ndarray:
     """Blend the coloured label map over an (H, W, 3) uint8 image; ignored pixels keep the image."""
-    if image.shape[:2] != np.asarray(label).shape:
-        raise UsageError(f"image {image.shape[:2]} and label {np.asarray(label).shape} differ in size")
+    label = to_numpy(label, "label")
+    if image.shape[:2] != label.shape:
+        raise UsageError(f"image {image.shape[:2]} and label {label.shape} differ in size")
     color = colorize(label, palette, ignore_index).astype(np.float32)
     out = image.astype(np.float32) * (1 - alpha) + color * alpha
-    keep = np.asarray(label) == ignore_index
+    keep = label == ignore_index
     out[keep] = image[keep]
     return out.round().astype(np.uint8)
 
@@ -84,7 +85,7 @@ def overlay(image: np.ndarray, label: np.ndarray, palette: Sequence[Sequence[int
 def save_label_map(label: np.ndarray, path: Union[str, os.PathLike],
                    palette: Optional[Sequence[Sequence[int]]] = None) -> Path:
     """Write a label map as PNG atomically: class indices (mode L), or indexed colour (mode P) with a palette."""
-    label = np.asarray(label)
+    label = to_numpy(label, "label")
     if label.ndim != 2:
         raise UsageError(f"expected an (H, W) label map, got shape {label.shape}")
     if label.size and (label.min() < 0 or label.max() > 255):
@@ -112,7 +113,7 @@ def denormalize(image: ArrayLike, mean: Sequence[float] = IMAGENET_MEAN,
     Returns:
         (H, W, 3) uint8 RGB, rounded and clipped to 0..255.
     """
-    array = to_numpy(image)
+    array = to_numpy(image, "image")
     if array.ndim != 3 or array.shape[0] != 3 or not np.issubdtype(array.dtype, np.floating):
         hint = " (take one image of the batch)" if array.ndim == 4 else ""
         raise UsageError(f"expected a normalised float image of shape (3, H, W), got shape {array.shape} dtype "
