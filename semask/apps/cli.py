@@ -35,6 +35,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -476,6 +477,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     command = argv[0] if argv and not argv[0].startswith("-") else "command"
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    show = warnings.showwarning
+
+    def note(message, category, filename, lineno, file=None, line=None):  # semask's notices as one line each
+        if os.path.abspath(filename).startswith(package + os.sep):
+            print(f"semask {command}: note: {' '.join(str(message).split())}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = note
     try:
         limit = os.environ.get("SEMASK_MAX_IMAGE_PIXELS")
         if limit:
@@ -499,6 +510,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in error_lines(exc):
             print(f"semask {command}: error: {line}", file=sys.stderr)
         return exit_status(exc)
+    finally:
+        warnings.showwarning = show
 
 
 if __name__ == "__main__":
