@@ -276,7 +276,7 @@ def test_the_command_line_names_unused_files(tmp_path: Path, toy_checkpoint: Pat
     assert "Traceback" not in result.stderr
     if case == "stray_text":
         assert result.returncode == 0, result.stderr
-        assert "DatasetWarning" in result.stderr and "1 file(s)" in result.stderr and name in result.stderr
+        assert f"semask {command}: note: 1 file(s)" in result.stderr and name in result.stderr, result.stderr
     else:
         assert result.returncode == 1, result.stderr
         errors = _error_lines(result.stderr)
