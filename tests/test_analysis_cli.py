@@ -80,7 +80,7 @@ def test_refusals_happen_before_the_work_and_touch_nothing(setup, tmp_path, caps
     before = checkpoint.read_bytes()
     args, expected = {
         "exists": (["--json", str(target)], "pass --overwrite"),
-        "is the checkpoint": (["--json", str(checkpoint), "--overwrite"], "is an input of this command"),
+        "is the checkpoint": (["--json", str(checkpoint), "--overwrite"], "is the checkpoint"),
         "folder": (["--json", str(tmp_path)], "is a folder"),
         "bad max": (["--max-images", "0"], "--max-images must be a positive number"),
         "no data": (["--set", f"data.root={tmp_path / 'absent'}"], "toy-data"),

@@ -289,20 +289,17 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from semask.device import autocast_dtype
     from semask.engine import distributed
     from semask.engine.analysis import analyze
+    from semask.engine.evaluate import data_inputs
     from semask.engine.train import build_datasets
-    from semask.errors import OutputError
     from semask.io import check_output_file
 
     if args.max_images is not None and args.max_images < 1:
         raise UsageError(f"--max-images must be a positive number of images, got {args.max_images}")
-    if args.json:  # planned before any work: a bad or existing output fails now, not after the whole split
-        target = check_output_file(args.json, "--json")
-        inputs = [p for p in (args.checkpoint, args.preset) if os.path.isfile(p)]
-        if target.exists() and any(os.path.samefile(target, p) for p in inputs):
-            raise OutputError(f"--json {args.json!r} is an input of this command; choose another file name")
-        if target.exists() and not args.overwrite:
-            raise OutputExistsError(f"--json {args.json!r} exists; choose another name or pass --overwrite")
     config = _resolve_config(args.preset, args.set)
+    if args.json:  # planned before any work: a bad or existing output fails now, not after the whole split
+        inputs = [("the checkpoint", args.checkpoint), ("the config file", _config_file(args.preset)),
+                  *data_inputs(config.data)]
+        check_output_file(args.json, "--json", inputs=inputs, overwrite=args.overwrite, probe=True)
     info = distributed.setup(args.device)
     try:
         model = load_checkpoint(args.checkpoint, map_location=info.device)
