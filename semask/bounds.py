@@ -20,14 +20,14 @@ import numbers
 import os
 import typing
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
 from semask.errors import UsageError
 
 __all__ = ["SettingError", "Range", "setting", "check_settings", "check_pixels", "memory_capacity", "check_fits",
-           "forward_bytes", "format_bytes"]
+           "forward_bytes", "explicit_attention_strides", "format_bytes"]
 
 _MISSING = dataclasses.MISSING
 
@@ -116,15 +116,16 @@ def _shape(tp: Any) -> tuple[bool, Optional[int], type]:
     return optional, None, tp
 
 
-def check_settings(obj: Any) -> None:
-    """Check every field of the dataclass ``obj`` that declares a `Range`.
+def check_settings(obj: Any, owner: Optional[str] = None) -> None:
+    """Check every field of the dataclass ``obj`` that declares a `Range` (``owner``: its name in messages,
+    by default its class's).
 
     Raises:
         SettingError: the first field that is not of its type, not finite or out of its range; the message is
             ``Owner: field must be <range>, got <value>``, and the error carries the field, what it may be and
             the value.
     """
-    owner = type(obj).__name__
+    owner = owner or type(obj).__name__
     for name, rng, tp in _declared(type(obj)):
         value = getattr(obj, name)
         optional, length, element = _shape(tp)
@@ -169,14 +170,32 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} PiB"  # not reached
 
 
-def forward_bytes(pixels: float, num_classes: int, batch: int = 1, training: bool = False) -> int:
-    """A lower bound on the memory one pass over ``batch`` images of ``pixels`` pixels needs.
+def forward_bytes(height: int, width: int, num_classes: int, batch: int = 1, training: bool = False,
+                  attention_strides: Sequence[int] = ()) -> int:
+    """A lower bound on the memory one pass over ``batch`` images of ``height x width`` pixels needs.
 
-    Counts only the float32 input and the full-resolution class scores (training: also their gradients, the
-    semantic prior's scores with theirs, and the int64 labels); the backbone's activations come on top.
+    Counts the float32 input and the full-resolution class scores (training: also their gradients, the semantic
+    prior's scores with theirs, and the int64 labels), and for each stride in ``attention_strides`` the
+    (tokens x tokens) float32 weights of a global semantic attention computed explicitly at that stride (its
+    memory grows with the square of the pixels: see `explicit_attention_strides`). The backbone's other
+    activations come on top.
     """
     per_pixel = 4 * 3 + (8 + 4 * num_classes * 4 if training else 4 * num_classes)
-    return int(pixels * batch * per_pixel)
+    total = height * width * per_pixel
+    for stride in attention_strides:
+        tokens = math.ceil(height / stride) * math.ceil(width / stride)
+        total += tokens * tokens * 4 * (2 if training else 1)  # training keeps them, and their gradient
+    return int(total * batch)
+
+
+def explicit_attention_strides(model: Any, device: Union[str, torch.device]) -> tuple[int, ...]:
+    """The strides of ``model``'s global semantic attention layers that build their whole (tokens x tokens)
+    weights on ``device``: every one except on CUDA, where a fused kernel does without (`semask.model.semantic`)."""
+    config, backbone = getattr(model, "config", None), getattr(model, "backbone", None)
+    if torch.device(device).type == "cuda" or config is None or not hasattr(config, "resolved_global_stages"):
+        return ()
+    strides = getattr(backbone, "strides", None) or []
+    return tuple(strides[i] for i in config.resolved_global_stages() if i < len(strides))
 
 
 def check_pixels(setting_name: str, height: float, width: float, bytes_per_pixel: float = 12,
@@ -213,10 +232,8 @@ def _cgroup_limit() -> Optional[int]:
     return None
 
 
-def memory_capacity(device: Union[str, torch.device]) -> Optional[int]:
-    """All the memory ``device`` has: a GPU's total memory; for the CPU the physical memory, or the container's
-    limit when lower. None where it cannot be told (then nothing is refused)."""
-    device = torch.device(device)
+@functools.lru_cache(maxsize=None)
+def _capacity(device: torch.device) -> Optional[int]:
     if device.type == "cuda" and torch.cuda.is_available():
         return int(torch.cuda.get_device_properties(device.index or 0).total_memory)
     if device.type != "cpu":
@@ -227,6 +244,12 @@ def memory_capacity(device: Union[str, torch.device]) -> Optional[int]:
         physical = None
     limits = [v for v in (physical, _cgroup_limit()) if v]
     return min(limits) if limits else None
+
+
+def memory_capacity(device: Union[str, torch.device]) -> Optional[int]:
+    """All the memory ``device`` has: a GPU's total memory; for the CPU the physical memory, or the container's
+    limit when lower. None where it cannot be told (then nothing is refused)."""
+    return _capacity(torch.device(device))  # asked once per device: it does not change while a process runs
 
 
 def check_fits(setting_name: str, needed: int, device: Union[str, torch.device], what: str, advice: str,

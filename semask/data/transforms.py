@@ -298,8 +298,9 @@ class TrainPipelineConfig:
 class TestPipelineConfig:
     """The test-time rescale of one published recipe (docs/recipes.md §6), checked like `TrainPipelineConfig`."""
 
-    scale: tuple[int, int] = setting((2048, 512), ge=1, what="two positive ints (long_max, short_max)")  # keep-ratio test scale
-    ratios: tuple[float, ...] = setting(TEST_RATIOS, gt=0)  # multi-scale ratios used by the inference module's msflip mode
+    # keep-ratio test scale (long_max, short_max)
+    scale: tuple[int, int] = setting((2048, 512), ge=1, what="two positive ints (long_max, short_max)")
+    ratios: tuple[float, ...] = setting(TEST_RATIOS, gt=0)  # multi-scale ratios of the inference module's msflip
     mean: tuple[float, float, float] = setting(IMAGENET_MEAN)  # normalisation mean, RGB, 0..255
     std: tuple[float, float, float] = setting(IMAGENET_STD, gt=0)  # normalisation std, RGB, 0..255
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from semask.bounds import SettingError, check_fits, forward_bytes
+from semask.bounds import SettingError, check_fits, explicit_attention_strides, forward_bytes
 from semask.checkpoint import is_url, load_pretrained_backbone, load_training_state, save_checkpoint
 from semask.data.datasets import ADE20K, COCOStuff10k, Cityscapes, FolderDataset, SegmentationDataset
 from semask.data.loader import build_train_loader, sample_seed
@@ -221,13 +221,14 @@ def _claim_work_dir(config: TrainConfig, work_dir: Path, resume: Union[bool, str
     return rt.global_batch // per_step, resume_from, claim
 
 
-def _check_fits(config: TrainConfig, num_classes: int, device: torch.device) -> None:
-    """Refuse, before allocating, a batch of crops whose input and class scores alone exceed the device's memory."""
+def _check_fits(config: TrainConfig, model: nn.Module, device: torch.device) -> None:
+    """Refuse, before the first step, a batch of crops whose lower-bound memory exceeds the device's."""
     rt, (h, w) = config.train, config.data.train_pipeline.crop_size
-    needed = forward_bytes(h * w, num_classes, rt.batch_size, training=True)
+    needed = forward_bytes(h, w, model.num_classes, rt.batch_size, training=True,
+                           attention_strides=explicit_attention_strides(model, device))
     try:
         check_fits("train.batch_size x data.train_pipeline.crop_size", needed, device,
-                   f"a step of {rt.batch_size} crops of {h} x {w} pixels with {num_classes} classes",
+                   f"a step of {rt.batch_size} crops of {h} x {w} pixels with {model.num_classes} classes",
                    "lower data.train_pipeline.crop_size, or train.batch_size (train.global_batch is kept by gradient "
                    "accumulation)")
     except SettingError as exc:
@@ -331,8 +332,8 @@ def _setup(config: TrainConfig, work_dir: Path, accum: int, resume_from: Optiona
         torch.set_num_threads(rt.threads)
     seed_everything(rt.seed)
     train_set, val_set = build_datasets(config)
-    _check_fits(config, train_set.num_classes, device)
     module = _build_model(config, given, train_set, val_set, info)
+    _check_fits(config, module, device)
     dtype = autocast_dtype(rt.precision, device)
     optimizer = torch.optim.AdamW(param_groups(module, config.optim.weight_decay), lr=config.optim.lr,
                                   betas=config.optim.betas, eps=config.optim.eps, fused=device.type == "cuda")
