@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from semask.engine.config import ConfigError
-from semask.errors import SemaskError, UsageError
+from semask.errors import OutputError, SemaskError, UsageError
 from semask.io import atomic_path, process_alive
 
 __all__ = ["LOG_FILE", "CONFIG_FILE", "LATEST", "BEST", "TEXT_LOG", "TENSORBOARD_DIR", "LOCK_FILE", "TrainingError",
-           "RunLockedError", "read_training_log", "records_upto", "check_work_dir", "RunLock", "make_run_dir",
-           "remove_created", "RunLog"]
+           "RunLockedError", "read_training_log", "records_upto", "check_work_dir", "RunLock", "RunClaim",
+           "make_run_dir", "remove_created", "RunLog"]
 
 LOG_FILE = "log.jsonl"  # one JSON object per record: kind "train", "eval" or "pretrained"
 CONFIG_FILE = "config.json"  # the resolved TrainConfig
@@ -206,18 +206,51 @@ class RunLock:
                     self.path.unlink()
 
 
+class RunClaim:
+    """What a run did to its directory before it started: the folders it created, its lock, and what to tell its
+    log (a stale lock taken over). `release` gives it all back."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = work_dir
+        self.created: list[Path] = []
+        self.lock: Optional[RunLock] = None
+        self.notes: list[str] = []
+
+    def take(self) -> None:
+        """Create the run directory (and missing parents) and take its lock; on failure nothing is left."""
+        self.created = make_run_dir(self.work_dir)
+        self.lock = RunLock(self.work_dir)
+        try:
+            self.lock.acquire(say=self.notes.append)
+        except BaseException:
+            self.release(started=False)
+            raise
+
+    def release(self, started: bool) -> None:
+        """Give the lock back; a run that never started also removes the folders it created (while empty)."""
+        if self.lock is not None:
+            self.lock.release()
+        if not started:
+            remove_created(self.created)
+            self.created = []
+
+
 def make_run_dir(work_dir: Path) -> list[Path]:
     """Create ``work_dir`` and its missing parents; returns the folders this call created, outermost first."""
-    created = []
-    for folder in reversed([work_dir, *work_dir.parents]):
-        if not folder.exists():
-            try:
-                folder.mkdir()
-            except FileExistsError:  # made by another process meanwhile: not ours
-                continue
-            created.append(folder)
-    if not work_dir.is_dir():
-        raise TrainingError(f"--work-dir {work_dir} is not a folder")
+    created: list[Path] = []
+    try:
+        for folder in reversed([work_dir, *work_dir.parents]):
+            if not folder.exists():
+                try:
+                    folder.mkdir()
+                except FileExistsError:  # made by another process meanwhile: not ours
+                    continue
+                created.append(folder)
+        if not work_dir.is_dir():
+            raise OutputError(f"--work-dir {work_dir} is a file, not a folder; choose another --work-dir")
+    except BaseException:
+        remove_created(created)
+        raise
     return created
 
 

@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from semask.bounds import SettingError, check_fits, explicit_attention_strides, forward_bytes
 from semask.checkpoint import is_url, load_pretrained_backbone, load_training_state, save_checkpoint
 from semask.data.datasets import ADE20K, COCOStuff10k, Cityscapes, FolderDataset, SegmentationDataset
 from semask.data.loader import build_train_loader, sample_seed
@@ -37,8 +36,8 @@ from semask.engine import distributed
 from semask.engine.config import ConfigError, TrainConfig, to_dict, validate
 from semask.engine.evaluate import EvalResult, check_classes, evaluate
 from semask.engine.losses import SeMaskLoss
-from semask.engine.rundir import (BEST, LATEST, RunLock, RunLog, TrainingError, check_work_dir, make_run_dir,
-                                  records_upto, remove_created)
+from semask.engine.memory import check_step_fits, out_of_memory_error
+from semask.engine.rundir import BEST, LATEST, RunClaim, RunLog, TrainingError, check_work_dir, records_upto
 from semask.model.registry import create_model
 from semask.model.segmentor import SeMaskFPN
 
@@ -165,25 +164,8 @@ def _batches(loader: Any, device: torch.device, channels_last: bool) -> Iterator
         yield images, batch["label"].to(device, non_blocking=True)
 
 
-@dataclass
-class _Claim:
-    """What the first process did to the run directory before the run started: the folders it created, its lock,
-    and what to tell the log (a stale lock taken over)."""
-
-    created: list[Path] = field(default_factory=list)
-    lock: Optional[RunLock] = None
-    notes: list[str] = field(default_factory=list)
-
-    def release(self, started: bool) -> None:
-        """Give the lock back; a run that never started also removes the folders it created (when empty)."""
-        if self.lock is not None:
-            self.lock.release()
-        if not started:
-            remove_created(self.created)
-
-
 def _claim_work_dir(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
-                    info: distributed.DistInfo) -> tuple[int, Optional[Path], _Claim]:
+                    info: distributed.DistInfo) -> tuple[int, Optional[Path], RunClaim]:
     """Check the batch arithmetic; on the first process create the run directory and take its lock (at once, so
     that a second run into it is refused before anything else); then check the run directory and the ImageNet
     weights on every process. Returns the accumulation steps per optimizer step, the checkpoint to resume from
@@ -193,12 +175,10 @@ def _claim_work_dir(config: TrainConfig, work_dir: Path, resume: Union[bool, str
     if rt.global_batch % per_step:
         raise ConfigError(f"train.global_batch={rt.global_batch} is not a multiple of train.batch_size x processes "
                           f"= {rt.batch_size} x {info.world_size}; change one of them")
-    claim, failure = _Claim(), None
+    claim, failure = RunClaim(work_dir), None
     if info.is_main:  # under torchrun the first process alone holds the lock
         try:
-            claim.created = make_run_dir(work_dir)
-            claim.lock = RunLock(work_dir)
-            claim.lock.acquire(say=claim.notes.append)
+            claim.take()
         except Exception as exc:  # noqa: BLE001 - re-raised below, once every process knows
             failure = exc
     if distributed.any_process(failure is not None, info):
@@ -219,20 +199,6 @@ def _claim_work_dir(config: TrainConfig, work_dir: Path, resume: Union[bool, str
         claim.release(started=False)
         raise
     return rt.global_batch // per_step, resume_from, claim
-
-
-def _check_fits(config: TrainConfig, model: nn.Module, device: torch.device) -> None:
-    """Refuse, before the first step, a batch of crops whose lower-bound memory exceeds the device's."""
-    rt, (h, w) = config.train, config.data.train_pipeline.crop_size
-    needed = forward_bytes(h, w, model.num_classes, rt.batch_size, training=True,
-                           attention_strides=explicit_attention_strides(model, device))
-    try:
-        check_fits("train.batch_size x data.train_pipeline.crop_size", needed, device,
-                   f"a step of {rt.batch_size} crops of {h} x {w} pixels with {model.num_classes} classes",
-                   "lower data.train_pipeline.crop_size, or train.batch_size (train.global_batch is kept by gradient "
-                   "accumulation)")
-    except SettingError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 def _build_model(config: TrainConfig, given: Optional[nn.Module], train_set: SegmentationDataset,
@@ -319,7 +285,7 @@ def _load_pretrained(run: _Run) -> None:
               "missing": report.missing})
 
 
-def _setup(config: TrainConfig, work_dir: Path, accum: int, resume_from: Optional[Path], claim: _Claim,
+def _setup(config: TrainConfig, work_dir: Path, accum: int, resume_from: Optional[Path], claim: RunClaim,
            callback: Optional[Callable[[dict[str, Any]], None]], info: distributed.DistInfo,
            given: Optional[nn.Module]) -> _Run:
     """Everything the loop uses, in a fixed order (the seed is set before the model draws its weights). Nothing is
@@ -333,7 +299,7 @@ def _setup(config: TrainConfig, work_dir: Path, accum: int, resume_from: Optiona
     seed_everything(rt.seed)
     train_set, val_set = build_datasets(config)
     module = _build_model(config, given, train_set, val_set, info)
-    _check_fits(config, module, device)
+    check_step_fits(config, module, device)
     dtype = autocast_dtype(rt.precision, device)
     optimizer = torch.optim.AdamW(param_groups(module, config.optim.weight_decay), lr=config.optim.lr,
                                   betas=config.optim.betas, eps=config.optim.eps, fused=device.type == "cuda")
@@ -445,7 +411,9 @@ def train(config: TrainConfig, work_dir: Union[str, Path], *, resume: Union[bool
 
     Args:
         config: the resolved config (e.g. ``semask.engine.config.get_preset("toy")`` with overrides applied).
-        work_dir: run directory (created; an existing run in it is an error unless ``resume``).
+        work_dir: run directory (created; an existing run in it is an error unless ``resume``). The run holds its
+            lock (``run.lock``) until it ends; until its first step is done it writes nothing there, so a run that
+            fails earlier leaves the folder as it found it (and no folder it created).
         resume: continue from ``work_dir/latest.pth`` (model, optimizer, scaler, step, data position);
             ``"auto"``: continue when there is one, else start (a finished run then just loads: notebooks use this
             to train once and reuse the run afterwards).
@@ -459,10 +427,12 @@ def train(config: TrainConfig, work_dir: Union[str, Path], *, resume: Union[bool
         A `TrainResult` with the history, the best evaluation record and the trained model.
 
     Raises:
-        TrainingError: non-finite loss (with the step and loss terms), CUDA out of memory (with what to change),
-            an existing run in ``work_dir`` without ``resume``, or no ``latest.pth`` with ``resume``.
+        TrainingError: non-finite loss (with the step and loss terms), CUDA or CPU out of memory (with what to
+            change), an existing run in ``work_dir`` without ``resume``, or no ``latest.pth`` with ``resume``.
+        RunLockedError: another run holds ``work_dir`` (its host and process are named).
         FileNotFoundError: a dataset root or split that does not exist (the message shows the expected layout).
-        ConfigError: settings that do not fit together (e.g. a global batch the processes cannot reach).
+        ConfigError: a setting out of its range, settings that do not fit together (e.g. a global batch the
+            processes cannot reach), or a step whose memory estimate exceeds the device's.
     """
     info = distributed.setup(config.train.device)
     try:
@@ -485,7 +455,9 @@ def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
             finally:
                 run.log.close()
         except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-            _raise_if_out_of_memory(exc, config)
+            named = out_of_memory_error(exc, config)
+            if named is not None:
+                raise named from exc
             raise
         distributed.barrier(info)
         run.module.eval()
@@ -496,28 +468,6 @@ def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
         claim.release(started=run is not None and run.log.committed)
     return TrainResult(work_dir=work_dir, history=run.history, best=run.best, model=run.module, config=config,
                        evaluation=run.evaluation)
-
-
-def _raise_if_out_of_memory(exc: BaseException, config: TrainConfig) -> None:
-    """Turn running out of memory (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError, NumPy's
-    MemoryError) into a `TrainingError` that names the settings to lower; other errors are left alone."""
-    rt, crop = config.train, tuple(config.data.train_pipeline.crop_size)
-    text = str(exc)
-    cpu = isinstance(exc, MemoryError) or (not isinstance(exc, torch.OutOfMemoryError) and any(
-        marker in text for marker in ("DefaultCPUAllocator", "can't allocate memory", "Cannot allocate memory")))
-    if isinstance(exc, torch.OutOfMemoryError) and not cpu:
-        raise TrainingError(
-            f"CUDA ran out of memory with train.batch_size={rt.batch_size} at "
-            f"{crop} crops ({exc}). Try model.grad_checkpointing=true, "
-            f"a smaller train.batch_size (the global batch {rt.global_batch} is kept by gradient accumulation), "
-            "or train.precision=bf16.") from exc
-    if cpu:
-        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        raise TrainingError(
-            f"the CPU ran out of memory with train.batch_size={rt.batch_size} at {crop} crops ({first}). Lower "
-            f"train.batch_size (the global batch {rt.global_batch} is kept by gradient accumulation) or "
-            "data.train_pipeline.crop_size, set model.grad_checkpointing=true, or use fewer data.num_workers; "
-            "the last checkpoint is untouched.") from exc
 
 
 def _loop(run: _Run, progress: bool) -> None:
