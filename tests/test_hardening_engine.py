@@ -194,8 +194,11 @@ def test_resume_shows_each_step_once_in_train_log_and_tensorboard(tiny_toy_root,
 
     with pytest.raises(KeyboardInterrupt):
         train(config, run, callback=interrupt_at_step_5, progress=False)
+    pid = _dead_pid()  # as if the run had been killed: its lock is left behind
+    (run / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
     train(config, run, resume=True, progress=False)
     lines = (run / "train.log").read_text().splitlines()
+    assert sum(f"took over the lock of process {pid}" in line for line in lines) == 1, lines
     steps = [int(line.split(":")[0].split()[1]) for line in lines if line.startswith("step ")]
     assert steps == [1, 2, 3, 4, 5, 6], lines
     assert sum(line.startswith("resuming") for line in lines) == 1

@@ -301,13 +301,16 @@ class RunLog:
         """Whether the folder has been written to (`commit` was called)."""
         return self._pending is None
 
-    def _write(self, op: Callable[[], None]) -> None:
+    def _write(self, op: Callable[[], None], first: bool = False) -> None:
+        """Run ``op`` now, or keep it back until `commit` (``first``: before what was kept back so far)."""
         if not self.active:
             return
-        if self._pending is not None:
-            self._pending.append(op)
-        else:
+        if self._pending is None:
             op()
+        elif first:
+            self._pending.insert(0, op)
+        else:
+            self._pending.append(op)
 
     def commit(self) -> None:
         """Write what was kept back, in order, and from now on write at once (the run's first step is done)."""
@@ -354,17 +357,18 @@ class RunLog:
             return
         self._purge_step = step + 1
 
-        self.rewrite(records)
-        self._write(lambda: _cut_text_log(self.work_dir / TEXT_LOG, step, text_size))
+        # the files as the earlier run left them are cut back before anything of this run's is written
+        self._write(lambda: _cut_text_log(self.work_dir / TEXT_LOG, step, text_size), first=True)
+        self.rewrite(records, first=True)
 
-    def rewrite(self, records: list[dict[str, Any]]) -> None:
+    def rewrite(self, records: list[dict[str, Any]], first: bool = False) -> None:
         """Replace log.jsonl with ``records`` (atomically): a resume drops the records of the steps it redoes."""
 
         def rewrite() -> None:
             with atomic_path(self.work_dir / LOG_FILE) as tmp:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
 
-        self._write(rewrite)
+        self._write(rewrite, first)
 
     def text_size(self) -> Optional[int]:
         """train.log's size now (None on the other processes): where a resume from a checkpoint written now cuts it."""
