@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from semask.bounds import check_fits, check_pixels, explicit_attention_strides, forward_bytes
 from semask.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from semask.model.segmentor import SeMaskFPN
 from semask.errors import MissingPackageError, SemaskError, UsageError, UsageTypeError
@@ -98,6 +100,8 @@ def _require(module: str) -> Any:
 
 
 def _check_size(size: Sequence[int], name: str = "size") -> tuple[int, int]:
+    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in size):
+        raise UsageTypeError(f"{name} must be two positive integers (height, width), got {tuple(size)!r}")
     size = tuple(int(s) for s in size)
     if len(size) != 2 or min(size) < 1:
         raise UsageError(f"{name} must be two positive numbers (height, width), got {size}")
@@ -217,6 +221,13 @@ def _check_request(model: SeMaskFPN, size: Sequence[int], batch_size: int, dynam
     size = _check_size(size)
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
+    # bounded before anything is traced: export and check run PyTorch and onnxruntime at this size on the CPU
+    check_pixels(f"size (--size) {size}", *size)
+    needed = forward_bytes(*size, model.num_classes, batch_size,
+                           attention_strides=explicit_attention_strides(model, "cpu"))
+    check_fits(f"size (--size) {size}", needed, "cpu",
+               f"a forward pass of {batch_size} image(s) of {size[0]} x {size[1]} pixels with {model.num_classes} "
+               "classes", "export at a smaller --size (a dynamic graph accepts other sizes)")
     if dynamic and min(size) < min_dynamic_trace_size(model):
         window, stride = model.backbone.window_size, model.backbone.strides[-1]
         raise UsageError(

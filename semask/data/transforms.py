@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from semask.bounds import SettingError, check_pixels, check_settings, setting
+from semask.data.datasets import IGNORE_INDEX
 from semask.data.photometric import PhotoMetricDistortion, coin, randint, uniform
 from semask.errors import UnknownNameError, UsageError
 
@@ -37,6 +39,7 @@ __all__ = [
     "normalize",
     "pad_to",
     "multi_scale_sizes",
+    "check_scale_pixels",
     "TrainPipelineConfig",
     "TestPipelineConfig",
     "TrainTransform",
@@ -234,65 +237,79 @@ def pad_to(tensor: torch.Tensor, size: tuple[int, int], value: float) -> torch.T
 
 
 # --------------------------------------------------------------------------------------------- configuration
+def _as_tuples(config: Any, names: Sequence[str]) -> None:
+    """Lists (from JSON or the command line) -> tuples, so that a frozen config stays hashable and comparable."""
+    for name in names:
+        if isinstance(getattr(config, name), list):
+            object.__setattr__(config, name, tuple(getattr(config, name)))
+
+
+def check_scale_pixels(owner: str, scale: tuple[int, int], ratios: Sequence[float],
+                       ratio_field: str = "ratios") -> None:
+    """Refuse a keep-ratio scale whose largest rescale (``scale x max(ratios)``) makes images above the pixel limit.
+
+    A keep-ratio fit into ``(long, short)`` never has more than ``long x short`` pixels, whatever the image.
+    """
+    check_pixels(f"{owner}scale {tuple(scale)}", max(scale), min(scale), field="scale")
+    top = max(ratios, default=1.0)
+    if top > 1:  # the scale alone fits: the ratio is to blame
+        check_pixels(f"{owner}scale {tuple(scale)} x the largest of {ratio_field} ({top:g})", max(scale) * top,
+                     min(scale) * top, field=ratio_field)
+
+
 @dataclass(frozen=True)
 class TrainPipelineConfig:
-    """The training augmentation of one published recipe (docs/recipes.md §5)."""
+    """The training augmentation of one published recipe (docs/recipes.md §5).
 
-    crop_size: tuple[int, int] = (512, 512)  # (h, w) of the random crop; smaller images are padded
-    scale: tuple[int, int] = (2048, 512)  # keep-ratio base scale (long_max, short_max) before the ratio
-    ratios: tuple[float, ...] | None = TRAIN_RATIOS  # ratio drawn from this set (ADE20K, COCO-Stuff) ...
-    ratio_range: tuple[float, float] | None = None  # ... or uniformly from this range (Cityscapes)
-    cat_max_ratio: float = 1.0  # < 1: re-draw crops where one class covers this share or more (1.0 = off)
-    flip_prob: float = 0.5  # probability of a horizontal flip
+    Every number is checked where the config is made (`semask.bounds`): ranges beside the fields, and a crop or
+    a rescale above the pixel limit images are read under is refused before anything is allocated.
+    """
+
+    crop_size: tuple[int, int] = setting((512, 512), ge=1)  # (h, w) of the random crop; smaller images are padded
+    scale: tuple[int, int] = setting((2048, 512), ge=1)  # keep-ratio base scale (long_max, short_max) before the ratio
+    ratios: tuple[float, ...] | None = setting(TRAIN_RATIOS, gt=0)  # ratio drawn from this set (ADE20K, COCO-Stuff) ...
+    ratio_range: tuple[float, float] | None = setting(None, gt=0)  # ... or uniformly from this range (Cityscapes)
+    cat_max_ratio: float = setting(1.0, gt=0, le=1)  # < 1: re-draw crops where one class covers this share or more
+    flip_prob: float = setting(0.5, ge=0, le=1)  # probability of a horizontal flip
     photometric: bool = True  # brightness / contrast / saturation / hue distortion
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # normalisation mean, RGB, 0..255
-    std: tuple[float, float, float] = IMAGENET_STD  # normalisation std, RGB, 0..255
-    ignore_index: int = 255  # label value of unlabelled and padded pixels
+    mean: tuple[float, float, float] = setting(IMAGENET_MEAN)  # normalisation mean, RGB, 0..255
+    std: tuple[float, float, float] = setting(IMAGENET_STD, gt=0)  # normalisation std, RGB, 0..255
+    ignore_index: int = setting(IGNORE_INDEX, ge=0)  # label of unlabelled and padded pixels (the loss's and metric's)
 
     def __post_init__(self) -> None:
+        _as_tuples(self, ("crop_size", "scale", "ratios", "ratio_range", "mean", "std"))
         if self.ratios is not None and self.ratio_range is not None:
             raise UsageError("TrainPipelineConfig: give either `ratios` (a set) or `ratio_range`, not both; got "
                              f"ratios={self.ratios}, ratio_range={self.ratio_range}")
-        if self.ratios is not None and (len(self.ratios) == 0 or min(self.ratios) <= 0):
-            raise UsageError(f"TrainPipelineConfig: `ratios` must be positive numbers, got {self.ratios}")
-        if self.ratio_range is not None and not 0 < self.ratio_range[0] <= self.ratio_range[1]:
-            raise UsageError(f"TrainPipelineConfig: `ratio_range` must be (low, high) with 0 < low <= high, "
-                             f"got {self.ratio_range}")
-        if min(self.crop_size) <= 0 or min(self.scale) <= 0:
-            raise UsageError(f"TrainPipelineConfig: crop_size and scale must be positive, got "
-                             f"crop_size={self.crop_size}, scale={self.scale}")
-        if not 0 < self.cat_max_ratio <= 1:
-            raise UsageError(f"TrainPipelineConfig: cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
+        check_settings(self)
+        if self.ratio_range is not None and not self.ratio_range[0] <= self.ratio_range[1]:
+            raise SettingError(f"TrainPipelineConfig: `ratio_range` must be (low, high) with 0 < low <= high, "
+                               f"got {self.ratio_range}", "ratio_range")
+        # the crop is padded to its full size (float32 image + int64 label); the rescale's index arrays follow it
+        check_pixels(f"TrainPipelineConfig: crop_size {self.crop_size}", *self.crop_size, bytes_per_pixel=20,
+                     field="crop_size")
+        if self.ratio_range is not None:
+            check_scale_pixels("TrainPipelineConfig: ", self.scale, self.ratio_range, "ratio_range")
+        else:
+            check_scale_pixels("TrainPipelineConfig: ", self.scale, self.ratios or (1.0,))
 
 
 @dataclass(frozen=True)
 class TestPipelineConfig:
-    """The test-time rescale of one published recipe (docs/recipes.md §6)."""
+    """The test-time rescale of one published recipe (docs/recipes.md §6), checked like `TrainPipelineConfig`."""
 
-    scale: tuple[int, int] = (2048, 512)  # keep-ratio test scale (long_max, short_max)
-    ratios: tuple[float, ...] = TEST_RATIOS  # multi-scale ratios used by the inference module's msflip mode
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # normalisation mean, RGB, 0..255
-    std: tuple[float, float, float] = IMAGENET_STD  # normalisation std, RGB, 0..255
+    # keep-ratio test scale (long_max, short_max)
+    scale: tuple[int, int] = setting((2048, 512), ge=1, what="two positive ints (long_max, short_max)")
+    ratios: tuple[float, ...] = setting(TEST_RATIOS, gt=0)  # multi-scale ratios of the inference module's msflip
+    mean: tuple[float, float, float] = setting(IMAGENET_MEAN)  # normalisation mean, RGB, 0..255
+    std: tuple[float, float, float] = setting(IMAGENET_STD, gt=0)  # normalisation std, RGB, 0..255
 
     __test__ = False  # not a pytest test class despite the name
 
     def __post_init__(self) -> None:
-        for name in ("scale", "ratios", "mean", "std"):  # lists (from JSON or the command line) -> tuples
-            if isinstance(getattr(self, name), list):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
-        scale, ratios = self.scale, self.ratios
-        if (not isinstance(scale, tuple) or len(scale) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in scale)):
-            raise UsageError(f"TestPipelineConfig: scale must be two positive ints (long_max, short_max), got "
-                             f"{scale!r}")
-        if (not isinstance(ratios, tuple) or not ratios
-                or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < float("inf")
-                           for r in ratios)):
-            raise UsageError(f"TestPipelineConfig: ratios must be a non-empty tuple of positive numbers, got "
-                             f"{ratios!r}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise UsageError(f"TestPipelineConfig: mean and std must be three numbers each (RGB), std positive; "
-                             f"got mean={self.mean!r}, std={self.std!r}")
+        _as_tuples(self, ("scale", "ratios", "mean", "std"))
+        check_settings(self)
+        check_scale_pixels("TestPipelineConfig: ", self.scale, self.ratios)
 
 
 def _ratio_set(crop: int, long_side: int, cat_max_ratio: float) -> TrainPipelineConfig:

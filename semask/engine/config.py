@@ -24,6 +24,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
+from semask.bounds import SettingError, check_pixels, check_settings, setting
+from semask.data.datasets import IGNORE_INDEX
 from semask.errors import UsageError
 from semask.data.transforms import TEST_PRESETS, TRAIN_PRESETS, TestPipelineConfig, TrainPipelineConfig
 
@@ -64,9 +66,10 @@ class ModelSection:
 
     name: str = "semask_tiny_fpn"  # registry name; swin_*_fpn are the plain-Swin FPN baselines
     pretrained: Optional[str] = None  # ImageNet Swin weights (Microsoft's or timm's layout); None = from scratch
-    backbone_classes: Optional[int] = None  # classes of the semantic layers; None = the dataset's
-    semantic_global_stages: Optional[tuple[int, ...]] = None  # global semantic attention; None = released rule
-    drop_path_rate: Optional[float] = None  # stochastic depth; None = the registry's (0.3 for the published sizes)
+    backbone_classes: Optional[int] = setting(None, ge=1, le=10_000)  # semantic layers' classes; None = the dataset's
+    # stages with global semantic attention; None = the released rule
+    semantic_global_stages: Optional[tuple[int, ...]] = setting(None, ge=0, allow_empty=True)
+    drop_path_rate: Optional[float] = setting(None, ge=0, lt=1)  # stochastic depth; None = the registry's (0.3)
     grad_checkpointing: bool = False  # recompute backbone stages in backward (saves memory, costs ~30% time)
     sync_bn: Optional[bool] = None  # SyncBatchNorm in the decoder; None = on when training on several CUDA processes
 
@@ -81,7 +84,7 @@ class DataSection:
     val_split: Optional[str] = None  # None = the dataset's validation split
     train_pipeline: TrainPipelineConfig = field(default_factory=TrainPipelineConfig)  # the recipe's augmentation
     test_pipeline: TestPipelineConfig = field(default_factory=TestPipelineConfig)  # the recipe's test scale
-    num_workers: int = 4  # DataLoader processes per training process (0 = load in the main process)
+    num_workers: int = setting(4, ge=0, le=256)  # DataLoader processes per process (0 = none)
     class_names: Optional[tuple[str, ...]] = None  # folder datasets only: one name per class
     img_suffix: str = ".jpg"  # folder datasets only: how image file names end
     seg_map_suffix: str = ".png"  # folder datasets only: how label file names end
@@ -92,48 +95,49 @@ class DataSection:
 class LossSection:
     """CE of the decoder + prior_weight x CE of the summed semantic prior (docs/recipes.md §3)."""
 
-    prior_weight: float = 0.4  # weight of the semantic-prior loss (0.4 in every recipe)
-    ohem_min_kept: Optional[int] = None  # OHEM: hardest pixels kept per image (100000 where the release uses it)
-    class_weight: Optional[tuple[float, ...]] = None  # per-class loss weights (none in the released recipes)
+    prior_weight: float = setting(0.4, ge=0)  # weight of the semantic-prior loss (0.4 in every recipe)
+    ohem_min_kept: Optional[int] = setting(None, ge=1)  # OHEM: hardest pixels kept per image (or 100000)
+    # per-class loss weights, one per class, not all zero (none in the released recipes)
+    class_weight: Optional[tuple[float, ...]] = setting(None, ge=0, not_all_zero=True)
 
 
 @dataclass
 class OptimSection:
     """AdamW with the paper's parameter groups (no decay on position tables and norms)."""
 
-    lr: float = 1e-4  # peak learning rate
-    weight_decay: float = 1e-4  # AdamW decoupled weight decay (0 for rel.-pos. tables, abs. pos. embed, norms)
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
-    eps: float = 1e-8  # AdamW epsilon
-    clip_grad_norm: Optional[float] = None  # clip the global gradient norm to this value; None = no clipping
+    lr: float = setting(1e-4, gt=0)  # peak learning rate
+    weight_decay: float = setting(1e-4, ge=0)  # AdamW decoupled weight decay (0 for pos. tables, norms)
+    betas: tuple[float, float] = setting((0.9, 0.999), ge=0, lt=1)  # AdamW betas
+    eps: float = setting(1e-8, gt=0)  # AdamW epsilon
+    clip_grad_norm: Optional[float] = setting(None, gt=0)  # clip the global gradient norm; None = do not clip
 
 
 @dataclass
 class ScheduleSection:
     """Iteration-based linear warm-up then polynomial decay (mmcv's `poly` policy with `linear` warm-up)."""
 
-    iters: int = 80_000  # optimizer steps
-    warmup_iters: int = 1500  # linear warm-up steps
-    warmup_ratio: float = 1e-6  # learning rate at step 0, as a fraction of the scheduled rate
-    power: float = 1.0  # poly decay power
-    min_lr: float = 0.0  # learning rate reached at the last step
+    iters: int = setting(80_000, ge=1)  # optimizer steps
+    warmup_iters: int = setting(1500, ge=0)  # linear warm-up steps
+    warmup_ratio: float = setting(1e-6, gt=0, le=1)  # learning rate at step 0, as a fraction of the scheduled rate
+    power: float = setting(1.0, gt=0)  # poly decay power
+    min_lr: float = setting(0.0, ge=0)  # learning rate reached at the last step
 
 
 @dataclass
 class RuntimeSection:
     """Batch, precision, device, seeding and how often to log, evaluate and checkpoint."""
 
-    batch_size: int = 8  # images per process per forward pass (the recipe's images per GPU)
-    global_batch: int = 16  # images per optimizer step (images/GPU x GPUs); gradients are accumulated to reach it
+    batch_size: int = setting(8, ge=1)  # images per process per forward pass (the recipe's images per GPU)
+    global_batch: int = setting(16, ge=1)  # images per optimizer step (images/GPU x GPUs), by accumulation
     precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp16; fp32 on the CPU) | fp32 | bf16 | fp16
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N (torchrun assigns one GPU per process)
-    seed: int = 0  # seeds the model's initialisation, the data order and augmentation, dropout and drop-path
-    log_interval: int = 50  # steps between log lines
-    eval_interval: int = 8000  # steps between validations (0 = only at the end)
-    checkpoint_interval: int = 8000  # steps between writes of latest.pth (it is also written at the end)
+    seed: int = setting(0, ge=0, le=2**32 - 1)  # seeds initialisation, data order, augmentation, dropout
+    log_interval: int = setting(50, ge=1)  # steps between log lines
+    eval_interval: int = setting(8000, ge=0)  # steps between validations (0 = only at the end)
+    checkpoint_interval: int = setting(8000, ge=0)  # steps between writes of latest.pth (and at the end)
     channels_last: bool = True  # channels-last images (faster convolutions on CPUs and tensor cores)
     tensorboard: bool = True  # also write TensorBoard scalars when the `tensorboard` package is installed
-    threads: Optional[int] = None  # torch.set_num_threads on the CPU; None = PyTorch's default
+    threads: Optional[int] = setting(None, ge=1, le=1024)  # torch.set_num_threads on the CPU; None = PyTorch's
 
 
 @dataclass
@@ -141,9 +145,9 @@ class EvalSection:
     """The validation protocol used during training and by `semask test`."""
 
     mode: str = "whole"  # whole | slide (single scale); `semask test --aug-test` adds multi-scale + flip
-    crop_size: int = 512  # window of the sliding-window mode
-    stride: int = 341  # stride of the sliding-window mode
-    max_images: Optional[int] = None  # validate on the first N images only (None = the whole split)
+    crop_size: int = setting(512, ge=1)  # window of the sliding-window mode
+    stride: int = setting(341, ge=1)  # stride of the sliding-window mode
+    max_images: Optional[int] = setting(None, ge=1)  # validate on the first N images only (None = the whole split)
 
 
 @dataclass
@@ -169,10 +173,20 @@ def _fail(key: str, expected: str, got: Any) -> None:
     raise ConfigError(f"config key {key!r}: expected {expected}, got {got!r}")
 
 
+SECTIONS = ("model", "data", "loss", "optim", "schedule", "train", "eval")
+
+
 def validate(config: TrainConfig) -> None:
-    """Check the values that types alone do not constrain; raises `ConfigError` naming the key."""
+    """Check every setting: each numeric field against the range declared beside it (`semask.bounds`), then the
+    names and the settings that must agree with each other; raises `ConfigError` naming the key."""
     from semask.model.registry import list_models
 
+    for section in SECTIONS:
+        for obj, prefix in _checked_parts(getattr(config, section), section):
+            try:
+                check_settings(obj)
+            except SettingError as exc:
+                _fail(f"{prefix}.{exc.field}", exc.expected, exc.got)
     if config.model.name not in list_models():
         _fail("model.name", f"a registered model ({', '.join(list_models())})", config.model.name)
     if config.data.dataset not in DATASETS:
@@ -184,38 +198,34 @@ def validate(config: TrainConfig) -> None:
         _fail("train.precision", f"one of {', '.join(PRECISIONS)}", config.train.precision)
     if config.eval.mode not in ("whole", "slide"):
         _fail("eval.mode", "whole or slide (multi-scale + flip is `semask test --aug-test`)", config.eval.mode)
-    positive = {"train.batch_size": config.train.batch_size, "train.global_batch": config.train.global_batch,
-                "schedule.iters": config.schedule.iters, "train.log_interval": config.train.log_interval,
-                "eval.crop_size": config.eval.crop_size, "eval.stride": config.eval.stride}
-    for key, value in positive.items():
-        if value < 1:
-            _fail(key, "a positive integer", value)
-    non_negative = {"schedule.warmup_iters": config.schedule.warmup_iters,
-                    "train.eval_interval": config.train.eval_interval,
-                    "train.checkpoint_interval": config.train.checkpoint_interval,
-                    "data.num_workers": config.data.num_workers, "optim.weight_decay": config.optim.weight_decay,
-                    "loss.prior_weight": config.loss.prior_weight, "schedule.min_lr": config.schedule.min_lr}
-    for key, value in non_negative.items():
-        if value < 0:
-            _fail(key, "a non-negative number", value)
     if config.train.global_batch % config.train.batch_size:
         _fail("train.global_batch", f"a multiple of train.batch_size ({config.train.batch_size})",
               config.train.global_batch)
-    if not config.optim.lr > 0:
-        _fail("optim.lr", "a positive learning rate", config.optim.lr)
-    if not 0 < config.schedule.warmup_ratio <= 1:
-        _fail("schedule.warmup_ratio", "a fraction in (0, 1]", config.schedule.warmup_ratio)
-    if config.optim.clip_grad_norm is not None and not config.optim.clip_grad_norm > 0:
-        _fail("optim.clip_grad_norm", "a positive norm or none", config.optim.clip_grad_norm)
-    if config.loss.ohem_min_kept is not None and config.loss.ohem_min_kept < 1:
-        _fail("loss.ohem_min_kept", "a positive pixel count or none", config.loss.ohem_min_kept)
-    if config.loss.class_weight is not None and (not config.loss.class_weight
-                                                 or min(config.loss.class_weight) < 0):
-        _fail("loss.class_weight", "non-negative weights, one per class, or none", config.loss.class_weight)
-    if config.model.drop_path_rate is not None and not 0 <= config.model.drop_path_rate < 1:
-        _fail("model.drop_path_rate", "a probability in [0, 1)", config.model.drop_path_rate)
-    if config.eval.max_images is not None and config.eval.max_images < 1:
-        _fail("eval.max_images", "a positive count or none", config.eval.max_images)
+    if config.schedule.min_lr > config.optim.lr:
+        _fail("schedule.min_lr", f"at most optim.lr ({config.optim.lr:g}): the rate would rise while it decays",
+              config.schedule.min_lr)
+    if config.eval.stride > config.eval.crop_size:
+        _fail("eval.stride", f"at most eval.crop_size ({config.eval.crop_size}; windows farther apart leave pixels "
+              "uncovered): set both", config.eval.stride)
+    # one ignore index: the datasets mark unlabelled pixels with it, the pipeline pads with it, the loss and the
+    # metric skip it; another value would pad with a real class and train on it
+    if config.data.train_pipeline.ignore_index != IGNORE_INDEX:
+        _fail("data.train_pipeline.ignore_index", f"{IGNORE_INDEX}, the ignore label of every dataset, of the loss "
+              "and of the metric (semask.data.IGNORE_INDEX)", config.data.train_pipeline.ignore_index)
+    try:
+        check_pixels(f"eval.crop_size {config.eval.crop_size}", config.eval.crop_size, config.eval.crop_size)
+    except SettingError as exc:
+        raise ConfigError(f"config key 'eval.crop_size': {exc}") from None
+
+
+def _checked_parts(section: Any, prefix: str) -> list[tuple[Any, str]]:
+    """A section and its nested setting dataclasses (the pipelines), with their dotted prefixes."""
+    parts = [(section, prefix)]
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            parts += _checked_parts(value, f"{prefix}.{f.name}")
+    return parts
 
 
 # --------------------------------------------------------------------------------------------- presets
@@ -421,7 +431,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         return cls(**kwargs)
     except ConfigError:
         raise
-    except ValueError as exc:  # the pipeline dataclasses validate themselves
+    except SettingError as exc:  # the pipeline dataclasses validate themselves: name the full key
+        raise ConfigError(f"config key {prefix + '.' + exc.field!r}: {exc}") from exc
+    except ValueError as exc:
         raise ConfigError(f"config section {prefix or cls.__name__!r}: {exc}") from exc
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from semask.device import check_device
 
-__all__ = ["DistInfo", "setup", "resolve_device", "shard", "barrier", "all_reduce_mean", "cleanup"]
+__all__ = ["DistInfo", "setup", "resolve_device", "shard", "barrier", "any_process", "all_reduce_mean", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,15 @@ def barrier(info: DistInfo) -> None:
             dist.barrier(device_ids=[info.device.index])
         else:
             dist.barrier()
+
+
+def any_process(flag: bool, info: DistInfo) -> bool:
+    """Whether ``flag`` is true on any process (every process must call it; a single process gets its own)."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor(float(flag), device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:

@@ -32,8 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from semask.data.transforms import (TEST_PRESETS, TEST_RATIOS, TestPipelineConfig, get_test_preset,
-                                    multi_scale_sizes, normalize, resize_image)
+from semask.bounds import check_fits, check_pixels, explicit_attention_strides, forward_bytes
+from semask.data.transforms import (TEST_PRESETS, TEST_RATIOS, TestPipelineConfig, check_scale_pixels,
+                                    get_test_preset, multi_scale_sizes, normalize, resize_image)
 from semask.errors import NonFiniteError, SemaskError, UsageError, UsageTypeError
 from semask.data.images import ImageInput, rgb_tensor
 from semask.model.registry import model_config
@@ -226,6 +227,10 @@ class Predictor:
             config.ratios if mode == "msflip" else (1.0,))
         self.flip = flip if flip is not None else mode == "msflip"
         self.amp_dtype = amp_dtype
+        # sizes are bounded before any image is seen: no view above the pixel limit images are read under
+        check_scale_pixels("Predictor: ", self.scale, self.ratios)
+        if mode == "slide":
+            check_pixels(f"Predictor: crop_size {self.crop_size}", self.crop_size, self.crop_size, field="crop_size")
 
     # ------------------------------------------------------------------------------------------- internals
     def _image(self, image: ImageInput) -> torch.Tensor:
@@ -278,6 +283,18 @@ class Predictor:
     def _view_logits(self, img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Logits (B, K, h, w) of the image rescaled to `size` (B = 2 with its flipped copy)."""
         H0, W0 = img.shape[-2:]
+        views = 2 if self.flip else 1
+        strides = explicit_attention_strides(self.model, self.device)
+        if self.mode == "slide":  # the class scores cover the whole view, global attention one window batch
+            window = (min(self.crop_size, size[0]), min(self.crop_size, size[1]))
+            needed = (forward_bytes(*size, self.model.num_classes, views)
+                      + forward_bytes(*window, 0, views * self.window_batch, attention_strides=strides))
+        else:
+            needed = forward_bytes(*size, self.model.num_classes, views, attention_strides=strides)
+        check_fits(f"scale {tuple(self.scale)}", needed, self.device,
+                   f"this {H0} x {W0} image rescaled to {size[0]} x {size[1]} ({views} view(s), "
+                   f"{self.model.num_classes} classes)", "lower the test scale (scale=, --scale, "
+                   "data.test_pipeline.scale) or the ratios, or run on a device with more memory")
         # bilinear without antialiasing, rounded to uint8 like OpenCV's INTER_LINEAR in the reference
         batch = normalize(resize_image(img, size) if size != (H0, W0) else img, self.test_config.mean,
                           self.test_config.std)  # 1, 3, h, w float32

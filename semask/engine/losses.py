@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from semask.bounds import check_settings, setting
 from semask.errors import UsageError, UsageTypeError
 from semask.model.decoder import resize
 from semask.model.segmentor import SegmentationOutput
@@ -38,6 +39,28 @@ class LossOutput:
         if self.prior is not None:
             out["loss_prior"] = self.prior.item()
         return out
+
+
+@dataclass(frozen=True)
+class _LossSettings:
+    """The loss's numbers, checked by `semask.bounds` where they enter (`SeMaskLoss`, `semask_loss`)."""
+
+    prior_weight: float = setting(0.4, ge=0)
+    ignore_index: int = setting(255, ge=0)
+    ohem_min_kept: Optional[int] = setting(None, ge=1)
+    class_weight: Optional[tuple[float, ...]] = setting(None, ge=0, not_all_zero=True)
+
+
+def _loss_settings(who: str, prior_weight: float, ignore_index: int, ohem_min_kept: Optional[int],
+                   class_weight: Optional[Sequence[float]]) -> _LossSettings:
+    if class_weight is not None:
+        try:  # a list, a tuple, an array or a tensor of K numbers
+            class_weight = tuple(float(w) for w in class_weight)
+        except (TypeError, ValueError) as exc:
+            raise UsageTypeError(f"{who}: class_weight must be K numbers, got {class_weight!r}") from exc
+    settings = _LossSettings(prior_weight, ignore_index, ohem_min_kept, class_weight)
+    check_settings(settings, who)
+    return settings
 
 
 def _check_labels(labels: torch.Tensor, logits: torch.Tensor, ignore_index: int) -> None:
@@ -164,6 +187,10 @@ def semask_loss(output: SegmentationOutput, labels: torch.Tensor, prior_weight: 
     Returns:
         `LossOutput` with `total = decode + prior`.
     """
+    _loss_settings("semask_loss", prior_weight, ignore_index, ohem_min_kept, class_weight)
+    if ignore_index < output.decoder_logits.shape[1]:
+        raise UsageError(f"semask_loss: ignore_index {ignore_index} is also a class id (the model predicts "
+                         f"{output.decoder_logits.shape[1]} classes): that class would never be trained; use 255")
     _check_labels(labels, output.decoder_logits, ignore_index)
     labels = labels.long()
     size = labels.shape[-2:]
@@ -196,8 +223,9 @@ class SeMaskLoss(nn.Module):
     def __init__(self, prior_weight: float = 0.4, ignore_index: int = 255, ohem_min_kept: Optional[int] = None,
                  class_weight: Optional[Sequence[float]] = None):
         super().__init__()
+        checked = _loss_settings("SeMaskLoss", prior_weight, ignore_index, ohem_min_kept, class_weight)
         self.prior_weight, self.ignore_index, self.ohem_min_kept = prior_weight, ignore_index, ohem_min_kept
-        self.class_weight = tuple(class_weight) if class_weight is not None else None
+        self.class_weight = checked.class_weight
 
     def forward(self, output: SegmentationOutput, labels: torch.Tensor) -> LossOutput:
         return semask_loss(output, labels, self.prior_weight, self.ignore_index, self.ohem_min_kept,

@@ -136,6 +136,10 @@ class SegmentationMetric:
     def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str | None = None) -> None:
         if num_classes <= 0:
             raise UsageError(f"SegmentationMetric: num_classes must be positive, got {num_classes}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or 0 <= ignore_index < num_classes:
+            raise UsageError(f"SegmentationMetric: ignore_index must be an integer that is not a class id "
+                             f"(0..{num_classes - 1}), e.g. 255; got {ignore_index!r}: that class would never be "
+                             "scored")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.device = torch.device(device) if device is not None else torch.device("cpu")

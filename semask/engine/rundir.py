@@ -2,23 +2,29 @@
 
 A run directory holds ``config.json`` (the resolved config), ``log.jsonl`` (one JSON object per log line),
 ``train.log`` (what was printed), ``latest.pth`` (model, optimizer, scaler, iteration), ``best.pth`` (the weights
-with the best validation mIoU) and, with the tensorboard extra, ``tb/`` (TensorBoard scalars). Only the first
-process of a run writes them (`RunLog`).
+with the best validation mIoU), with the tensorboard extra ``tb/`` (TensorBoard scalars), and while the run is
+alive ``run.lock`` (`RunLock`: one run per folder). Only the first process of a run writes them (`RunLog`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import secrets
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from semask.engine.config import ConfigError
-from semask.errors import SemaskError, UsageError
-from semask.io import atomic_path
+from semask.errors import OutputError, SemaskError, UsageError
+from semask.io import atomic_path, process_alive
 
-__all__ = ["LOG_FILE", "CONFIG_FILE", "LATEST", "BEST", "TEXT_LOG", "TENSORBOARD_DIR", "TrainingError",
-           "read_training_log", "records_upto", "check_work_dir", "RunLog"]
+__all__ = ["LOG_FILE", "CONFIG_FILE", "LATEST", "BEST", "TEXT_LOG", "TENSORBOARD_DIR", "LOCK_FILE", "TrainingError",
+           "RunLockedError", "read_training_log", "records_upto", "check_work_dir", "RunLock", "RunClaim",
+           "make_run_dir", "remove_created", "RunLog"]
 
 LOG_FILE = "log.jsonl"  # one JSON object per record: kind "train", "eval" or "pretrained"
 CONFIG_FILE = "config.json"  # the resolved TrainConfig
@@ -26,6 +32,7 @@ LATEST = "latest.pth"  # model, optimizer, scaler, iteration: what --resume cont
 BEST = "best.pth"  # the weights with the best validation mIoU
 TEXT_LOG = "train.log"  # the lines the run printed
 TENSORBOARD_DIR = "tb"  # TensorBoard event files (optional extra)
+LOCK_FILE = "run.lock"  # host and process id of the live run (removed when it ends)
 
 
 class TrainingError(SemaskError, RuntimeError):
@@ -110,21 +117,176 @@ def check_work_dir(work_dir: Path, resume: Union[bool, str]) -> Optional[Path]:
     return None
 
 
+class RunLockedError(UsageError):
+    """Another process holds the run directory (its lock names the host and process)."""
+
+
+class RunLock:
+    """The lock of a live run: ``run.lock`` in the run directory, holding the host and process id of its owner.
+
+    Made with ``O_CREAT | O_EXCL``, so that of two processes started together exactly one gets it. A lock left
+    by a process that is gone (same host, no such process) is taken over, and the take-over is reported through
+    ``say``; a lock held by a live process, or by another host (whose processes cannot be seen from here), is a
+    `RunLockedError` at once. `release` removes the lock if it is still this process's.
+    """
+
+    def __init__(self, work_dir: Path) -> None:
+        self.path = Path(work_dir) / LOCK_FILE
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.held = False
+
+    def acquire(self, say: Callable[[str], None] = lambda line: None) -> None:
+        """Take the lock, or raise `RunLockedError` naming its holder."""
+        text = json.dumps({**self.owner, "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n"
+        for _ in range(3):  # a stale lock is moved away, then the exclusive create is tried again
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = self._holder(self.path)
+                self._refuse_unless_stale(holder)
+                if self._move_stale(holder):
+                    say(f"{self.path}: took over the lock of process {holder['pid']} on {holder['host']}, which is "
+                        "no longer running (a run that was killed)")
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            self.held = True
+            return
+        raise RunLockedError(f"{self.path.parent} is being claimed by other processes at the same time; run one "
+                             "`semask train` per --work-dir")
+
+    @staticmethod
+    def _holder(path: Path) -> Optional[dict[str, Any]]:
+        """The lock's host and pid; None when it cannot be read (being written, or not a lock of semask's)."""
+        try:
+            holder = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        ok = isinstance(holder, dict) and isinstance(holder.get("host"), str) and isinstance(holder.get("pid"), int)
+        return holder if ok else None
+
+    def _refuse_unless_stale(self, holder: Optional[dict[str, Any]]) -> None:
+        remove = f"if no run is using {self.path.parent}, delete {self.path} and start again"
+        if holder is None:
+            raise RunLockedError(f"{self.path.parent} is locked by another run ({self.path} is being written or is "
+                                 f"not a lock of semask's); {remove}")
+        where = f"process {holder['pid']} on host {holder['host']!r}" + (
+            f" (since {holder['started']})" if isinstance(holder.get("started"), str) else "")
+        if holder["host"] != self.owner["host"]:
+            raise RunLockedError(f"{self.path.parent} is locked by {where}, another machine, so whether it still "
+                                 f"runs cannot be told from here; {remove}")
+        if process_alive(holder["pid"]):
+            raise RunLockedError(f"{self.path.parent} is in use by a live run, {where}: one run per --work-dir; "
+                                 f"wait for it, stop it, or choose another --work-dir ({remove} if that process is "
+                                 "not a semask run)")
+
+    def _move_stale(self, holder: dict[str, Any]) -> bool:
+        """Remove the stale lock ``holder`` describes; False if another process replaced it meanwhile (then it is
+        put back: only a lock still naming the dead process is ever removed)."""
+        aside = self.path.with_name(f".{LOCK_FILE}.{self.owner['pid']}-{secrets.token_hex(4)}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:  # another process moved it first
+            return False
+        if self._holder(aside) == holder:
+            aside.unlink()
+            return True
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, self.path)  # a fresh lock, taken by mistake: back where it was, unless replaced
+        aside.unlink()
+        return False
+
+    def release(self) -> None:
+        """Remove the lock if this process holds it (idempotent)."""
+        if self.held:
+            self.held = False
+            holder = self._holder(self.path)
+            if holder is not None and all(holder.get(k) == v for k, v in self.owner.items()):
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+
+
+class RunClaim:
+    """What a run did to its directory before it started: the folders it created, its lock, and what to tell its
+    log (a stale lock taken over). `release` gives it all back."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = work_dir
+        self.created: list[Path] = []
+        self.lock: Optional[RunLock] = None
+        self.notes: list[str] = []
+
+    def take(self) -> None:
+        """Create the run directory (and missing parents) and take its lock; on failure nothing is left."""
+        self.created = make_run_dir(self.work_dir)
+        self.lock = RunLock(self.work_dir)
+        try:
+            self.lock.acquire(say=self.notes.append)
+        except BaseException:
+            self.release(started=False)
+            raise
+
+    def release(self, started: bool) -> None:
+        """Give the lock back; a run that never started also removes the folders it created (while empty)."""
+        if self.lock is not None:
+            self.lock.release()
+        if not started:
+            remove_created(self.created)
+            self.created = []
+
+
+def make_run_dir(work_dir: Path) -> list[Path]:
+    """Create ``work_dir`` and its missing parents; returns the folders this call created, outermost first."""
+    created: list[Path] = []
+    try:
+        for folder in reversed([work_dir, *work_dir.parents]):
+            if not folder.exists():
+                try:
+                    folder.mkdir()
+                except FileExistsError:  # made by another process meanwhile: not ours
+                    continue
+                created.append(folder)
+        if not work_dir.is_dir():
+            raise OutputError(f"--work-dir {work_dir} is a file, not a folder; choose another --work-dir")
+    except BaseException:
+        remove_created(created)
+        raise
+    return created
+
+
+def remove_created(created: list[Path]) -> None:
+    """Remove the folders `make_run_dir` created, innermost first, each only while it is empty."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): something else is in it, leave it
+            return
+
+
 class RunLog:
     """The first process's outputs in a run directory: printed lines (also in train.log), log.jsonl records,
     TensorBoard scalars and config.json. On the other processes (``active`` False) every method does nothing.
+
+    With ``defer``, nothing is written to the folder until `commit` (training calls it once the run's first step
+    is done), so that a run that fails before its first step leaves the folder as it found it; printed lines still
+    reach stderr, and records the callback, at once. The TensorBoard writer is made at the first record written:
+    no event file without a record.
 
     Args:
         work_dir: the run directory (it must exist).
         active: whether this process writes (rank 0).
         tensorboard: also write the records' numbers as TensorBoard scalars when the package is installed.
         callback: called with every record, e.g. to plot live.
+        defer: keep every write back until `commit`.
     """
 
     def __init__(self, work_dir: Path, active: bool, tensorboard: bool,
-                 callback: Optional[Callable[[dict[str, Any]], None]]) -> None:
+                 callback: Optional[Callable[[dict[str, Any]], None]], defer: bool = False) -> None:
         self.work_dir, self.active, self.callback = work_dir, active, callback
-        self.writer = None
+        self.writer: Any = None
+        self._writer_class: Any = None
+        self._purge_step: Optional[int] = None
+        self._pending: Optional[list[Callable[[], None]]] = [] if active and defer else None
         if active and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -132,41 +294,115 @@ class RunLog:
                 self.print(f"tensorboard is not installed: scalars are in {LOG_FILE} only "
                            "(pip install 'semask[tensorboard]' to get them in TensorBoard too)")
             else:
-                self.writer = SummaryWriter(str(work_dir / TENSORBOARD_DIR))
+                self._writer_class = SummaryWriter
+
+    @property
+    def committed(self) -> bool:
+        """Whether the folder has been written to (`commit` was called)."""
+        return self._pending is None
+
+    def _write(self, op: Callable[[], None], first: bool = False) -> None:
+        """Run ``op`` now, or keep it back until `commit` (``first``: before what was kept back so far)."""
+        if not self.active:
+            return
+        if self._pending is None:
+            op()
+        elif first:
+            self._pending.insert(0, op)
+        else:
+            self._pending.append(op)
+
+    def commit(self) -> None:
+        """Write what was kept back, in order, and from now on write at once (the run's first step is done)."""
+        if self._pending is None:
+            return
+        ops, self._pending = self._pending, None
+        for op in ops:
+            op()
 
     def print(self, line: str) -> None:
         """Print ``line`` to stderr and append it to train.log."""
         if self.active:
             print(line, file=sys.stderr, flush=True)
-            with open(self.work_dir / TEXT_LOG, "a") as f:
-                f.write(line + "\n")
+            self._write(lambda: self._append(TEXT_LOG, line + "\n"))
+
+    def _append(self, name: str, text: str) -> None:
+        with open(self.work_dir / name, "a") as f:
+            f.write(text)
 
     def record(self, rec: dict[str, Any]) -> None:
         """Append ``rec`` (with ``kind`` and ``iter``) to log.jsonl and TensorBoard, then call the callback."""
         if not self.active:
             return
-        with open(self.work_dir / LOG_FILE, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        self._write(lambda: self._write_record(rec))
+        if self.callback is not None:
+            self.callback(rec)
+
+    def _write_record(self, rec: dict[str, Any]) -> None:
+        self._append(LOG_FILE, json.dumps(rec) + "\n")
+        if self._writer_class is not None and self.writer is None:
+            # purge_step: TensorBoard hides the events a resume redoes, which earlier event files still hold
+            self.writer = self._writer_class(str(self.work_dir / TENSORBOARD_DIR), purge_step=self._purge_step)
         if self.writer is not None:
             for key, value in rec.items():
                 if isinstance(value, (int, float)) and key not in ("iter", "time"):
                     self.writer.add_scalar(f"{rec['kind']}/{key}", value, rec["iter"])
             self.writer.flush()
-        if self.callback is not None:
-            self.callback(rec)
 
-    def rewrite(self, records: list[dict[str, Any]]) -> None:
+    def rewind(self, records: list[dict[str, Any]], step: int, text_size: Optional[int]) -> None:
+        """Go back to step ``step`` for a resume: log.jsonl keeps ``records`` (rewritten atomically), train.log its
+        first ``text_size`` bytes (its size when the checkpoint was written; without it, the ``step N:`` lines of
+        later steps are dropped), and TensorBoard hides the later steps."""
+        if not self.active:
+            return
+        self._purge_step = step + 1
+
+        # the files as the earlier run left them are cut back before anything of this run's is written
+        self._write(lambda: _cut_text_log(self.work_dir / TEXT_LOG, step, text_size), first=True)
+        self.rewrite(records, first=True)
+
+    def rewrite(self, records: list[dict[str, Any]], first: bool = False) -> None:
         """Replace log.jsonl with ``records`` (atomically): a resume drops the records of the steps it redoes."""
-        if self.active:
+
+        def rewrite() -> None:
             with atomic_path(self.work_dir / LOG_FILE) as tmp:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
 
+        self._write(rewrite, first)
+
+    def text_size(self) -> Optional[int]:
+        """train.log's size now (None on the other processes): where a resume from a checkpoint written now cuts it."""
+        if not self.active or not self.committed:
+            return None
+        path = self.work_dir / TEXT_LOG
+        return path.stat().st_size if path.exists() else 0
+
     def write_config(self, values: dict[str, Any]) -> None:
         """Write the resolved config (`semask.engine.config.to_dict`) to config.json (atomically)."""
-        if self.active:
+
+        def write() -> None:
             with atomic_path(self.work_dir / CONFIG_FILE) as tmp:
                 tmp.write_text(json.dumps(values, indent=2) + "\n")
+
+        self._write(write)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _cut_text_log(path: Path, step: int, size: Optional[int]) -> None:
+    """Cut train.log back to ``size`` bytes, or (size unknown or larger than the file) drop its lines of steps
+    after ``step``; atomically."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if size is not None and 0 <= size <= len(data):
+        kept = data[:size]
+    else:
+        lines = data.decode("utf-8", errors="replace").splitlines(keepends=True)
+        kept = "".join(line for line in lines
+                       if not ((m := re.match(r"step (\d+):", line)) and int(m.group(1)) > step)).encode()
+    if kept != data:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(kept)

@@ -33,10 +33,11 @@ from semask.data.toy import ToyDataset
 from semask.data.transforms import TrainTransform
 from semask.device import autocast, autocast_dtype, peak_memory_bytes, seed_everything
 from semask.engine import distributed
-from semask.engine.config import ConfigError, TrainConfig, to_dict
+from semask.engine.config import ConfigError, TrainConfig, to_dict, validate
 from semask.engine.evaluate import EvalResult, check_classes, data_inputs, evaluate
 from semask.engine.losses import SeMaskLoss
-from semask.engine.rundir import BEST, LATEST, RunLog, TrainingError, check_work_dir, records_upto
+from semask.engine.memory import check_step_fits, out_of_memory_error
+from semask.engine.rundir import BEST, LATEST, RunClaim, RunLog, TrainingError, check_work_dir, records_upto
 from semask.model.registry import create_model
 from semask.model.segmentor import SeMaskFPN
 from semask.io import check_output_folder
@@ -164,10 +165,12 @@ def _batches(loader: Any, device: torch.device, channels_last: bool) -> Iterator
         yield images, batch["label"].to(device, non_blocking=True)
 
 
-def _prepare_work_dir(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
-                      info: distributed.DistInfo) -> tuple[int, Optional[Path]]:
-    """Check the batch arithmetic, the run directory and the ImageNet weights on every process, then create the
-    run directory. Returns the accumulation steps per optimizer step and the checkpoint to resume from (or None)."""
+def _claim_work_dir(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
+                    info: distributed.DistInfo) -> tuple[int, Optional[Path], RunClaim]:
+    """Check the batch arithmetic; on the first process create the run directory and take its lock (at once, so
+    that a second run into it is refused before anything else); then check the run directory and the ImageNet
+    weights on every process. Returns the accumulation steps per optimizer step, the checkpoint to resume from
+    (or None) and the claim to give back when the run ends."""
     rt = config.train
     per_step = rt.batch_size * info.world_size
     if rt.global_batch % per_step:
@@ -175,18 +178,30 @@ def _prepare_work_dir(config: TrainConfig, work_dir: Path, resume: Union[bool, s
                           f"= {rt.batch_size} x {info.world_size}; change one of them")
     check_output_folder(work_dir, "work_dir (--work-dir)",
                         inputs=[*data_inputs(config.data), ("model.pretrained", config.model.pretrained)])
-    resume_from = check_work_dir(work_dir, resume)
-    if (config.model.pretrained and resume_from is None and not is_url(config.model.pretrained)
-            and not Path(config.model.pretrained).is_file()):  # URLs are downloaded by load_pretrained_backbone
-        raise FileNotFoundError(
-            f"model.pretrained: ImageNet weights {config.model.pretrained!r} not found. The {config.name} recipe "
-            "starts from them (Microsoft's Swin Transformer release, github.com/microsoft/Swin-Transformer); pass "
-            "--set model.pretrained=PATH, or model.pretrained=none to train from scratch (far lower mIoU)")
-    distributed.barrier(info)  # every process has checked before the first one writes
-    if info.is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier(info)
-    return rt.global_batch // per_step, resume_from
+    claim, failure = RunClaim(work_dir), None
+    if info.is_main:  # under torchrun the first process alone holds the lock
+        try:
+            claim.take()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, once every process knows
+            failure = exc
+    if distributed.any_process(failure is not None, info):
+        claim.release(started=False)
+        if failure is not None:
+            raise failure
+        raise TrainingError(f"the first process could not claim {work_dir} (its error says why)")
+    try:
+        resume_from = check_work_dir(work_dir, resume)
+        if (config.model.pretrained and resume_from is None and not is_url(config.model.pretrained)
+                and not Path(config.model.pretrained).is_file()):  # URLs are downloaded by load_pretrained_backbone
+            raise FileNotFoundError(
+                f"model.pretrained: ImageNet weights {config.model.pretrained!r} not found. The {config.name} recipe "
+                "starts from them (Microsoft's Swin Transformer release, github.com/microsoft/Swin-Transformer); "
+                "pass --set model.pretrained=PATH, or model.pretrained=none to train from scratch (far lower mIoU)")
+        distributed.barrier(info)  # every process has checked before the first one writes
+    except BaseException:
+        claim.release(started=False)
+        raise
+    return rt.global_batch // per_step, resume_from, claim
 
 
 def _build_model(config: TrainConfig, given: Optional[nn.Module], train_set: SegmentationDataset,
@@ -205,6 +220,14 @@ def _build_model(config: TrainConfig, given: Optional[nn.Module], train_set: Seg
     check_classes(model, val_set)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    ignore = config.data.train_pipeline.ignore_index  # the one ignore index: pipeline, loss and metric
+    for split in (train_set, val_set):
+        if getattr(split, "ignore_index", ignore) != ignore:
+            raise ConfigError(f"data.train_pipeline.ignore_index={ignore} differs from the ignore label "
+                              f"{split.ignore_index} of {split!r}: the padding would be trained as a class")
+    if model.num_classes > ignore:
+        raise ConfigError(f"the model predicts {model.num_classes} classes but label {ignore} is the ignore index: "
+                          f"class {ignore} would never be trained or scored")
     if config.loss.class_weight is not None and len(config.loss.class_weight) != model.num_classes:
         raise ConfigError(f"loss.class_weight has {len(config.loss.class_weight)} values but the model predicts "
                           f"{model.num_classes} classes ({', '.join(train_set.class_names[:12])} ...)")
@@ -249,7 +272,8 @@ def _resume(run: _Run, checkpoint: Path) -> None:
     run.best = (state.get("extra") or {}).get("best")
     run.history = records_upto(run.work_dir, run.start_step)
     changed = _diff(state.get("train_config") or {}, to_dict(run.config))
-    run.log.rewrite(run.history)  # drop records of steps after the checkpoint
+    # drop what the steps after the checkpoint logged: they are redone
+    run.log.rewind(run.history, run.start_step, (state.get("extra") or {}).get("text_log_bytes"))
     run.log.print(f"resuming {run.work_dir} at step {run.start_step}/{run.config.schedule.iters}"
                   + (f"; config changed since the checkpoint: {'; '.join(changed)}" if changed else ""))
 
@@ -264,24 +288,27 @@ def _load_pretrained(run: _Run) -> None:
               "missing": report.missing})
 
 
-def _setup(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
+def _setup(config: TrainConfig, work_dir: Path, accum: int, resume_from: Optional[Path], claim: RunClaim,
            callback: Optional[Callable[[dict[str, Any]], None]], info: distributed.DistInfo,
            given: Optional[nn.Module]) -> _Run:
-    """Everything the loop uses, in a fixed order (the seed is set before the model draws its weights)."""
+    """Everything the loop uses, in a fixed order (the seed is set before the model draws its weights). Nothing is
+    written to the run directory yet (`RunLog` keeps it back until the first step is done)."""
     rt, device = config.train, info.device
-    accum, resume_from = _prepare_work_dir(config, work_dir, resume, info)
-    log = RunLog(work_dir, info.is_main, rt.tensorboard, callback)
+    log = RunLog(work_dir, info.is_main, rt.tensorboard, callback, defer=True)
+    for note in claim.notes:
+        log.print(note)
     if rt.threads and device.type == "cpu":
         torch.set_num_threads(rt.threads)
     seed_everything(rt.seed)
     train_set, val_set = build_datasets(config)
     module = _build_model(config, given, train_set, val_set, info)
+    check_step_fits(config, module, device)
     dtype = autocast_dtype(rt.precision, device)
     optimizer = torch.optim.AdamW(param_groups(module, config.optim.weight_decay), lr=config.optim.lr,
                                   betas=config.optim.betas, eps=config.optim.eps, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loss_fn = SeMaskLoss(config.loss.prior_weight, ohem_min_kept=config.loss.ohem_min_kept,
-                         class_weight=config.loss.class_weight)
+    loss_fn = SeMaskLoss(config.loss.prior_weight, ignore_index=config.data.train_pipeline.ignore_index,
+                         ohem_min_kept=config.loss.ohem_min_kept, class_weight=config.loss.class_weight)
     run = _Run(config, info, work_dir, log, module, optimizer, scaler, loss_fn, dtype, accum, train_set, val_set)
     if resume_from is not None:
         _resume(run, resume_from)
@@ -322,11 +349,7 @@ class _Window:
 
 def _stop_if_nonfinite(nonfinite: bool, step: int, lr: float, terms: dict[str, float],
                        info: distributed.DistInfo) -> None:
-    if info.distributed:  # every process stops together, before any of them steps
-        flag = torch.tensor(float(nonfinite), device=info.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        nonfinite = bool(flag.item())
-    if nonfinite:
+    if distributed.any_process(nonfinite, info):  # every process stops together, before any of them steps
         raise TrainingError(
             f"the loss became non-finite at step {step + 1} (lr {lr:.3g}; last micro-batch: "
             + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
@@ -377,8 +400,10 @@ def _save_latest(run: _Run, done: int) -> None:
     """Write latest.pth (weights, optimizer, scaler, step, best evaluation): what a resume continues from."""
     if run.info.is_main:
         scaler = run.scaler if run.scaler.is_enabled() else None
+        # train.log's size: a resume from this checkpoint cuts the log back to it
         save_checkpoint(run.work_dir / LATEST, run.module, optimizer=run.optimizer, scaler=scaler, iteration=done,
-                        train_config=to_dict(run.config), extra={"best": run.best})
+                        train_config=to_dict(run.config),
+                        extra={"best": run.best, "text_log_bytes": run.log.text_size()})
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -389,7 +414,9 @@ def train(config: TrainConfig, work_dir: Union[str, Path], *, resume: Union[bool
 
     Args:
         config: the resolved config (e.g. ``semask.engine.config.get_preset("toy")`` with overrides applied).
-        work_dir: run directory (created; an existing run in it is an error unless ``resume``).
+        work_dir: run directory (created; an existing run in it is an error unless ``resume``). The run holds its
+            lock (``run.lock``) until it ends; until its first step is done it writes nothing there, so a run that
+            fails earlier leaves the folder as it found it (and no folder it created).
         resume: continue from ``work_dir/latest.pth`` (model, optimizer, scaler, step, data position);
             ``"auto"``: continue when there is one, else start (a finished run then just loads: notebooks use this
             to train once and reuse the run afterwards).
@@ -403,10 +430,12 @@ def train(config: TrainConfig, work_dir: Union[str, Path], *, resume: Union[bool
         A `TrainResult` with the history, the best evaluation record and the trained model.
 
     Raises:
-        TrainingError: non-finite loss (with the step and loss terms), CUDA out of memory (with what to change),
-            an existing run in ``work_dir`` without ``resume``, or no ``latest.pth`` with ``resume``.
+        TrainingError: non-finite loss (with the step and loss terms), CUDA or CPU out of memory (with what to
+            change), an existing run in ``work_dir`` without ``resume``, or no ``latest.pth`` with ``resume``.
+        RunLockedError: another run holds ``work_dir`` (its host and process are named).
         FileNotFoundError: a dataset root or split that does not exist (the message shows the expected layout).
-        ConfigError: settings that do not fit together (e.g. a global batch the processes cannot reach).
+        ConfigError: a setting out of its range, settings that do not fit together (e.g. a global batch the
+            processes cannot reach), or a step whose memory estimate exceeds the device's.
     """
     info = distributed.setup(config.train.device)
     try:
@@ -418,22 +447,28 @@ def train(config: TrainConfig, work_dir: Union[str, Path], *, resume: Union[bool
 def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
            callback: Optional[Callable[[dict[str, Any]], None]], progress: bool, info: distributed.DistInfo,
            given: Optional[nn.Module]) -> TrainResult:
-    run = _setup(config, work_dir, resume, callback, info, given)
-    rt = config.train
+    validate(config)  # the sections are mutable: check the settings as they are now
+    accum, resume_from, claim = _claim_work_dir(config, work_dir, resume, info)
+    run = None
     try:
-        _loop(run, progress)
-    except torch.OutOfMemoryError as exc:
-        raise TrainingError(
-            f"CUDA ran out of memory with train.batch_size={rt.batch_size} at "
-            f"{tuple(config.data.train_pipeline.crop_size)} crops ({exc}). Try model.grad_checkpointing=true, "
-            f"a smaller train.batch_size (the global batch {rt.global_batch} is kept by gradient accumulation), "
-            "or train.precision=bf16.") from exc
-    finally:
-        run.log.close()
-    distributed.barrier(info)
-    run.module.eval()
-    run.log.print(f"done: {config.schedule.iters} steps, {time.perf_counter() - run.started:.0f} s in all"
-                  + (f"; best mIoU {100 * run.best['mIoU']:.2f} at step {run.best['iter']}" if run.best else ""))
+        try:
+            run = _setup(config, work_dir, accum, resume_from, claim, callback, info, given)
+            try:
+                _loop(run, progress)
+            finally:
+                run.log.close()
+        except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            named = out_of_memory_error(exc, config)
+            if named is not None:
+                raise named from exc
+            raise
+        distributed.barrier(info)
+        run.module.eval()
+        run.log.commit()  # a resume with no step left to do still records that it ran
+        run.log.print(f"done: {config.schedule.iters} steps, {time.perf_counter() - run.started:.0f} s in all"
+                      + (f"; best mIoU {100 * run.best['mIoU']:.2f} at step {run.best['iter']}" if run.best else ""))
+    finally:  # errors and KeyboardInterrupt too; a run that never did a step leaves no folder it created
+        claim.release(started=run is not None and run.log.committed)
     return TrainResult(work_dir=work_dir, history=run.history, best=run.best, model=run.module, config=config,
                        evaluation=run.evaluation)
 
@@ -480,6 +515,7 @@ def _loop(run: _Run, progress: bool) -> None:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
+            run.log.commit()  # the first step is done: from now on the run directory is written
             window.steps += 1
             if bar is not None:
                 bar.update(1)
