@@ -39,7 +39,7 @@ import torch.nn as nn
 from semask.data.transforms import TestPipelineConfig
 from semask.engine.attention_stats import SUM_NAMES, attention_sums, attention_summary, prior_labels, token_classes
 from semask.engine.distributed import shard
-from semask.engine.evaluate import check_classes
+from semask.engine.evaluate import check_classes, dataset_sample
 from semask.engine.grid import grid_stride
 from semask.engine.inference import Predictor
 from semask.engine.metrics import confusion_matrix, metrics_from_confusion
@@ -287,16 +287,6 @@ def _check_max_images(max_images: object) -> Optional[int]:
     return int(max_images)
 
 
-def _sample(dataset: Any, index: int) -> dict[str, Any]:
-    """Image ``index`` at its original size (``dataset.load``, else ``dataset[index]``) with its label."""
-    sample = dataset.load(index) if hasattr(dataset, "load") else dataset[index]
-    if not isinstance(sample, dict) or "image" not in sample or sample.get("label") is None:
-        got = sorted(sample) if isinstance(sample, dict) else type(sample).__name__
-        raise UsageError(f"analyze: sample {index} of {dataset!r} must be a dict with an 'image' and its 'label' "
-                         f"(as semask.data's datasets give), got {got}")
-    return sample
-
-
 @torch.no_grad()
 def analyze(model: nn.Module, dataset: Any, *, max_images: Optional[int] = None,
             device: Union[str, torch.device, None] = None, progress: bool = True,
@@ -349,7 +339,7 @@ def analyze(model: nn.Module, dataset: Any, *, max_images: Optional[int] = None,
     start = time.perf_counter()
     try:
         for i in indices:
-            sample = _sample(dataset, i)
+            sample = dataset_sample(dataset, i, "analyze")
             pred, output = predictor.predict_with_output(sample["image"], return_attention=bool(semantic))
             label = torch.as_tensor(np.asarray(sample["label"]), device=predictor.device).long()
             if tuple(label.shape) != tuple(pred.shape):

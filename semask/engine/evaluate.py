@@ -36,7 +36,8 @@ from semask.engine.inference import Predictor
 from semask.engine.metrics import confusion_matrix, format_table, metrics_from_confusion
 from semask.errors import UsageError
 
-__all__ = ["EvalResult", "evaluate", "check_classes", "plan_panels", "dataset_inputs", "data_inputs"]
+__all__ = ["EvalResult", "evaluate", "check_classes", "dataset_sample", "plan_panels", "dataset_inputs",
+           "data_inputs"]
 
 
 @dataclass
@@ -120,19 +121,20 @@ def check_classes(model: nn.Module, dataset: Any) -> None:
                       "same class for both", stacklevel=2)
 
 
-def _sample(dataset: Any, index: int) -> Mapping[str, Any]:
-    """Item `index` of `dataset` without its transform, checked to hold an image and a label that can be read."""
+def dataset_sample(dataset: Any, index: int, caller: str = "evaluate") -> Mapping[str, Any]:
+    """Item `index` of `dataset` without its transform (``dataset.load``, else ``dataset[index]``), checked to hold
+    an image and a label that can be read; `caller` starts the error message."""
     sample = dataset.load(index) if hasattr(dataset, "load") else dataset[index]
     where = f"dataset item {index}"
-    if not isinstance(sample, Mapping) or "image" not in sample or "label" not in sample:
+    if not isinstance(sample, Mapping) or "image" not in sample or sample.get("label") is None:
         what = f"a dict with keys {sorted(map(str, sample))}" if isinstance(sample, Mapping) else type(sample).__name__
-        raise UsageError(f"evaluate: {where} is {what}; expected a dict with 'image' and 'label' (as the "
+        raise UsageError(f"{caller}: {where} is {what}; it must be a dict with an 'image' and its 'label' (as the "
                          "load(i) of semask.data's datasets returns)")
     if "path" in sample:
         where += f" ({sample['path']})"
     for key in ("image", "label"):
         if isinstance(sample[key], torch.Tensor):
-            check_tensor(sample[key], f"evaluate: {where} {key!r}")
+            check_tensor(sample[key], f"{caller}: {where} {key!r}")
     return sample
 
 
@@ -197,7 +199,7 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
     start = time.perf_counter()
     try:
         for i in indices:
-            sample = _sample(dataset, i)
+            sample = dataset_sample(dataset, i)
             pred = predictor.predict_labels(sample["image"])
             label = torch.as_tensor(sample["label"], device=predictor.device)
             image_confusion = confusion_matrix(pred, label, k, ignore)

@@ -16,7 +16,7 @@ import numpy as np
 
 from semask.engine.analysis import Analysis
 from semask.errors import UsageError, UsageTypeError
-from semask.viz.figures import figure_axes, single_axes
+from semask.viz.figures import class_matrix, figure_axes
 from semask.viz.inputs import names_caller
 
 if TYPE_CHECKING:
@@ -119,25 +119,7 @@ def plot_class_attention(analysis: AnalysisLike, stage: int, *, class_names: Opt
                                                                      [f"class {i}" for i in range(k)])
     if len(names) != k:
         raise UsageError(f"{len(names)} class names for a {k}x{k} matrix")
-    side = max(4.0, 0.35 * k + 2.0)
-    fig, ax = single_axes(ax, (side + 1.0, side))
-    import matplotlib
-
-    colours = matplotlib.colormaps[cmap].with_extremes(bad="lightgray")
-    shown = ax.imshow(np.ma.masked_invalid(matrix), cmap=colours, vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.set_xticks(np.arange(k), names, rotation=90, fontsize="small")
-    ax.set_yticks(np.arange(k), names, fontsize="small")
-    ax.set_xlabel("key class")
-    ax.set_ylabel("query class")
-    if annotate if annotate is not None else k <= 20:
-        for i in range(k):
-            for j in range(k):
-                if np.isnan(matrix[i, j]):
-                    if i == j:
-                        ax.text(j, i, "n/a", ha="center", va="center", fontsize="x-small", color="dimgray")
-                    continue
-                ax.text(j, i, f"{100 * matrix[i, j]:.0f}", ha="center", va="center", fontsize="x-small",
-                        color="black" if matrix[i, j] > 0.5 else "white")
+    fig, ax, shown = class_matrix(ax, matrix, names, cmap, annotate, "key class", "query class")
     same, chance = entry.get("same_class_attention"), entry.get("same_class_chance")
     extra = f"\nsame class {100 * same:.1f}% (chance {100 * chance:.1f}%)" if same is not None and chance is not None \
         else ""

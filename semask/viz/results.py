@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from semask.errors import UsageError, UsageTypeError
-from semask.viz.figures import single_axes
+from semask.viz.figures import class_matrix, single_axes
 from semask.viz.inputs import ArrayLike, names_caller, to_numpy
 
 if TYPE_CHECKING:
@@ -275,24 +275,6 @@ def plot_confusion(confusion: ArrayLike, class_names: Optional[Sequence[str]] = 
     totals = counts.sum(axis=1, keepdims=True).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         fractions = np.where(totals > 0, counts / totals, np.nan)
-    side = max(4.0, 0.35 * k + 2.0)
-    fig, ax = single_axes(ax, (side + 1.0, side))
-    import matplotlib
-
-    colours = matplotlib.colormaps[cmap].with_extremes(bad="lightgray")
-    shown = ax.imshow(np.ma.masked_invalid(fractions), cmap=colours, vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.set_xticks(np.arange(k), names, rotation=90, fontsize="small")
-    ax.set_yticks(np.arange(k), names, fontsize="small")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("ground truth")
-    if annotate if annotate is not None else k <= 20:
-        for i in range(k):
-            for j in range(k):
-                if np.isnan(fractions[i, j]):
-                    if j == i:
-                        ax.text(j, i, "n/a", ha="center", va="center", fontsize="x-small", color="dimgray")
-                    continue
-                ax.text(j, i, f"{100 * fractions[i, j]:.0f}", ha="center", va="center", fontsize="x-small",
-                        color="white" if fractions[i, j] > 0.5 else "black")
+    fig, ax, shown = class_matrix(ax, fractions, names, cmap, annotate, "predicted", "ground truth")
     fig.colorbar(shown, ax=ax, shrink=0.8, label="fraction of the ground-truth class's pixels")
     return fig
