@@ -186,16 +186,6 @@ def server() -> Iterator[HostileServer]:
 
 
 @pytest.fixture
-def hub_dir(tmp_path: Path) -> Iterator[Path]:
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    try:
-        yield tmp_path / "hub"
-    finally:
-        torch.hub.set_dir(previous)
-
-
-@pytest.fixture
 def small_limits(monkeypatch) -> DownloadLimits:
     for name, value in SMALL.items():
         monkeypatch.setattr(DOWNLOAD_LIMITS, name, value)

@@ -28,17 +28,6 @@ from semask.errors import UsageError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def hub_dir(tmp_path: Path) -> Iterator[Path]:
-    """torch.hub's directory (and so its download cache) in a temporary folder, restored afterwards."""
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    try:
-        yield tmp_path / "hub"
-    finally:
-        torch.hub.set_dir(previous)
-
-
 class _Server:
     """A static file server on 127.0.0.1 that records the paths it was asked for."""
 
