@@ -20,6 +20,9 @@ up to the order of additions), on every process.
     analysis = semask.analyze(model, ToyDataset("data/toy", "validation"))
     print(analysis.table())
     analysis.stages[2].same_class_attention, analysis.to_dict()["decoder_prior_mIoU"]
+
+`analyze_output` is the same measurement of one image from a model output the caller already has (the
+explorer's per-image analysis panel): one owner, no second forward.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ from semask.engine.inference import Predictor
 from semask.engine.metrics import confusion_matrix, metrics_from_confusion
 from semask.errors import UsageError, UsageTypeError
 
-__all__ = ["StageAnalysis", "Analysis", "analyze", "stage_gammas"]
+__all__ = ["StageAnalysis", "Analysis", "analyze", "analyze_output", "stage_gammas"]
 
 
 def stage_gammas(model: nn.Module) -> list[Optional[list[float]]]:
@@ -224,9 +227,20 @@ class Analysis:
 
 class _Sums:
     """Everything `analyze` adds over images, on the model's device: (2 + S) confusion matrices (prediction,
-    decoder prior, each stage's prior), per stage the `SUM_NAMES` sums and the class-to-class mass."""
+    decoder prior, each stage's prior), per stage the `SUM_NAMES` sums and the class-to-class mass; and what the
+    model has to be measured (its stages with a semantic layer, whether its priors can be scored against labels
+    of ``k`` classes).
+    """
 
-    def __init__(self, num_stages: int, k: int, device: torch.device):
+    def __init__(self, module: nn.Module, k: int, ignore: int, device: torch.device):
+        self.module, self.k, self.ignore = module, k, ignore
+        self.gammas = stage_gammas(module)
+        self.semantic = [i for i, g in enumerate(self.gammas) if g is not None]
+        # semantic layers of other classes than the labels' (a 150-class backbone under a 171-class head) have no
+        # prior to score against these labels; their attention is still measured with the labels' classes
+        self.priors_scored = bool(self.semantic) and getattr(module.backbone, "num_classes", None) == k
+        self.decoder_prior = self.priors_scored and bool(getattr(module.decode_head, "prior_branch", False))
+        num_stages = len(self.gammas)
         self.confusion = torch.zeros(2 + num_stages, k, k, dtype=torch.int64, device=device)
         self.attention = torch.zeros(num_stages, len(SUM_NAMES), dtype=torch.float64, device=device)
         self.mass = torch.zeros(num_stages, k, k, dtype=torch.float64, device=device)
@@ -235,46 +249,56 @@ class _Sums:
         for tensor in (self.confusion, self.attention, self.mass):
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
+    def add(self, output: Any, pred: torch.Tensor, label: torch.Tensor) -> None:
+        """One image's confusions and attention sums (the model's output of one image, the (H, W) prediction)."""
+        k, ignore = self.k, self.ignore
+        self.confusion[0] += confusion_matrix(pred, label, k, ignore)  # checks the label's ids first
+        input_size = tuple(output.logits.shape[-2:])
+        image_size = tuple(label.shape)
+        if self.priors_scored and output.prior_logits is not None:
+            self.confusion[1] += confusion_matrix(prior_labels(output.prior_logits[0], input_size, image_size),
+                                                  label, k, ignore)
+        for j, stage in enumerate(self.semantic):
+            prior = output.stage_priors[j][0]  # K', h_i, w_i
+            if self.priors_scored:
+                self.confusion[2 + stage] += confusion_matrix(prior_labels(prior, input_size, image_size), label, k,
+                                                              ignore)
+            grid = tuple(prior.shape[-2:])
+            stride = grid_stride(grid, input_size)
+            classes = token_classes(label, grid, stride, input_size, k, ignore)
+            part, mass = attention_sums(output.attentions[j], classes, stride, k)
+            self.attention[stage] += part.to(self.attention.device)
+            self.mass[stage] += mass.to(self.mass.device)
 
-def _add_image(sums: _Sums, output: Any, pred: torch.Tensor, label: torch.Tensor, semantic: list[int],
-               priors_scored: bool, k: int, ignore: int) -> None:
-    """One image's confusions and attention sums (the model's output of one image, the (H, W) prediction)."""
-    sums.confusion[0] += confusion_matrix(pred, label, k, ignore)  # checks the label's ids first
-    input_size = tuple(output.logits.shape[-2:])
-    image_size = tuple(label.shape)
-    if priors_scored and output.prior_logits is not None:
-        sums.confusion[1] += confusion_matrix(prior_labels(output.prior_logits[0], input_size, image_size), label,
-                                              k, ignore)
-    for j, stage in enumerate(semantic):
-        prior = output.stage_priors[j][0]  # K', h_i, w_i
-        if priors_scored:
-            sums.confusion[2 + stage] += confusion_matrix(prior_labels(prior, input_size, image_size), label, k,
-                                                          ignore)
-        grid = tuple(prior.shape[-2:])
-        stride = grid_stride(grid, input_size)
-        classes = token_classes(label, grid, stride, input_size, k, ignore)
-        part, mass = attention_sums(output.attentions[j], classes, stride, k)
-        sums.attention[stage] += part.to(sums.attention.device)
-        sums.mass[stage] += mass.to(sums.mass.device)
+    def result(self, class_names: tuple[str, ...], num_images: int, seconds: float) -> Analysis:
+        """The `Analysis` of the sums added so far (over `num_images` images)."""
+        strides = list(getattr(getattr(self.module, "backbone", None), "strides", []))
+        return Analysis(class_names=class_names, num_images=num_images,
+                        metrics=metrics_from_confusion(self.confusion[0]),
+                        decoder_prior_metrics=metrics_from_confusion(self.confusion[1]) if self.decoder_prior
+                        else None, stages=self._stage_results(strides), confusion=self.confusion[0].cpu().numpy(),
+                        seconds=seconds)
+
+    def _stage_results(self, strides: list[int]) -> list[StageAnalysis]:
+        results = []
+        for i, gamma in enumerate(self.gammas):
+            stage = StageAnalysis(stage=i + 1, stride=strides[i])
+            if gamma is not None:
+                stage.semantic, stage.gamma = True, gamma
+                stage.window_size = self.module.backbone.layers[i].semantic_layer.window_size
+                if self.priors_scored:
+                    stage.prior_confusion = self.confusion[2 + i].cpu().numpy()
+                    stage.prior_metrics = metrics_from_confusion(self.confusion[2 + i])
+                summary = attention_summary(self.attention[i], self.mass[i])
+                stage.num_tokens = summary.pop("num_tokens")
+                for key, value in summary.items():
+                    setattr(stage, key, value)
+            results.append(stage)
+        return results
 
 
-def _stage_results(module: nn.Module, sums: _Sums, gammas: list[Optional[list[float]]], priors_scored: bool,
-                   strides: list[int]) -> list[StageAnalysis]:
-    results = []
-    for i, gamma in enumerate(gammas):
-        stage = StageAnalysis(stage=i + 1, stride=strides[i])
-        if gamma is not None:
-            stage.semantic, stage.gamma = True, gamma
-            stage.window_size = module.backbone.layers[i].semantic_layer.window_size
-            if priors_scored:
-                stage.prior_confusion = sums.confusion[2 + i].cpu().numpy()
-                stage.prior_metrics = metrics_from_confusion(sums.confusion[2 + i])
-            summary = attention_summary(sums.attention[i], sums.mass[i])
-            stage.num_tokens = summary.pop("num_tokens")
-            for key, value in summary.items():
-                setattr(stage, key, value)
-        results.append(stage)
-    return results
+def _class_names(module: nn.Module, given: Optional[Any]) -> tuple[str, ...]:
+    return tuple(given or module.class_names or [f"class {k}" for k in range(module.num_classes)])
 
 
 def _check_max_images(max_images: object) -> Optional[int]:
@@ -317,19 +341,11 @@ def analyze(model: nn.Module, dataset: Any, *, max_images: Optional[int] = None,
     max_images = _check_max_images(max_images)
     predictor = Predictor(module, mode="whole", device=device, amp_dtype=amp_dtype, test_config=test_config)
     check_classes(module, dataset)
-    class_names = tuple(getattr(dataset, "class_names", None) or module.class_names
-                        or [f"class {k}" for k in range(module.num_classes)])
+    class_names = _class_names(module, getattr(dataset, "class_names", None))
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     if n < 1:
         raise UsageError(f"analyze: the dataset {dataset!r} has no images")
-    k, ignore = module.num_classes, getattr(dataset, "ignore_index", 255)
-    gammas = stage_gammas(module)
-    semantic = [i for i, g in enumerate(gammas) if g is not None]
-    # semantic layers of other classes than the labels' (a 150-class backbone under a 171-class head) have no
-    # prior to score against these labels; their attention is still measured with the labels' classes
-    priors_scored = bool(semantic) and getattr(module.backbone, "num_classes", None) == k
-    decoder_prior = priors_scored and bool(getattr(module.decode_head, "prior_branch", False))
-    sums = _Sums(len(gammas), k, predictor.device)
+    sums = _Sums(module, module.num_classes, getattr(dataset, "ignore_index", 255), predictor.device)
     indices, rank, world = shard(n)
     bar = None
     if progress and rank == 0:
@@ -340,13 +356,13 @@ def analyze(model: nn.Module, dataset: Any, *, max_images: Optional[int] = None,
     try:
         for i in indices:
             sample = dataset_sample(dataset, i, "analyze")
-            pred, output = predictor.predict_with_output(sample["image"], return_attention=bool(semantic))
+            pred, output = predictor.predict_with_output(sample["image"], return_attention=bool(sums.semantic))
             label = torch.as_tensor(np.asarray(sample["label"]), device=predictor.device).long()
             if tuple(label.shape) != tuple(pred.shape):
                 raise UsageError(f"analyze: image {i} ({sample.get('path', 'no path')}) is {tuple(pred.shape)} pixels "
                                  f"but its label is {tuple(label.shape)}; labels must have their image's size")
             try:
-                _add_image(sums, output, pred, label, semantic, priors_scored, k, ignore)
+                sums.add(output, pred, label)
             except UsageError as exc:  # a label the metrics refuse: say which image
                 raise UsageError(f"analyze: image {i} ({sample.get('path', 'no path')}): {exc}") from exc
             del output
@@ -361,8 +377,39 @@ def analyze(model: nn.Module, dataset: Any, *, max_images: Optional[int] = None,
         slowest = torch.tensor([seconds], dtype=torch.float64, device=predictor.device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         seconds = float(slowest.item())
-    strides = list(getattr(getattr(module, "backbone", None), "strides", []))
-    return Analysis(class_names=class_names, num_images=n, metrics=metrics_from_confusion(sums.confusion[0]),
-                    decoder_prior_metrics=metrics_from_confusion(sums.confusion[1]) if decoder_prior else None,
-                    stages=_stage_results(module, sums, gammas, priors_scored, strides),
-                    confusion=sums.confusion[0].cpu().numpy(), seconds=seconds)
+    return sums.result(class_names, n, seconds)
+
+
+@torch.no_grad()
+def analyze_output(model: nn.Module, output: Any, prediction: torch.Tensor, label: Any, *,
+                   class_names: Optional[Any] = None, ignore_index: int = 255) -> Analysis:
+    """`analyze` of one image, from the model's output for it: the same measures, without a second forward.
+
+    Args:
+        model: the `SeMaskFPN` that made `output` (a DDP wrapper's module is used).
+        output: its `SegmentationOutput` of one image, from the evaluation protocol's forward with the attention
+            (``Predictor(model, mode="whole").predict_with_output(image, return_attention=True)``).
+        prediction: (H, W) int64 labels that call returned, at the original image size.
+        label: (H, W) ground truth of that image (`ignore_index` for unlabelled pixels), a tensor or array.
+        class_names: the K class names (default: the model's).
+        ignore_index: the label of unlabelled pixels.
+
+    Returns:
+        An `Analysis` with ``num_images == 1``: what `analyze` gives on a dataset of this one image.
+
+    Raises:
+        UsageError: a label of another size than the prediction, label ids outside 0..K-1, or an output of a
+            model with semantic layers that holds no attention weights.
+    """
+    module = getattr(model, "module", model)
+    sums = _Sums(module, module.num_classes, ignore_index, prediction.device)
+    label = torch.as_tensor(np.asarray(label.cpu() if isinstance(label, torch.Tensor) else label),
+                            device=prediction.device).long()
+    if tuple(label.shape) != tuple(prediction.shape):
+        raise UsageError(f"analyze_output: the prediction is {tuple(prediction.shape)} pixels but the label is "
+                         f"{tuple(label.shape)}; the label must have its image's size")
+    if len(output.attentions) != len(sums.semantic):
+        raise UsageError(f"analyze_output: the output holds {len(output.attentions)} attention maps for "
+                         f"{len(sums.semantic)} semantic layers; run the model with return_attention=True")
+    sums.add(output, prediction, label)
+    return sums.result(_class_names(module, class_names), 1, 0.0)
