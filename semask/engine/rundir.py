@@ -24,7 +24,7 @@ from semask.io import atomic_path, process_alive
 
 __all__ = ["LOG_FILE", "CONFIG_FILE", "LATEST", "BEST", "TEXT_LOG", "TENSORBOARD_DIR", "LOCK_FILE", "TrainingError",
            "RunLockedError", "read_training_log", "records_upto", "check_work_dir", "RunLock", "RunClaim",
-           "make_run_dir", "remove_created", "RunLog"]
+           "make_run_dir", "remove_created", "RunLog", "list_snapshots"]
 
 LOG_FILE = "log.jsonl"  # one JSON object per record: kind "train", "eval" or "pretrained"
 CONFIG_FILE = "config.json"  # the resolved TrainConfig
@@ -406,3 +406,17 @@ def _cut_text_log(path: Path, step: int, size: Optional[int]) -> None:
     if kept != data:
         with atomic_path(path) as tmp:
             tmp.write_bytes(kept)
+
+
+def list_snapshots(run_dir: Union[str, os.PathLike]) -> list[tuple[int, Path]]:
+    """The weights-only snapshots ``iter_NNNNNN.pth`` of a run directory, as (step, path) in step order.
+
+    Raises:
+        FileNotFoundError: `run_dir` is not a directory.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist (or is not a directory)")
+    found = [(int(m.group(1)), path) for path in run_dir.iterdir()
+             if (m := re.fullmatch(r"iter_(\d+)\.pth", path.name)) and path.is_file()]
+    return sorted(found)

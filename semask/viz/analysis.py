@@ -2,7 +2,9 @@
 
 The model runs once, through the evaluation protocol's own whole-image forward (`semask.engine.inference.Predictor`,
 docs/recipes.md §6: a keep-ratio rescale to the test scale); the prediction is that protocol's, and each stage's
-prior and attention are brought to the original image's pixels by `semask.viz.stages.stage_to_image`.
+prior and attention are brought to the original image's pixels by `semask.viz.stages.stage_to_image`. Asked to
+measure, the same pass also gives `semask.analyze`'s numbers for the one image
+(`semask.engine.analysis.analyze_output`).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from semask.data.transforms import TestPipelineConfig
-from semask.engine.analysis import stage_gammas
+from semask.engine.analysis import Analysis, analyze_output, stage_gammas
 from semask.engine.inference import ImageInput, Predictor, load_image, resolve_test_config
 from semask.engine.metrics import mean_iou
 from semask.errors import UsageError
@@ -46,7 +48,9 @@ class ImageAnalysis:
         label: (H, W) int64 ground truth (255 = ignore), or None.
         prediction: (H, W) int64 predicted classes at the original size.
         input_size: (h, w) the model saw, the keep-ratio test scale.
-        strides: pixels of the (h, w) input per feature cell of each stage (4, 8, 16, 32).
+        strides: pixels of the (h, w) input per feature cell of each stage (4, 8, 16, 32); of each stage with a
+            semantic layer, the order of `stage_priors` and `attentions` (the index `stage` of the methods), when
+            the model has any.
         stage_priors: per stage (K, h_i, w_i) float32 class probabilities (the softmax of the semantic prior);
             empty for the plain-Swin baseline.
         attentions: per stage the `SemanticAttentionMap` of image 0 (empty for the baseline or when not asked).
@@ -54,6 +58,8 @@ class ImageAnalysis:
         miou: mIoU of this image's prediction (classes present in the prediction or the label), None without
             a label.
         pixel_accuracy: fraction of labelled pixels predicted right, None without a label.
+        measures: `semask.analyze` of this one image (per-stage prior mIoU, same-class attention, ...), when
+            asked for and the image has a label; else None.
     """
 
     image: np.ndarray
@@ -66,6 +72,7 @@ class ImageAnalysis:
     attentions: list[SemanticAttentionMap] = field(default_factory=list)
     miou: Optional[float] = None
     pixel_accuracy: Optional[float] = None
+    measures: Optional[Analysis] = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -136,7 +143,7 @@ def _label_of(label: Any, size: tuple[int, int]) -> np.ndarray:
 
 @names_caller("analyse_image")
 def analyse_image(model: nn.Module, image: ImageInput, label: Optional[np.ndarray] = None, *,
-                  test_preset: TestPreset = None, attention: bool = True,
+                  test_preset: TestPreset = None, attention: bool = True, measure: bool = False,
                   device: Union[str, torch.device, None] = None) -> ImageAnalysis:
     """Run a model once on one image at the test scale and keep what the viewers draw.
 
@@ -148,6 +155,8 @@ def analyse_image(model: nn.Module, image: ImageInput, label: Optional[np.ndarra
         test_preset: a test-pipeline preset name (``"toy"``, ``"ade20k"``, ...) or `TestPipelineConfig`; None:
             the test pipeline of the model's recipe (`semask.engine.inference.model_test_config`).
         attention: also keep every semantic layer's attention weights.
+        measure: with a label, also measure the image as `semask.analyze` does (`ImageAnalysis.measures`, from
+            the same forward; needs `attention`).
         device: where to run (default: the model's device); the model is moved there.
 
     Returns:
@@ -158,8 +167,17 @@ def analyse_image(model: nn.Module, image: ImageInput, label: Optional[np.ndarra
     img = load_image(image)  # H, W, 3 uint8
     lab = _label_of(label, img.shape[:2]) if label is not None else None
     labels, out = predictor.predict_with_output(img, return_attention=attention)
+    measures = None
+    if measure and lab is not None:
+        if not attention:
+            raise UsageError("measure=True needs attention=True (the attention statistics come from the weights)")
+        measures = analyze_output(model, out, labels, lab, class_names=getattr(model, "class_names", None))
     prediction = labels.cpu().numpy()  # H, W
     priors = [p[0].float().softmax(0).cpu() for p in out.stage_priors]  # K, h_i, w_i each
+    strides = tuple(getattr(model.backbone, "strides", (4, 8, 16, 32)))
+    semantic = [i for i, g in enumerate(stage_gammas(model)) if g is not None]
+    if semantic and len(semantic) < len(strides):  # a stage without a semantic layer has no entry in the lists
+        strides = tuple(strides[i] for i in semantic)
     attentions = [SemanticAttentionMap(a.weights[:1].float().cpu(), a.window_size, a.height, a.width)
                   for a in out.attentions]
     num_classes = int(out.logits.shape[1])
@@ -168,5 +186,6 @@ def analyse_image(model: nn.Module, image: ImageInput, label: Optional[np.ndarra
         scores = mean_iou(prediction, lab, num_classes)
         miou, accuracy = scores["mIoU"], scores["aAcc"]
     return ImageAnalysis(image=img, label=lab, prediction=prediction, input_size=tuple(out.logits.shape[-2:]),
-                         strides=tuple(getattr(model.backbone, "strides", (4, 8, 16, 32))), num_classes=num_classes,
-                         stage_priors=priors, attentions=attentions, miou=miou, pixel_accuracy=accuracy)
+                         strides=strides, num_classes=num_classes,
+                         stage_priors=priors, attentions=attentions, miou=miou, pixel_accuracy=accuracy,
+                         measures=measures)

@@ -4,35 +4,47 @@ Pick an image and a view — the prediction, the ground truth, the error map, a 
 class's probability or the argmax over classes) or where one query pixel's token attends in a stage's semantic
 layer — and the figure redraws in place, with a legend of class names for label maps and a colour bar for heat
 maps. Each semantic layer's learned gate `gamma` (``out = gamma * f + x``, initialised to 0) is shown beside the
-stage. The model runs once per image (`analyse_image`, cached); a control only redraws. docs/design.md
-("Visualisation and widgets") says why the app is built this way.
+stage. The "all stages" view draws the query's attention and the prior of every stage side by side, the query
+marked on each stage's own token (`semask.viz.explorer_figures.StageGrid`); beside the view, the image's own
+`semask.analyze` numbers (per-stage prior mIoU, same-class attention against chance, entropy). Given a run's
+snapshots (`snapshots=` or `Explorer.from_run`), a timeline slider shows the same image, view and query with the
+model at each snapshot (`semask.viz.timeline.Timeline`: loaded when first shown, a few kept). The model runs once
+per image and snapshot (`analyse_image`, cached); a control only redraws. docs/design.md ("Visualisation and
+widgets") says why the app is built this way.
 """
 from __future__ import annotations
 
 import contextlib
 import html
+import os
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from semask.engine.analysis import stage_gammas
 from semask.engine.inference import resolve_test_config
+from semask.engine.rundir import list_snapshots
 from semask.errors import UsageError
 from semask.model.util import LRUCache
 from semask.viz.analysis import ImageAnalysis, TestPreset, analyse_image, semantic_gammas
 from semask.viz.appkit import (ImagesInput, ImageSource, class_metadata, display_bundle, image_options,
                                ipympl_figure, ipywidgets_module, snapshot_bytes)
+from semask.viz.explorer_figures import MeasuresPanel, StageGrid
 from semask.viz.inputs import names_caller
 from semask.viz.labels import ERROR_CLASSES, ERROR_PALETTE, class_legend, error_map, error_percentages, overlay
+from semask.viz.timeline import Snapshots, Timeline
 
 if TYPE_CHECKING:
     import ipywidgets
+    from matplotlib.figure import Figure
 
 __all__ = ["VIEWS", "Explorer"]
 
-VIEWS: tuple[str, ...] = ("prediction", "ground truth", "error map", "semantic prior", "semantic attention")
-SEMANTIC_VIEWS = ("semantic prior", "semantic attention")  # need a model with semantic layers
+VIEWS: tuple[str, ...] = ("prediction", "ground truth", "error map", "semantic prior", "semantic attention",
+                          "all stages")
+SEMANTIC_VIEWS = ("semantic prior", "semantic attention", "all stages")  # need a model with semantic layers
 ALL_CLASSES = -1  # value of the class control that draws the prior's argmax over all classes
 
 _VIEW_HELP = {
@@ -44,6 +56,9 @@ _VIEW_HELP = {
     "semantic attention": "Where the query token (x; white box) attends in the stage's semantic layer: attention "
                           "between tokens with similar class priors. Windowed layers look inside their window "
                           "(dashed) only. Click the image to move the query.",
+    "all stages": "Every stage at once: top, where the query pixel's token attends in that stage's semantic layer "
+                  "(the cross marks the stage's own token: 4, 8, 16, 32 input pixels a side); bottom, the stage's "
+                  "prior (argmax, or the chosen class).",
 }
 
 
@@ -52,7 +67,8 @@ class Explorer:
 
     Args:
         model: a `SeMaskFPN`; a plain-Swin baseline works too (its views are prediction, ground truth and
-            error map only). Put in eval mode.
+            error map only). Put in eval mode. With `snapshots` it is only the architecture every snapshot must
+            have (None: the last snapshot's); its own weights are not shown.
         images: a dataset (`semask.data.ToyDataset(root, "validation")` or any `SegmentationDataset`, read
             without its transform; or a sequence of ``{"image": (H, W, 3) uint8, "label": (H, W)}`` dicts), a
             list of images (paths, (H, W, 3) uint8 arrays, PIL images) or one image.
@@ -68,6 +84,11 @@ class Explorer:
         opacity: initial opacity of the maps over the image.
         max_legend: at most this many classes in the legend.
         dpi: resolution of the figure.
+        snapshots: a run's snapshots, (step, path) pairs (`semask.engine.rundir.list_snapshots(run_dir)`) or
+            ``{step: path}``: a timeline slider over them, starting at the last (see `from_run`).
+        snapshot_cache: snapshot models kept in memory at once (each loaded when first shown).
+        show_analysis: beside the view, the image's own `semask.analyze` numbers (`ImageAnalysis.measures`;
+            images with a label, models with semantic layers).
 
     Attributes:
         widget: the app (an ipywidgets ``VBox``); a notebook shows it when the explorer is displayed.
@@ -75,20 +96,33 @@ class Explorer:
         image, view, stage, class_name, row, col, opacity: the controls (ipywidgets); setting ``.value`` from
             code updates the figure exactly as the mouse does.
         gamma, info: HTML widgets with the semantic layers' gammas and a summary of the current image and view.
-        model_runs: how many times the model has run (once per analysed image).
+        model_runs: how many times the model has run (once per analysed image and snapshot).
+        model: the model shown now (with a timeline: at the slider's snapshot).
+        grid: the "all stages" figure (`StageGrid`: ``grid.figure``, ``grid.attention_axes``, ``grid.prior_axes``),
+            None without semantic layers.
+        measures: the panel of the image's numbers (`MeasuresPanel`: ``measures.figure``), or None.
+        snapshots, timeline: the `Timeline` (``steps``, ``paths``, ``loads``) and its slider (value: the index
+            of the step shown), both None without snapshots.
     """
 
     @names_caller("Explorer")
-    def __init__(self, model: nn.Module, images: ImagesInput, *,
+    def __init__(self, model: Optional[nn.Module], images: ImagesInput, *,
                  labels: Optional[Sequence[Optional[np.ndarray]]] = None, titles: Optional[Sequence[str]] = None,
                  class_names: Optional[Sequence[str]] = None, palette: Optional[Sequence[Sequence[int]]] = None,
                  test_preset: TestPreset = None, device: Union[str, torch.device, None] = None,
-                 cache_size: int = 16, opacity: float = 0.5, max_legend: int = 16, dpi: int = 80):
+                 cache_size: int = 16, opacity: float = 0.5, max_legend: int = 16, dpi: int = 80,
+                 snapshots: Optional[Snapshots] = None, snapshot_cache: int = 2, show_analysis: bool = True):
         w = ipywidgets_module()
         if cache_size < 1:
             raise UsageError(f"cache_size must be at least 1, got {cache_size}")
         if not 0.0 <= opacity <= 1.0:
             raise UsageError(f"opacity must lie in [0, 1], got {opacity}")
+        self.snapshots = (Timeline(snapshots, template=model, device=device, cache=snapshot_cache)
+                          if snapshots is not None else None)
+        if self.snapshots is not None:
+            model = self.snapshots.model(len(self.snapshots) - 1)
+        elif model is None:
+            raise UsageError("Explorer needs a model (None only with snapshots=..., or use Explorer.from_run)")
         self.model = model.eval()
         self.images = ImageSource(images, labels, titles)
         self.class_names, self.palette = class_metadata(model, self.images, class_names, palette)
@@ -99,12 +133,35 @@ class Explorer:
         self._cache = LRUCache(cache_size)
         self._gammas = semantic_gammas(model)
         self._semantic = bool(self._gammas)
+        self._measure = show_analysis and self._semantic
         self._holding = False
         self._make_controls(w, opacity)
         first, _ = self.images.get(0)
         self._make_figure(first, dpi)
+        self.grid = StageGrid(len(stage_gammas(model)), dpi) if self._semantic else None
+        self.measures = MeasuresPanel(dpi) if self._measure else None
         self.widget = self._layout(w)
         self._set_image_ranges(*first.shape[:2], centre=True)  # draws the first view
+
+    @classmethod
+    @names_caller("Explorer.from_run")
+    def from_run(cls, run_dir: Union[str, os.PathLike], images: ImagesInput, **kwargs: Any) -> "Explorer":
+        """An explorer with a timeline over the snapshots of a ``semask train`` run directory.
+
+        Args:
+            run_dir: the run directory; its ``iter_NNNNNN.pth`` snapshots (kept with ``train.snapshot_interval``)
+                are the timeline, and the model is the last one's.
+            images: as for `Explorer`.
+            **kwargs: the other arguments of `Explorer` (``test_preset``, ``device``, ``snapshot_cache``, ...).
+
+        Raises:
+            FileNotFoundError: no such directory. UsageError: no snapshots in it.
+        """
+        points = list_snapshots(run_dir)
+        if not points:
+            raise UsageError(f"run directory {str(run_dir)!r} holds no iter_NNNNNN.pth snapshots; train with "
+                             "train.snapshot_interval=N to keep them")
+        return cls(None, images, snapshots=points, **kwargs)
 
     def _make_controls(self, w: Any, opacity: float) -> None:
         """The ipywidgets controls, each with a stable CSS class (handles for browser tests and custom CSS)."""
@@ -129,6 +186,13 @@ class Explorer:
                                      continuous_update=False)
         self.gamma = w.HTML()
         self.info = w.HTML()
+        self.timeline = None
+        if self.snapshots is not None:
+            self.timeline = w.SelectionSlider(options=[(str(s), i) for i, s in enumerate(self.snapshots.steps)],
+                                              value=len(self.snapshots) - 1, description="step", style=style,
+                                              continuous_update=False, layout=w.Layout(width="520px"))
+            self.timeline.add_class("semask-timeline")
+            self.timeline.observe(self._on_timeline, names="value")
         for control, name in ((self.image, "image"), (self.view, "view"), (self.stage, "stage"),
                               (self.class_name, "class"), (self.row, "row"), (self.col, "col"),
                               (self.opacity, "opacity")):
@@ -170,25 +234,42 @@ class Explorer:
         self.figure.canvas.layout.flex = "0 0 auto"  # as wide as the figure, the summary right beside it
         rows = [w.HBox([self.image, self.opacity]), w.HBox([label("view"), self.view]),
                 w.HBox([label("stage"), self.stage, self.gamma]), self.class_name, w.HBox([self.row, self.col])]
-        widget = w.VBox(rows + [w.HBox([self.figure.canvas, self.info])])
+        rows[1:1] = [self.timeline] if self.timeline is not None else []
+        figures = [self.figure.canvas] + ([self.grid.figure.canvas] if self.grid is not None else [])
+        side = [self.info] + ([self.measures.figure.canvas] if self.measures is not None else [])
+        for canvas in figures[1:] + side[1:]:
+            canvas.layout.flex = "0 0 auto"
+        shown = w.HBox(figures + [w.VBox(side)], layout=w.Layout(flex_flow="row wrap", align_items="flex-start"))
+        widget = w.VBox(rows + [shown])
         widget.add_class("semask-explorer")
         return widget
 
     # ------------------------------------------------------------------------------------------- model cache
     @names_caller("Explorer")
     def analysis(self, index: Optional[int] = None) -> ImageAnalysis:
-        """The cached `ImageAnalysis` of image `index` (default: the selected one); runs the model on a miss."""
+        """The cached `ImageAnalysis` of image `index` (default: the selected one) with the model shown now (at
+        the timeline's snapshot); runs the model on a miss."""
         index = self.image.value if index is None else index
         if not 0 <= index < len(self.images):
             raise IndexError(f"image {index} outside 0..{len(self.images) - 1}")
-        cached = self._cache.get(index)
+        key = (self._point(), index)
+        cached = self._cache.get(key)
         if cached is None:
             image, label = self.images.get(index)
             cached = analyse_image(self.model, image, label, test_preset=self.test_pipeline,
-                                   attention=self._semantic, device=self.device)
+                                   attention=self._semantic, measure=self._measure, device=self.device)
             self.model_runs += 1
-            self._cache.put(index, cached)
+            self._cache.put(key, cached)
         return cached
+
+    def _point(self) -> int:
+        """The timeline's snapshot shown now (0 without a timeline)."""
+        return self.timeline.value if self.timeline is not None else 0
+
+    @property
+    def step(self) -> Optional[int]:
+        """The training step of the snapshot shown now; None without a timeline."""
+        return self.snapshots.steps[self._point()] if self.snapshots is not None else None
 
     @property
     def picture(self) -> np.ndarray:
@@ -223,6 +304,17 @@ class Explorer:
                 slider.max = max(size - 1, 1)
                 if centre or slider.value > size - 1:
                     slider.value = size // 2
+
+    def _on_timeline(self, change: Optional[Mapping[str, Any]] = None) -> None:
+        """Another snapshot: its model (loaded on first use), the same image, view and query."""
+        try:
+            self.model = self.snapshots.model(self._point()).eval()
+        except Exception:  # a file that cannot be shown: the slider goes back to the snapshot still shown
+            with self._hold():
+                self.timeline.value = change["old"] if change else self.timeline.value
+            raise
+        self._gammas = semantic_gammas(self.model)
+        self._on_change()
 
     def _on_image(self, change: Optional[Mapping[str, Any]] = None) -> None:
         """A new image: analyse it (or take it from the cache), fit the query sliders to its size, redraw."""
@@ -291,15 +383,47 @@ class Explorer:
         return picture, heat, legend, colorbar_label, detail, note
 
     def update(self) -> None:
-        """Redraw the figure, the gamma table and the summary from the current control values."""
+        """Redraw the figure, the gamma table, the summary and the image's measures from the current control
+        values."""
         a = self.analysis()
         view, stage = self.view.value, self.stage.value
         class_index = None if self.class_name.value == ALL_CLASSES else self.class_name.value
         alpha = float(self.opacity.value)
-        H, W = a.size
-        self.stage.disabled = view not in SEMANTIC_VIEWS
-        self.class_name.disabled = view != "semantic prior"
+        self.stage.disabled = view not in SEMANTIC_VIEWS or view == "all stages"
+        self.class_name.disabled = view not in ("semantic prior", "all stages")
         self.row.disabled = self.col.disabled = False  # the query also names the classes under it in the summary
+        caption, note = self._caption(), ""
+        if view == "all stages":
+            row, col = self.row.value, self.col.value
+            self.grid.draw(a, stage_gammas(self.model), row, col, class_index, alpha, self.palette, self.class_names,
+                           self.max_legend, f"{caption}\nall stages: query pixel ({row}, {col})")
+        else:
+            note = self._draw_view(a, view, stage, class_index, alpha, caption)
+        self.figure.canvas.layout.display = "none" if view == "all stages" else None
+        if self.grid is not None:
+            self.grid.figure.canvas.layout.display = None if view == "all stages" else "none"
+        self.gamma.value = self._gamma_html(stage, view in SEMANTIC_VIEWS)
+        self.info.value = self._info_html(a, view, note)
+        self._draw_measures(a)
+        self._shown_figure().canvas.draw_idle()
+
+    def _caption(self) -> str:
+        """The image's title, with the snapshot's step on a timeline."""
+        title = self.images.titles[self.image.value]
+        return title if self.step is None else f"{title} · step {self.step}"
+
+    def _shown_figure(self) -> "Figure":
+        return self.grid.figure if self.view.value == "all stages" else self.figure
+
+    def _draw_measures(self, a: ImageAnalysis) -> None:
+        if self.measures is not None:  # redrawn for a new image or snapshot only
+            title = "measured on this image" + ("" if self.step is None else f", step {self.step}")
+            self.measures.show((self._point(), self.image.value), a.measures, title)
+
+    def _draw_view(self, a: ImageAnalysis, view: str, stage: int, class_index: Optional[int], alpha: float,
+                   caption: str) -> str:
+        """Draw a one-panel view into the main figure; returns the view's note for the summary."""
+        H, W = a.size
         picture, heat, legend, colorbar_label, detail, note = self._view(a, view, stage, class_index, alpha)
         if picture.shape[:2] != self._picture.get_array().shape[:2]:
             for artist in (self._picture, self._heat):
@@ -311,10 +435,8 @@ class Explorer:
         if legend is None:
             class_legend(self.ax, [], self.palette)
         self._draw_query(a, view, stage)
-        self.ax.set_title(f"{self.images.titles[self.image.value]}\n{detail}", fontsize="medium")
-        self.gamma.value = self._gamma_html(stage, view in SEMANTIC_VIEWS)
-        self.info.value = self._info_html(a, view, note)
-        self.figure.canvas.draw_idle()
+        self.ax.set_title(f"{caption}\n{detail}", fontsize="medium")
+        return note
 
     def _draw_heat(self, heat: Optional[tuple[Any, str, float]], alpha: float, colorbar_label: str) -> None:
         if heat is None:
@@ -393,11 +515,12 @@ class Explorer:
 
     # ------------------------------------------------------------------------------------------- display
     def snapshot(self, format: str = "png") -> bytes:
-        """The figure as it is drawn now, as PNG (or ``"jpeg"``) bytes."""
-        return snapshot_bytes(self.figure, format)
+        """The figure of the view as it is drawn now (the "all stages" view's own figure), as PNG (or ``"jpeg"``)
+        bytes."""
+        return snapshot_bytes(self._shown_figure(), format)
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        return display_bundle(self.widget, self.figure, repr(self), include, exclude)
+        return display_bundle(self.widget, self._shown_figure(), repr(self), include, exclude)
 
     def __repr__(self) -> str:
         return (f"Explorer({getattr(self.model, 'name', type(self.model).__name__)}, {len(self.images)} images, "
