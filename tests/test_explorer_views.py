@@ -14,6 +14,7 @@ matplotlib.use("Agg")  # headless; set here, never at import of semask
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.backend_bases import MouseEvent  # noqa: E402
 
 import semask  # noqa: E402
 from helpers import randomize_gammas  # noqa: E402
@@ -92,7 +93,9 @@ def test_all_stages_marks_the_query_on_each_stages_own_token(model):
     for i in range(4):
         assert np.allclose(grid.prior_axes[i].images[1].get_array(), a.prior_map(i, 1))
     assert grid.prior_axes[0].get_title() == "stage 1 prior: water"
-    explorer.select_pixel(3, 4)
+    display = grid.prior_axes[2].transData.transform((4, 3))  # a click on pixel (row 3, col 4) of a panel
+    explorer.on_click(MouseEvent("button_press_event", grid.figure.canvas, display[0], display[1], button=1))
+    assert (explorer.row.value, explorer.col.value) == (3, 4)
     assert _marker(grid.attention_axes[3]) == pytest.approx(((0 + 32 * 70 / 84) / 2 - 0.5, (0 + 32 * 50 / 60) / 2 - 0.5))
     assert not np.array_equal(_rendered(grid.figure), before)
     explorer.view.value = "prediction"  # back to the one-panel figure

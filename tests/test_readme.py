@@ -21,6 +21,8 @@ PATH, relative to the working directory, with the real format and layout (see `S
     image=P                 a 96x128 RGB image (format from the suffix)
     ade20k=P                ADEChallengeData2016 layout, 8 training + 2 validation images of 64x96
     toy=P                   the built-in toy dataset, 8 + 2 scenes of 64 px
+    run=P                   a run directory holding two weights-only snapshots of the toy model (iter_000010.pth,
+                            iter_000020.pth; random weights, toy classes)
     repo=P                  what a clone holds for torch.hub: hubconf.py and the semask package
     skip="REASON"           not run; reported as a skip with the reason (for a block that needs a GPU, say)
 
@@ -128,6 +130,16 @@ def _toy(path: Path, arg: str) -> None:
     make_toy_dataset(path, seed=0, num_train=8, num_val=2, size=64)
 
 
+def _run(path: Path, arg: str) -> None:
+    from semask.data import TOY_CLASSES, TOY_PALETTE
+
+    path.mkdir(parents=True, exist_ok=True)
+    for step in (10, 20):
+        torch.manual_seed(step)
+        model = semask.create_model("semask_toy_fpn", class_names=TOY_CLASSES, palette=TOY_PALETTE)
+        semask.save_checkpoint(path / f"iter_{step:06d}.pth", model)
+
+
 def _repo(path: Path, arg: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
     shutil.copy2(ROOT / "hubconf.py", path / "hubconf.py")
@@ -139,6 +151,7 @@ STAND_INS: dict[str, Callable[[Path, str], None]] = {
     "image": _image,
     "ade20k": _ade20k,
     "toy": _toy,
+    "run": _run,
     "repo": _repo,
 }
 

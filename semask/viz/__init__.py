@@ -9,7 +9,9 @@ results, and the Jupyter apps (explorer, comparison).
 - `semask.viz.results`: `plot_class_iou`, `results_table` / `ResultsTable`, `plot_results`, `plot_confusion`;
 - `semask.viz.analysis`: `analyse_image` / `ImageAnalysis`, one image through one model for the apps;
 - `semask.viz.analysis_plots`: `plot_stage_analysis`, `plot_class_attention`, the plots of `semask.analyze`;
-- `semask.viz.explorer`, `semask.viz.compare`: the ipywidgets apps `Explorer` and `compare`.
+- `semask.viz.explorer`, `semask.viz.compare`: the ipywidgets apps `Explorer` and `compare` (the explorer's
+  "all stages" figure and per-image measures in `semask.viz.explorer_figures`, its timeline of a run's snapshots
+  in `semask.viz.timeline`).
 
 Importing semask.viz imports neither pyplot (no matplotlib backend is chosen) nor ipywidgets or ipympl; the plot
 functions and the apps import them when called.

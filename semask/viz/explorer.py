@@ -58,7 +58,7 @@ _VIEW_HELP = {
                           "(dashed) only. Click the image to move the query.",
     "all stages": "Every stage at once: top, where the query pixel's token attends in that stage's semantic layer "
                   "(the cross marks the stage's own token: 4, 8, 16, 32 input pixels a side); bottom, the stage's "
-                  "prior (argmax, or the chosen class).",
+                  "prior (argmax, or the chosen class). Click a panel to move the query.",
 }
 
 
@@ -98,11 +98,9 @@ class Explorer:
         gamma, info: HTML widgets with the semantic layers' gammas and a summary of the current image and view.
         model_runs: how many times the model has run (once per analysed image and snapshot).
         model: the model shown now (with a timeline: at the slider's snapshot).
-        grid: the "all stages" figure (`StageGrid`: ``grid.figure``, ``grid.attention_axes``, ``grid.prior_axes``),
-            None without semantic layers.
-        measures: the panel of the image's numbers (`MeasuresPanel`: ``measures.figure``), or None.
-        snapshots, timeline: the `Timeline` (``steps``, ``paths``, ``loads``) and its slider (value: the index
-            of the step shown), both None without snapshots.
+        grid, measures: the "all stages" figure (`StageGrid`) and the panel of the image's numbers
+            (`MeasuresPanel`), or None. snapshots, timeline: the `Timeline` (``steps``, ``paths``, ``loads``) and
+            its slider (value: the index of the step shown), or None.
     """
 
     @names_caller("Explorer")
@@ -139,6 +137,8 @@ class Explorer:
         first, _ = self.images.get(0)
         self._make_figure(first, dpi)
         self.grid = StageGrid(len(stage_gammas(model)), dpi) if self._semantic else None
+        if self.grid is not None:  # every panel shows the image at its own pixel coordinates
+            self.grid.figure.canvas.mpl_connect("button_press_event", self.on_click)
         self.measures = MeasuresPanel(dpi) if self._measure else None
         self.widget = self._layout(w)
         self._set_image_ranges(*first.shape[:2], centre=True)  # draws the first view
@@ -146,13 +146,8 @@ class Explorer:
     @classmethod
     @names_caller("Explorer.from_run")
     def from_run(cls, run_dir: Union[str, os.PathLike], images: ImagesInput, **kwargs: Any) -> "Explorer":
-        """An explorer with a timeline over the snapshots of a ``semask train`` run directory.
-
-        Args:
-            run_dir: the run directory; its ``iter_NNNNNN.pth`` snapshots (kept with ``train.snapshot_interval``)
-                are the timeline, and the model is the last one's.
-            images: as for `Explorer`.
-            **kwargs: the other arguments of `Explorer` (``test_preset``, ``device``, ``snapshot_cache``, ...).
+        """An explorer whose timeline is the ``iter_NNNNNN.pth`` snapshots of a ``semask train`` run directory
+        (kept with ``train.snapshot_interval``), the model the last one's; `kwargs` as for `Explorer`.
 
         Raises:
             FileNotFoundError: no such directory. UsageError: no snapshots in it.
@@ -332,8 +327,10 @@ class Explorer:
             self.row.value, self.col.value = int(row), int(col)
 
     def on_click(self, event: Any) -> None:
-        """Mouse click on the figure: a click on the image selects the query pixel (other clicks are ignored)."""
-        if event.inaxes is not self.ax or event.xdata is None or event.ydata is None:
+        """Mouse click on the figure: a click on the image (in the "all stages" view: on any panel) selects the
+        query pixel (other clicks are ignored)."""
+        panels = [self.ax] + (self.grid.attention_axes + self.grid.prior_axes if self.grid is not None else [])
+        if event.inaxes not in panels or event.xdata is None or event.ydata is None:
             return
         H, W = self.analysis().size
         row, col = int(round(event.ydata)), int(round(event.xdata))
