@@ -4,7 +4,8 @@ The test starts JupyterLab on a free loopback port with a one-time token and its
 settings and workspace folders (nothing of the user's Jupyter setup is read or written), opens a copy of
 `notebooks/07_attention_explorer.ipynb` in Debian's Chromium (`/usr/bin/chromium`, driven by Playwright; no
 browser download), runs all cells, waits for the explorer to render, then changes the image, the stage and the query
-pixel (a mouse click on the figure) and checks each time that the pixels of the rendered figure changed.
+pixel (a mouse click on the figure) and checks each time that the pixels of the rendered figure changed; last it
+switches to the "all stages" view, whose own figure must take the one-panel figure's place and render.
 Screenshots are written to ``$SEMASK_TEST_ARTIFACTS/browser`` (or a temporary folder), printed at the end.
 
 It is skipped only when no Chromium executable exists (``apt-get install -y chromium`` provides one; `.ci/run`
@@ -216,15 +217,15 @@ def test_explorer_notebook_in_jupyterlab_and_chromium(tmp_path: Path) -> None:
             canvas.wait_for(state="visible", timeout=REDRAW_S * 1000)
             explorer.scroll_into_view_if_needed()
 
-            def figure_hash() -> str:
-                return hashlib.sha256(canvas.screenshot()).hexdigest()
+            def figure_hash(target) -> str:
+                return hashlib.sha256(target.screenshot()).hexdigest()
 
-            def settled(name: str, previous: str | None) -> str:
-                """Wait until the canvas differs from `previous` and holds still, then save screenshots."""
+            def settled(name: str, previous: str | None, target=canvas) -> str:
+                """Wait until the `target` canvas differs from `previous` and holds still, then save screenshots."""
                 state = {"last": None}
 
                 def ready() -> bool:
-                    now = figure_hash()
+                    now = figure_hash(target)
                     done = now != previous and now == state["last"]
                     state["last"] = now
                     return done
@@ -254,6 +255,13 @@ def test_explorer_notebook_in_jupyterlab_and_chromium(tmp_path: Path) -> None:
             row_after = explorer.locator(".semask-row .widget-readout").inner_text()
             assert row_after != row_before, "a click on the image should move the query pixel (row slider)"
             page.screenshot(path=str(artifacts / "4-page.png"))
+
+            explorer.locator(".semask-view button", has_text="all stages").click()
+            grid = explorer.locator(".semask-stage-grid canvas").first
+            grid.wait_for(state="visible", timeout=REDRAW_S * 1000)
+            settled("5-all-stages", blank, target=grid)
+            assert not canvas.is_visible(), "the all-stages figure should take the one-panel figure's place"
+            page.screenshot(path=str(artifacts / "5-page.png"))
         finally:
             (artifacts / "console.log").write_text("\n".join(console))
             browser.close()

@@ -96,7 +96,8 @@ def test_all_stages_marks_the_query_on_each_stages_own_token(model):
     display = grid.prior_axes[2].transData.transform((4, 3))  # a click on pixel (row 3, col 4) of a panel
     explorer.on_click(MouseEvent("button_press_event", grid.figure.canvas, display[0], display[1], button=1))
     assert (explorer.row.value, explorer.col.value) == (3, 4)
-    assert _marker(grid.attention_axes[3]) == pytest.approx(((0 + 32 * 70 / 84) / 2 - 0.5, (0 + 32 * 50 / 60) / 2 - 0.5))
+    # pixel (3, 4) is in stage 4's token (0, 0): input pixels [0, 32) x [0, 32)
+    assert _marker(grid.attention_axes[3]) == pytest.approx((32 * 70 / 84 / 2 - 0.5, 32 * 50 / 60 / 2 - 0.5))
     assert not np.array_equal(_rendered(grid.figure), before)
     explorer.view.value = "prediction"  # back to the one-panel figure
     assert explorer.figure.canvas.layout.display is None and grid.figure.canvas.layout.display == "none"
@@ -168,7 +169,7 @@ def test_timeline_shows_the_model_at_each_snapshot(run_dir, saved, toy_val):
         assert f"step {step}" in explorer.measures.figure.get_suptitle()
     assert not np.array_equal(drawn[20], drawn[100]) and not np.array_equal(drawn[100], drawn[300])
     # memory stays bounded: two models kept, so 300 (shown first), 20, 100, 300 again meant four reads
-    assert len(explorer.snapshots._models) == 2 and explorer.snapshots.loads == 4
+    assert explorer.snapshots.held == 2 and explorer.snapshots.loads == 4
     runs = explorer.model_runs
     explorer.timeline.value = 0  # step 20 was let go: read again; its image analysis is still cached
     assert explorer.snapshots.loads == 5 and explorer.model_runs == runs
@@ -191,7 +192,7 @@ def test_timeline_rejects_snapshots_of_another_model(run_dir, tmp_path, toy_val)
         Explorer(None, toy_val, snapshots=[(5, tmp_path / "gone.pth")])
     with pytest.raises(UsageError, match="step 20 given more than once"):
         Explorer(None, toy_val, snapshots=[(20, other), (20, other)])
-    with pytest.raises(UsageError, match="needs a model"):
+    with pytest.raises(UsageError, match=r"^Explorer: a model is needed \(None only with snapshots="):
         Explorer(None, toy_val)
 
 
@@ -222,7 +223,8 @@ def test_measures_beside_the_view_are_semask_analyze_of_the_image(model, toy_val
     assert all(s["same_class_attention"] is not None for s in got["stages"])
     prior_axes = explorer.measures.axes[0]  # the bars are those numbers, in percent
     heights = [bar.get_height() for bar in prior_axes.patches]
-    assert heights == pytest.approx([100 * s["prior_mIoU"] for s in want["stages"]] + [100 * want["decoder_prior_mIoU"]])
+    assert heights == pytest.approx([100 * s["prior_mIoU"] for s in want["stages"]]
+                                    + [100 * want["decoder_prior_mIoU"]])
     same = [bar.get_height() for bar in explorer.measures.axes[1].patches]
     assert same == pytest.approx([100 * s["same_class_attention"] for s in want["stages"]]
                                  + [100 * s["same_class_chance"] for s in want["stages"]])
@@ -234,7 +236,8 @@ def test_measures_need_a_label_and_can_be_left_out(model, toy_val):
     explorer = Explorer(model, image, test_preset=PRESET)
     assert explorer.analysis().measures is None
     assert not any(ax.get_visible() for ax in explorer.measures.axes)
-    assert "no ground truth for this image: nothing to measure" in [t.get_text() for t in explorer.measures.figure.texts]
+    texts = [t.get_text() for t in explorer.measures.figure.texts]
+    assert "no ground truth for this image: nothing to measure" in texts
     bare = Explorer(model, toy_val, test_preset=PRESET, show_analysis=False)
     assert bare.measures is None and bare.analysis().measures is None
     baseline = Explorer(semask.create_model("swin_toy_fpn"), toy_val, test_preset=PRESET)

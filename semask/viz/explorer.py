@@ -120,7 +120,7 @@ class Explorer:
         if self.snapshots is not None:
             model = self.snapshots.model(len(self.snapshots) - 1)
         elif model is None:
-            raise UsageError("Explorer needs a model (None only with snapshots=..., or use Explorer.from_run)")
+            raise UsageError("a model is needed (None only with snapshots=...; or use Explorer.from_run(run_dir, ...))")
         self.model = model.eval()
         self.images = ImageSource(images, labels, titles)
         self.class_names, self.palette = class_metadata(model, self.images, class_names, palette)
@@ -232,8 +232,10 @@ class Explorer:
         rows[1:1] = [self.timeline] if self.timeline is not None else []
         figures = [self.figure.canvas] + ([self.grid.figure.canvas] if self.grid is not None else [])
         side = [self.info] + ([self.measures.figure.canvas] if self.measures is not None else [])
-        for canvas in figures[1:] + side[1:]:
-            canvas.layout.flex = "0 0 auto"
+        for name, panel in (("stage-grid", self.grid), ("measures", self.measures)):
+            if panel is not None:
+                panel.figure.canvas.layout.flex = "0 0 auto"
+                panel.figure.canvas.add_class(f"semask-{name}")
         shown = w.HBox(figures + [w.VBox(side)], layout=w.Layout(flex_flow="row wrap", align_items="flex-start"))
         widget = w.VBox(rows + [shown])
         widget.add_class("semask-explorer")

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["StageGrid", "MeasuresPanel"]
 
-_RIGHT = 1.7  # inches right of the panels: the legend or the colour bars
+_RIGHT = 1.5  # inches right of the panels: the legend or the colour bars
 
 
 def _mark_token(ax: "Axes", a: ImageAnalysis, stage: int, row: int, col: int, window: Optional[int]) -> None:
@@ -69,7 +69,7 @@ class StageGrid:
         from matplotlib.cm import ScalarMappable
         from matplotlib.colors import Normalize
 
-        width = 2.3 * num_stages + _RIGHT
+        width = 2.1 * num_stages + _RIGHT
         self.figure = ipympl_figure((width, 5.6), dpi)
         left, right = 0.08 / width, 1.0 - _RIGHT / width
         step = (right - left) / num_stages

@@ -70,7 +70,7 @@ class Timeline:
 
     Attributes:
         steps, paths: the training steps (increasing) and their files.
-        loads: how many times a snapshot file was read.
+        loads: how many times a snapshot file was read; `held`: how many models are in memory now.
 
     Raises:
         UsageError, UsageTypeError: no snapshots, a bad step, a repeated step, a bad `cache`.
@@ -95,6 +95,11 @@ class Timeline:
 
     def __len__(self) -> int:
         return len(self.steps)
+
+    @property
+    def held(self) -> int:
+        """How many snapshot models are in memory now (at most `cache`)."""
+        return len(self._models)
 
     def model(self, index: int) -> nn.Module:
         """The model at snapshot `index` (0 = the earliest), in eval mode; read from its file on a cache miss.
