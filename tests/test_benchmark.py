@@ -87,13 +87,13 @@ def test_a_training_preset_sets_model_classes_crop_and_batch(tiny_toy_root) -> N
     from semask.apps.benchmark import preset_config
 
     cfg = preset_config(BenchmarkConfig(preset="toy"))
-    assert (cfg.model, cfg.num_classes, cfg.size, cfg.train_batch_size) == ("semask_toy_fpn", 11, (256, 256), 8)
+    assert (cfg.model, cfg.num_classes, cfg.size, cfg.train_batch_size) == ("semask_toy_fpn", 11, (128, 128), 8)
     cfg = preset_config(BenchmarkConfig(preset="semask_large_coco_stuff10k"))
     assert (cfg.model, cfg.num_classes, cfg.size, cfg.train_batch_size) == ("semask_large_fpn", 171, (640, 640), 2)
     result = run_benchmark(BenchmarkConfig(preset="swin_toy", tasks=("inference",), precision="bf16", warmup=1,
                                            repeats=1, matmul_size=128, agreement_images=2,
                                            agreement_root=str(tiny_toy_root)), progress=False)
-    assert result["config"]["model"] == "swin_toy_fpn" and tuple(result["config"]["size"]) == (256, 256)
+    assert result["config"]["model"] == "swin_toy_fpn" and tuple(result["config"]["size"]) == (128, 128)
     agreement = result["inference"]["agreement_with_fp32"]
     assert agreement["images"] == str(tiny_toy_root) and 0 <= agreement["pixel_agreement"] <= 1
 

@@ -288,10 +288,10 @@ def _toy(semantic: bool) -> TrainConfig:
         data=DataSection(dataset="toy", root=_DATASET_ROOTS["toy"], train_pipeline=TRAIN_PRESETS["toy"],
                          test_pipeline=TEST_PRESETS["toy"], num_workers=0),
         loss=LossSection(prior_weight=0.4, ohem_min_kept=None, class_weight=TOY_CLASS_WEIGHTS),
-        optim=OptimSection(lr=1e-3, weight_decay=0.01, clip_grad_norm=5.0),
-        schedule=ScheduleSection(iters=1000, warmup_iters=50, warmup_ratio=1e-3),
-        train=RuntimeSection(batch_size=8, global_batch=8, log_interval=10, eval_interval=250,
-                             checkpoint_interval=250),
+        optim=OptimSection(lr=2e-3, weight_decay=0.01, clip_grad_norm=5.0),
+        schedule=ScheduleSection(iters=800, warmup_iters=40, warmup_ratio=1e-3),
+        train=RuntimeSection(batch_size=8, global_batch=8, log_interval=10, eval_interval=200,
+                             checkpoint_interval=200),
         eval=EvalSection(mode="whole", crop_size=256, stride=171),
     )
 
