@@ -6,7 +6,24 @@ refer to either file.
 """
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import pytest
 import torch
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's Chromium, which the browser tests drive (no browser download)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium_executable() -> Path:
+    """The Chromium the browser tests drive; skips the test, saying how to install one, where there is none."""
+    found = CHROMIUM if CHROMIUM.is_file() else (Path(shutil.which("chromium")) if shutil.which("chromium") else None)
+    if found is None:
+        pytest.skip(f"Chromium is not installed ({CHROMIUM} does not exist and no `chromium` on PATH); install it "
+                    "with `apt-get install -y chromium` (as .ci/run does) to run the browser test")
+    return found
 
 
 def randomize_gammas(model: torch.nn.Module, value: float = 0.5) -> None:
