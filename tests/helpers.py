@@ -6,6 +6,8 @@ refer to either file.
 """
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -42,3 +44,10 @@ def tiny_overrides(root, **extra) -> list[str]:
               "train.eval_interval": 2, "train.checkpoint_interval": 2, "train.tensorboard": "false"}
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def page_data(page: str) -> dict:
+    """The JSON an explorer page's script reads (`semask.viz.page`)."""
+    match = re.search(r'<script type="application/json" id="semask-data">(.*?)</script>', page, re.S)
+    assert match, "the page holds no data script"
+    return json.loads(match.group(1))

@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 
 import semask
-from helpers import randomize_gammas
+from helpers import page_data, randomize_gammas
 from semask.apps.cli import main
 from semask.data import TOY_CLASSES, TOY_PALETTE, TestPipelineConfig, ToyDataset, make_toy_dataset
 from semask.errors import OutputExistsError, UsageError
 from semask.viz import analyse_image, colorize, error_map
-from semask.viz.page import build_views, page_html, page_source, save_page
+from semask.viz.page import page_html, page_source, save_page
 
 PRESET = TestPipelineConfig(scale=(256, 64))  # keeps the 64-pixel test scenes at their size
 
@@ -37,13 +37,6 @@ def model() -> semask.SeMaskFPN:
     model = semask.create_model("semask_toy_fpn", class_names=TOY_CLASSES, palette=TOY_PALETTE).eval()
     randomize_gammas(model, 0.5)
     return model
-
-
-def page_data(page: str) -> dict:
-    """The JSON the page's script reads."""
-    match = re.search(r'<script type="application/json" id="semask-data">(.*?)</script>', page, re.S)
-    assert match, "the page holds no data script"
-    return json.loads(match.group(1))
 
 
 def decoded(uri: str) -> np.ndarray:

@@ -180,7 +180,8 @@ function info(im, view, q) {
   let query = `query (${p[0]}, ${p[1]}): predicted ${esc(D.classes[p[2]])}`;
   if (p[3] !== null) { query += `, labelled ${p[3] === 255 ? "ignored" : esc(D.classes[p[3]])}`; }
   lines.push(query);
-  const note = (view === "ground truth" || view === "error map") && !im.layers[view] ? "This image has no label: the ground-truth and error-map views need one." : D.help[view];
+  let note = (view === "ground truth" || view === "error map") && !im.layers[view] ? "This image has no label: the ground-truth and error-map views need one." : D.help[view];
+  if (view === "semantic attention") { note += ` This page holds ${D.grid}x${D.grid} query positions: a click picks the nearest.`; }
   lines.push(`<div class="help">${esc(note)}</div>`);
   return lines.join("<br>");
 }
