@@ -91,7 +91,7 @@ def _encoded(array: np.ndarray, fmt: str, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def _data_uri(array: np.ndarray, exact: bool, quality: int) -> str:
+def _data_uri(array: np.ndarray, exact: bool, quality: int = 90) -> str:
     """A uint8 picture as a data: URI: PNG where every value must survive (label colours), else the smaller of
     PNG and JPEG (photos, probabilities)."""
     candidates = [("png", _encoded(array, "PNG"))]
@@ -110,6 +110,11 @@ def _json_size(data: Any) -> int:
     return len(_json(data))
 
 
+def _finite(value: Optional[float]) -> Optional[float]:
+    """A score for the JSON: None where undefined (NaN)."""
+    return None if value is None or value != value else float(value)
+
+
 def _nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(H, W) labels on a (h, w) grid, each output pixel taking the label under its centre."""
     H, W = labels.shape
@@ -118,11 +123,11 @@ def _nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return labels[rows[:, None], cols[None, :]]
 
 
-def _label_layer(labels: np.ndarray, palette: Any, quality: int) -> dict[str, Any]:
+def _label_layer(labels: np.ndarray, palette: Any) -> dict[str, Any]:
     """A label map as an RGBA PNG in `palette` (ignored pixels transparent: the image shows, as in `overlay`) and
     the classes it shows."""
     rgba = np.dstack([colorize(labels, palette), np.where(labels == 255, 0, 255).astype(np.uint8)])
-    return {"png": _data_uri(rgba, True, quality), "classes": [int(k) for k in np.unique(labels) if k != 255]}
+    return {"png": _data_uri(rgba, True), "classes": [int(k) for k in np.unique(labels) if k != 255]}
 
 
 # ----------------------------------------------------------------------------------------------- one image
@@ -177,16 +182,16 @@ def _image_payload(a: ImageAnalysis, title: str, source: PageSource, opts: _Opti
     shown = (max(1, round(H * scale)), max(1, round(W * scale)))
     picture = np.asarray(Image.fromarray(a.image).resize(shown[::-1], Image.BILINEAR)) if scale < 1 else a.image
     prediction = _nearest(a.prediction, shown)
-    layers = {"prediction": _label_layer(prediction, source.palette, opts.quality)}
+    layers = {"prediction": _label_layer(prediction, source.palette)}
     out: dict[str, Any] = {"title": title, "size": [H, W], "shown": list(shown), "input": list(a.input_size),
-                           "miou": a.miou, "acc": a.pixel_accuracy, "layers": layers,
+                           "miou": _finite(a.miou), "acc": _finite(a.pixel_accuracy), "layers": layers,
                            "picture": _data_uri(picture, False, opts.quality)}
     if a.label is not None:
         label = _nearest(a.label, shown)
-        layers["ground truth"] = _label_layer(label, source.palette, opts.quality)
+        layers["ground truth"] = _label_layer(label, source.palette)
         errors = np.dstack([error_map(prediction, label), np.where(label == 255, 0, 255).astype(np.uint8)])
         right, wrong = error_percentages(a.prediction, a.label)
-        layers["error map"] = {"png": _data_uri(errors, True, opts.quality), "percent": [right, wrong]}
+        layers["error map"] = {"png": _data_uri(errors, True), "percent": [right, wrong]}
     sizes["pictures"] += len(out["picture"]) + _json_size(layers)
     points = _query_points((H, W), opts.grid)
     out["points"] = [[r, c, int(a.prediction[r, c]), None if a.label is None else int(a.label[r, c])]
@@ -199,7 +204,7 @@ def _image_payload(a: ImageAnalysis, title: str, source: PageSource, opts: _Opti
     for s in opts.stages:
         probabilities, stride = a.stage_priors[s], a.strides[s]
         argmax = prior_on_image(probabilities, None, stride, a.input_size, shown)
-        prior = {"argmax": _label_layer(argmax, source.palette, opts.quality), "class": {}}
+        prior = {"argmax": _label_layer(argmax, source.palette), "class": {}}
         for k in classes:
             p = prior_on_image(probabilities, k, stride, a.input_size, shown)
             prior["class"][str(k)] = _data_uri(np.clip(np.round(p * 255), 0, 255).astype(np.uint8), False,
