@@ -9,7 +9,9 @@ results, and the Jupyter apps (explorer, comparison).
 - `semask.viz.results`: `plot_class_iou`, `results_table` / `ResultsTable`, `plot_results`, `plot_confusion`;
 - `semask.viz.analysis`: `analyse_image` / `ImageAnalysis`, one image through one model for the apps;
 - `semask.viz.analysis_plots`: `plot_stage_analysis`, `plot_class_attention`, the plots of `semask.analyze`;
-- `semask.viz.explorer`, `semask.viz.compare`: the ipywidgets apps `Explorer` and `compare`.
+- `semask.viz.explorer`, `semask.viz.compare`: the ipywidgets apps `Explorer` and `compare`;
+- `semask.viz.page`: `save_page` / `page_source`, the explorer as one self-contained HTML page
+  (`Explorer.save_html`, ``semask analyze --html``).
 
 Importing semask.viz imports neither pyplot (no matplotlib backend is chosen) nor ipywidgets or ipympl; the plot
 functions and the apps import them when called.

@@ -29,7 +29,6 @@ from PIL import Image
 from semask.errors import UsageError
 from semask.io import Inputs, PathLike, atomic_path, check_output_file
 from semask.viz.analysis import ImageAnalysis, TestPreset, analyse_image, semantic_gammas
-from semask.viz.explorer import _VIEW_HELP
 from semask.viz.labels import ERROR_CLASSES, ERROR_PALETTE, colorize, error_map, error_percentages
 from semask.viz.page_template import PAGE_TEMPLATE
 from semask.viz.stages import cell_box, prior_on_image
@@ -38,6 +37,16 @@ __all__ = ["DEFAULT_MAX_MB", "PageSource", "page_source", "PageViews", "build_vi
            "write_page", "save_page"]
 
 DEFAULT_MAX_MB = 8.0  # the page's size budget, in MB (10**6 bytes)
+VIEW_HELP = {  # the caption of each view on the page
+    "prediction": "The model's prediction over the image.",
+    "ground truth": "The label; ignored pixels show the bare image.",
+    "error map": "Green: correct, red: wrong; ignored pixels (not scored) show the bare image.",
+    "semantic prior": "The stage's semantic layer projects its features to class space; the decoder supervises "
+                      "these priors. Argmax: which class each token leans to; a class: its probability.",
+    "semantic attention": "Where the query token (x; white box) attends in the stage's semantic layer: attention "
+                          "between tokens with similar class priors. Windowed layers look inside their window "
+                          "(dashed) only.",
+}
 
 
 @dataclass
@@ -310,7 +319,7 @@ def build_views(source: PageSource, *, images: Optional[Sequence[int]] = None,
             "palette": hex_colours(np.asarray(source.palette)[:, :3]),
             "errors": {"names": list(ERROR_CLASSES), "palette": hex_colours(ERROR_PALETTE)},
             "stages": [{"index": s, "gamma": source.gammas[s]} for s in opts.stages], "grid": query_grid,
-            "opacity": opacity, "help": _VIEW_HELP, "luts": luts, "images": payloads}
+            "opacity": opacity, "help": VIEW_HELP, "luts": luts, "images": payloads}
     return PageViews(data, sizes, opts)
 
 

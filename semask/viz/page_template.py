@@ -181,7 +181,7 @@ function info(im, view, q) {
   if (p[3] !== null) { query += `, labelled ${p[3] === 255 ? "ignored" : esc(D.classes[p[3]])}`; }
   lines.push(query);
   let note = (view === "ground truth" || view === "error map") && !im.layers[view] ? "This image has no label: the ground-truth and error-map views need one." : D.help[view];
-  if (view === "semantic attention") { note += ` This page holds ${D.grid}x${D.grid} query positions: a click picks the nearest.`; }
+  if (view === "semantic attention") { note += ` This page holds ${D.grid}x${D.grid} query positions: pick one, or click the image for the nearest.`; }
   lines.push(`<div class="help">${esc(note)}</div>`);
   return lines.join("<br>");
 }
