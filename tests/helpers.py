@@ -6,7 +6,26 @@ refer to either file.
 """
 from __future__ import annotations
 
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
 import torch
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's Chromium, which the browser tests drive (no browser download)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium_executable() -> Path:
+    """The Chromium the browser tests drive; skips the test, saying how to install one, where there is none."""
+    found = CHROMIUM if CHROMIUM.is_file() else (Path(shutil.which("chromium")) if shutil.which("chromium") else None)
+    if found is None:
+        pytest.skip(f"Chromium is not installed ({CHROMIUM} does not exist and no `chromium` on PATH); install it "
+                    "with `apt-get install -y chromium` (as .ci/run does) to run the browser test")
+    return found
 
 
 def randomize_gammas(model: torch.nn.Module, value: float = 0.5) -> None:
@@ -25,3 +44,10 @@ def tiny_overrides(root, **extra) -> list[str]:
               "train.eval_interval": 2, "train.checkpoint_interval": 2, "train.tensorboard": "false"}
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def page_data(page: str) -> dict:
+    """The JSON an explorer page's script reads (`semask.viz.page`)."""
+    match = re.search(r'<script type="application/json" id="semask-data">(.*?)</script>', page, re.S)
+    assert match, "the page holds no data script"
+    return json.loads(match.group(1))

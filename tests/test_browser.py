@@ -30,24 +30,15 @@ from typing import Callable, Iterator
 
 import pytest
 
+from helpers import CHROMIUM_FLAGS, chromium_executable
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "07_attention_explorer.ipynb"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SERVER_START_S = 120  # JupyterLab start on a busy 2-core machine
 RUN_ALL_S = 300  # the notebook's cells, run by the page's kernel
 REDRAW_S = 60  # a control change until the canvas shows it
 
 pytestmark = pytest.mark.slow
-
-
-def _chromium() -> Path:
-    found = CHROMIUM if CHROMIUM.is_file() else (Path(shutil.which("chromium")) if shutil.which("chromium") else None)
-    if found is None:
-        pytest.skip(f"Chromium is not installed ({CHROMIUM} does not exist and no `chromium` on PATH); install it "
-                    "with `apt-get install -y chromium` (as .ci/run does) to run the browser test")
-    return found
 
 
 def _free_port() -> int:
@@ -177,7 +168,7 @@ NOTEBOOK_STATE_JS = """() => {
 
 
 def test_explorer_notebook_in_jupyterlab_and_chromium(tmp_path: Path) -> None:
-    chromium = _chromium()
+    chromium = chromium_executable()
     from playwright.sync_api import sync_playwright  # a dev dependency: missing it is an error, not a skip
 
     artifacts = Path(os.environ.get("SEMASK_TEST_ARTIFACTS", tmp_path / "artifacts")) / "browser"

@@ -15,6 +15,7 @@ line does can also be done from Python and is tested there.
     semask configs [PRESET] [--set KEY=VALUE ...]
     semask train PRESET --work-dir DIR [--set KEY=VALUE ...] [--resume]
     semask test PRESET CHECKPOINT [--aug-test] [--mode whole|slide] [--show-dir DIR] [--json FILE] [--overwrite]
+    semask analyze PRESET CHECKPOINT [--max-images N] [--json FILE] [--html FILE [--html-images N]] [--overwrite]
     semask demo [--work-dir DIR] [--data-root DIR] [--set KEY=VALUE ...]
 
 Every command that writes checks all its outputs before any work (`semask.io`): never one of its inputs or inside
@@ -37,7 +38,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 from semask.errors import BatchError, SemaskError, UsageError, error_lines, exit_status
 from semask.io import check_output_file, check_output_folder
@@ -292,19 +293,30 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from semask.engine.evaluate import data_inputs
     from semask.engine.train import build_datasets
     from semask.io import check_output_file
+    from semask.viz.page import write_page
 
     if args.max_images is not None and args.max_images < 1:
         raise UsageError(f"--max-images must be a positive number of images, got {args.max_images}")
+    for flag, value in (("--html-images", args.html_images), ("--html-grid", args.html_grid),
+                        ("--html-max-mb", args.html_max_mb)):
+        if value is not None and not value > 0:
+            raise UsageError(f"{flag} must be a positive number, got {value}")
     config = _resolve_config(args.preset, args.set)
-    if args.json:  # planned before any work: a bad or existing output fails now, not after the whole split
-        inputs = [("the checkpoint", args.checkpoint), ("the config file", _config_file(args.preset)),
-                  *data_inputs(config.data)]
-        check_output_file(args.json, "--json", inputs=inputs, overwrite=args.overwrite, probe=True)
+    inputs = [("the checkpoint", args.checkpoint), ("the config file", _config_file(args.preset)),
+              *data_inputs(config.data)]
+    outputs = [(flag, path) for flag, path in (("--json", args.json), ("--html", args.html)) if path]
+    if len(outputs) == 2 and Path(args.json).resolve() == Path(args.html).resolve():
+        raise UsageError(f"--json and --html name the same file {args.json!r}; give each its own")
+    for flag, path in outputs:  # planned before any work: a bad or existing output fails now, not after the split
+        check_output_file(path, flag, inputs=inputs, overwrite=args.overwrite, probe=True)
     info = distributed.setup(args.device)
     try:
         model = load_checkpoint(args.checkpoint, map_location=info.device)
         _, val_set = build_datasets(config)
         max_images = args.max_images if args.max_images is not None else config.eval.max_images
+        # the page's views are built first: a page over its size budget fails before the split is analysed
+        views = _page_views(args, model, val_set, config, max_images, info.device) if args.html and info.is_main \
+            else None
         result = analyze(model, val_set, max_images=max_images, test_config=config.data.test_pipeline,
                          amp_dtype=autocast_dtype(args.precision, info.device), progress=not args.no_progress)
         if info.is_main:
@@ -314,9 +326,25 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             if args.json:
                 result.save_json(args.json)
                 print(f"analysis written to {args.json}")
+            if views is not None:
+                path = write_page(args.html, views, result.to_dict())
+                print(f"explorer page ({len(views.data['images'])} images) written to {path}")
     finally:
         distributed.cleanup(info)
     return 0
+
+
+def _page_views(args: argparse.Namespace, model: Any, val_set: Any, config: Any, max_images: Optional[int],
+                device: Any) -> Any:
+    """`semask analyze --html`: the explorer views of the first analysed images, built (and held to their
+    budget) before the analysis, which the page then shows as a table (`semask.viz.page.write_page`)."""
+    from semask.viz.page import build_views, page_source
+
+    source = page_source(model, val_set, test_preset=config.data.test_pipeline, device=device)
+    count = min(args.html_images, len(source.titles), max_images or len(source.titles))
+    budget = {"max_mb": args.html_max_mb} if args.html_max_mb is not None else {}
+    return build_views(source, images=range(count), query_grid=args.html_grid,
+                       title=f"SeMask analysis: {Path(args.checkpoint).name} on {config.data.dataset}", **budget)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -417,7 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset", help="the preset whose dataset and test scale to use (or a run's config.json)")
     p.add_argument("checkpoint", help="an official SeMask FPN checkpoint or one written by semask train")
     p.add_argument("--json", default=None, help="also write the analysis as JSON (fractions in 0..1)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.add_argument("--html", default=None, help="also write a self-contained explorer page (one HTML file, no "
+                                                "network) of the first images, with the analysis table")
+    p.add_argument("--html-images", type=int, default=4, help="images in the --html page (default 4)")
+    p.add_argument("--html-grid", type=int, default=8, help="query positions per side of the --html page's "
+                                                            "attention views (default 8: 8x8)")
+    p.add_argument("--html-max-mb", type=float, default=None, help="size budget of the --html page in MB (default 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json or --html file")
     p.add_argument("--max-images", type=int, default=None, help="the first N images only (default: the preset's "
                                                                 "eval.max_images, else all)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")

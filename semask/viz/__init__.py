@@ -11,7 +11,9 @@ results, and the Jupyter apps (explorer, comparison).
 - `semask.viz.analysis_plots`: `plot_stage_analysis`, `plot_class_attention`, the plots of `semask.analyze`;
 - `semask.viz.explorer`, `semask.viz.compare`: the ipywidgets apps `Explorer` and `compare` (the explorer's
   "all stages" figure and per-image measures in `semask.viz.explorer_figures`, its timeline of a run's snapshots
-  in `semask.viz.timeline`).
+  in `semask.viz.timeline`);
+- `semask.viz.page`: `save_page` / `page_source`, the explorer as one self-contained HTML page
+  (`Explorer.save_html`, ``semask analyze --html``).
 
 Importing semask.viz imports neither pyplot (no matplotlib backend is chosen) nor ipywidgets or ipympl; the plot
 functions and the apps import them when called.

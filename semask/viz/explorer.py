@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import html
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -517,6 +518,30 @@ class Explorer:
         """The figure of the view as it is drawn now (the "all stages" view's own figure), as PNG (or ``"jpeg"``)
         bytes."""
         return snapshot_bytes(self._shown_figure(), format)
+
+    def save_html(self, path: Union[str, os.PathLike], **options: Any) -> Path:
+        """Write this explorer as one self-contained HTML page that opens from disk in any browser (no kernel,
+        no network): the chosen images' views precomputed, with controls that switch between them.
+
+        Args:
+            path: the .html file (an existing one is replaced only with ``overwrite=True``).
+            options: as `semask.viz.page.save_page`: ``images`` (indices, default all), ``stages`` (0-based, as
+                `stage`), ``classes`` (probability maps; default the classes in each image), ``query_grid``
+                (attention for a query_grid x query_grid grid of query pixels, default 8), ``max_mb`` (size
+                budget, default 8), ``max_side``, ``analysis`` (`semask.analyze(...).to_dict()`), ``title``,
+                ``overwrite``. The page opens at this explorer's opacity.
+
+        Returns:
+            The written file's path.
+
+        Raises:
+            UsageError: bad options, or the page would exceed its size budget (the message says what to reduce).
+        """
+        from semask.viz.page import PageSource, save_page
+
+        source = PageSource(self.analysis, self.images.titles, self.class_names, self.palette,
+                            semantic_gammas(self.model), getattr(self.model, "name", type(self.model).__name__))
+        return save_page(source, path, **{"opacity": float(self.opacity.value), **options})
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         return display_bundle(self.widget, self._shown_figure(), repr(self), include, exclude)
