@@ -37,12 +37,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from semask.data.transforms import TestPipelineConfig
-from semask.engine.attention_stats import SUM_NAMES, attention_sums, attention_summary, prior_labels, token_classes
+from semask.engine.attention_stats import (SUM_NAMES, PriorConfusions, attention_sums, attention_summary,
+                                           token_classes)
 from semask.engine.distributed import shard
 from semask.engine.evaluate import check_classes, dataset_sample
 from semask.engine.grid import grid_stride
 from semask.engine.inference import Predictor
-from semask.engine.metrics import confusion_matrix, metrics_from_confusion
+from semask.engine.metrics import confusion_matrix, metric_value, metrics_from_confusion
 from semask.errors import UsageError, UsageTypeError
 
 __all__ = ["StageAnalysis", "Analysis", "analyze", "stage_gammas"]
@@ -63,6 +64,9 @@ def stage_gammas(model: nn.Module) -> list[Optional[list[float]]]:
     return gammas
 
 
+_metric = metric_value  # a summary metric for JSON and tables: None for NaN
+
+
 def _clean(value: Any) -> Any:
     """JSON-ready: NaN -> None, numpy scalars and arrays -> Python numbers and lists."""
     if isinstance(value, np.ndarray):
@@ -72,10 +76,6 @@ def _clean(value: Any) -> Any:
     if isinstance(value, (float, np.floating)):
         return None if math.isnan(value) else float(value)
     return value
-
-
-def _metric(metrics: Optional[dict[str, Any]], key: str) -> Optional[float]:
-    return None if metrics is None else _clean(metrics[key])
 
 
 @dataclass
@@ -223,34 +223,29 @@ class Analysis:
 
 
 class _Sums:
-    """Everything `analyze` adds over images, on the model's device: (2 + S) confusion matrices (prediction,
-    decoder prior, each stage's prior), per stage the `SUM_NAMES` sums and the class-to-class mass."""
+    """Everything `analyze` adds over images, on the model's device: the prediction's confusion matrix, the priors'
+    (`PriorConfusions`), per stage the `SUM_NAMES` sums and the class-to-class mass."""
 
-    def __init__(self, num_stages: int, k: int, device: torch.device):
-        self.confusion = torch.zeros(2 + num_stages, k, k, dtype=torch.int64, device=device)
+    def __init__(self, module: nn.Module, k: int, device: torch.device):
+        self.priors = PriorConfusions(module, k, device)
+        num_stages = self.priors.num_stages
+        self.confusion = torch.zeros(k, k, dtype=torch.int64, device=device)
         self.attention = torch.zeros(num_stages, len(SUM_NAMES), dtype=torch.float64, device=device)
         self.mass = torch.zeros(num_stages, k, k, dtype=torch.float64, device=device)
 
     def all_reduce(self) -> None:
         for tensor in (self.confusion, self.attention, self.mass):
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        self.priors.all_reduce()
 
 
-def _add_image(sums: _Sums, output: Any, pred: torch.Tensor, label: torch.Tensor, semantic: list[int],
-               priors_scored: bool, k: int, ignore: int) -> None:
+def _add_image(sums: _Sums, output: Any, pred: torch.Tensor, label: torch.Tensor, k: int, ignore: int) -> None:
     """One image's confusions and attention sums (the model's output of one image, the (H, W) prediction)."""
-    sums.confusion[0] += confusion_matrix(pred, label, k, ignore)  # checks the label's ids first
+    sums.confusion += confusion_matrix(pred, label, k, ignore)  # checks the label's ids first
+    sums.priors.add(output, label, ignore)
     input_size = tuple(output.logits.shape[-2:])
-    image_size = tuple(label.shape)
-    if priors_scored and output.prior_logits is not None:
-        sums.confusion[1] += confusion_matrix(prior_labels(output.prior_logits[0], input_size, image_size), label,
-                                              k, ignore)
-    for j, stage in enumerate(semantic):
-        prior = output.stage_priors[j][0]  # K', h_i, w_i
-        if priors_scored:
-            sums.confusion[2 + stage] += confusion_matrix(prior_labels(prior, input_size, image_size), label, k,
-                                                          ignore)
-        grid = tuple(prior.shape[-2:])
+    for j, stage in enumerate(sums.priors.semantic):
+        grid = tuple(output.stage_priors[j].shape[-2:])
         stride = grid_stride(grid, input_size)
         classes = token_classes(label, grid, stride, input_size, k, ignore)
         part, mass = attention_sums(output.attentions[j], classes, stride, k)
@@ -258,17 +253,18 @@ def _add_image(sums: _Sums, output: Any, pred: torch.Tensor, label: torch.Tensor
         sums.mass[stage] += mass.to(sums.mass.device)
 
 
-def _stage_results(module: nn.Module, sums: _Sums, gammas: list[Optional[list[float]]], priors_scored: bool,
+def _stage_results(module: nn.Module, sums: _Sums, gammas: list[Optional[list[float]]],
                    strides: list[int]) -> list[StageAnalysis]:
     results = []
+    prior_metrics = sums.priors.stage_metrics()
     for i, gamma in enumerate(gammas):
         stage = StageAnalysis(stage=i + 1, stride=strides[i])
         if gamma is not None:
             stage.semantic, stage.gamma = True, gamma
             stage.window_size = module.backbone.layers[i].semantic_layer.window_size
-            if priors_scored:
-                stage.prior_confusion = sums.confusion[2 + i].cpu().numpy()
-                stage.prior_metrics = metrics_from_confusion(sums.confusion[2 + i])
+            if prior_metrics[i] is not None:
+                stage.prior_confusion = sums.priors.confusion[1 + i].cpu().numpy()
+                stage.prior_metrics = prior_metrics[i]
             summary = attention_summary(sums.attention[i], sums.mass[i])
             stage.num_tokens = summary.pop("num_tokens")
             for key, value in summary.items():
@@ -324,12 +320,9 @@ def analyze(model: nn.Module, dataset: Any, *, max_images: Optional[int] = None,
         raise UsageError(f"analyze: the dataset {dataset!r} has no images")
     k, ignore = module.num_classes, getattr(dataset, "ignore_index", 255)
     gammas = stage_gammas(module)
-    semantic = [i for i, g in enumerate(gammas) if g is not None]
     # semantic layers of other classes than the labels' (a 150-class backbone under a 171-class head) have no
-    # prior to score against these labels; their attention is still measured with the labels' classes
-    priors_scored = bool(semantic) and getattr(module.backbone, "num_classes", None) == k
-    decoder_prior = priors_scored and bool(getattr(module.decode_head, "prior_branch", False))
-    sums = _Sums(len(gammas), k, predictor.device)
+    # prior to score against these labels (`PriorConfusions`); their attention is still measured with the labels'
+    sums = _Sums(module, k, predictor.device)
     indices, rank, world = shard(n)
     bar = None
     if progress and rank == 0:
@@ -340,13 +333,13 @@ def analyze(model: nn.Module, dataset: Any, *, max_images: Optional[int] = None,
     try:
         for i in indices:
             sample = dataset_sample(dataset, i, "analyze")
-            pred, output = predictor.predict_with_output(sample["image"], return_attention=bool(semantic))
+            pred, output = predictor.predict_with_output(sample["image"], return_attention=bool(sums.priors.semantic))
             label = torch.as_tensor(np.asarray(sample["label"]), device=predictor.device).long()
             if tuple(label.shape) != tuple(pred.shape):
                 raise UsageError(f"analyze: image {i} ({sample.get('path', 'no path')}) is {tuple(pred.shape)} pixels "
                                  f"but its label is {tuple(label.shape)}; labels must have their image's size")
             try:
-                _add_image(sums, output, pred, label, semantic, priors_scored, k, ignore)
+                _add_image(sums, output, pred, label, k, ignore)
             except UsageError as exc:  # a label the metrics refuse: say which image
                 raise UsageError(f"analyze: image {i} ({sample.get('path', 'no path')}): {exc}") from exc
             del output
@@ -362,7 +355,7 @@ def analyze(model: nn.Module, dataset: Any, *, max_images: Optional[int] = None,
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         seconds = float(slowest.item())
     strides = list(getattr(getattr(module, "backbone", None), "strides", []))
-    return Analysis(class_names=class_names, num_images=n, metrics=metrics_from_confusion(sums.confusion[0]),
-                    decoder_prior_metrics=metrics_from_confusion(sums.confusion[1]) if decoder_prior else None,
-                    stages=_stage_results(module, sums, gammas, priors_scored, strides),
-                    confusion=sums.confusion[0].cpu().numpy(), seconds=seconds)
+    return Analysis(class_names=class_names, num_images=n, metrics=metrics_from_confusion(sums.confusion),
+                    decoder_prior_metrics=sums.priors.decoder_metrics(),
+                    stages=_stage_results(module, sums, gammas, strides),
+                    confusion=sums.confusion.cpu().numpy(), seconds=seconds)
