@@ -383,6 +383,7 @@ def _train_record(run: _Run, window: _Window, done: int, lr: float, grad_norm: O
 def _evaluate(run: _Run, done: int, progress: bool) -> None:
     """Validate after step ``done``, log the result and save best.pth when it is the best so far."""
     config, module = run.config, run.module
+    distributed.broadcast_buffers(module, run.info)  # every process scores the weights best.pth / latest.pth hold
     run.evaluation = result = evaluate(
         module, run.val_set, mode=config.eval.mode, test_config=config.data.test_pipeline,
         crop_size=config.eval.crop_size, stride=config.eval.stride, max_images=config.eval.max_images,
