@@ -127,6 +127,13 @@ def test_two_process_training_and_exact_evaluation_with_gloo(tiny_toy_root, tmp_
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records if r["kind"] == "train"] == [1, 2]  # written once, by rank 0
     assert [r["num_images"] for r in records if r["kind"] == "eval"] == [4]  # the split divided, then merged
+    # the priors' confusions were summed over the processes like the evaluation's: one process's analysis agrees
+    test_config = apply_overrides(get_preset("toy"), overrides).data.test_pipeline
+    analysis = semask.analyze(semask.load_checkpoint(tmp_path / "run" / "latest.pth"),
+                              ToyDataset(tiny_toy_root, "val"), test_config=test_config, progress=False)
+    last = [r for r in records if r["kind"] == "eval"][-1]
+    assert last["prior_mIoU"] == [s.prior_mIoU for s in analysis.stages]
+    assert last["decoder_prior_mIoU"] == analysis.decoder_prior_mIoU and last["mIoU"] == analysis.metrics["mIoU"]
 
     checkpoint = str(tmp_path / "run" / "latest.pth")
     single = subprocess.run([sys.executable, "-m", "semask", "test", "toy", checkpoint, "--json",

@@ -141,7 +141,7 @@ def run_dir(tmp_path, saved):
 
 def test_list_snapshots_in_step_order(run_dir, tmp_path):
     assert list_snapshots(run_dir) == [(s, run_dir / f"iter_{s:06d}.pth") for s in (20, 100, 300)]
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
         list_snapshots(tmp_path / "nope")
 
 

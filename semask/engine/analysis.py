@@ -40,12 +40,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from semask.data.transforms import TestPipelineConfig
-from semask.engine.attention_stats import SUM_NAMES, attention_sums, attention_summary, prior_labels, token_classes
+from semask.engine.attention_stats import (SUM_NAMES, PriorConfusions, attention_sums, attention_summary,
+                                           token_classes)
 from semask.engine.distributed import shard
 from semask.engine.evaluate import check_classes, dataset_sample
 from semask.engine.grid import grid_stride
 from semask.engine.inference import Predictor
-from semask.engine.metrics import confusion_matrix, metrics_from_confusion
+from semask.engine.metrics import confusion_matrix, metric_value, metrics_from_confusion
 from semask.errors import UsageError, UsageTypeError
 
 __all__ = ["StageAnalysis", "Analysis", "analyze", "analyze_output", "stage_gammas"]
@@ -66,6 +67,9 @@ def stage_gammas(model: nn.Module) -> list[Optional[list[float]]]:
     return gammas
 
 
+_metric = metric_value  # a summary metric for JSON and tables: None for NaN
+
+
 def _clean(value: Any) -> Any:
     """JSON-ready: NaN -> None, numpy scalars and arrays -> Python numbers and lists."""
     if isinstance(value, np.ndarray):
@@ -75,10 +79,6 @@ def _clean(value: Any) -> Any:
     if isinstance(value, (float, np.floating)):
         return None if math.isnan(value) else float(value)
     return value
-
-
-def _metric(metrics: Optional[dict[str, Any]], key: str) -> Optional[float]:
-    return None if metrics is None else _clean(metrics[key])
 
 
 @dataclass
@@ -226,44 +226,36 @@ class Analysis:
 
 
 class _Sums:
-    """Everything `analyze` adds over images, on the model's device: (2 + S) confusion matrices (prediction,
-    decoder prior, each stage's prior), per stage the `SUM_NAMES` sums and the class-to-class mass; and what the
-    model has to be measured (its stages with a semantic layer, whether its priors can be scored against labels
-    of ``k`` classes).
+    """Everything `analyze` adds over images, on the model's device: the prediction's confusion matrix, the priors'
+    (`PriorConfusions`: the decoder prior's and each stage's), per stage the `SUM_NAMES` sums and the class-to-class
+    mass; and what the model has to be measured (its gammas, its stages with a semantic layer).
     """
 
     def __init__(self, module: nn.Module, k: int, ignore: int, device: torch.device):
         self.module, self.k, self.ignore = module, k, ignore
         self.gammas = stage_gammas(module)
-        self.semantic = [i for i, g in enumerate(self.gammas) if g is not None]
         # semantic layers of other classes than the labels' (a 150-class backbone under a 171-class head) have no
-        # prior to score against these labels; their attention is still measured with the labels' classes
-        self.priors_scored = bool(self.semantic) and getattr(module.backbone, "num_classes", None) == k
-        self.decoder_prior = self.priors_scored and bool(getattr(module.decode_head, "prior_branch", False))
+        # prior to score against these labels (`PriorConfusions`); their attention is still measured with the labels'
+        self.priors = PriorConfusions(module, k, device)
+        self.semantic = self.priors.semantic
         num_stages = len(self.gammas)
-        self.confusion = torch.zeros(2 + num_stages, k, k, dtype=torch.int64, device=device)
+        self.confusion = torch.zeros(k, k, dtype=torch.int64, device=device)
         self.attention = torch.zeros(num_stages, len(SUM_NAMES), dtype=torch.float64, device=device)
         self.mass = torch.zeros(num_stages, k, k, dtype=torch.float64, device=device)
 
     def all_reduce(self) -> None:
         for tensor in (self.confusion, self.attention, self.mass):
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        self.priors.all_reduce()
 
     def add(self, output: Any, pred: torch.Tensor, label: torch.Tensor) -> None:
         """One image's confusions and attention sums (the model's output of one image, the (H, W) prediction)."""
         k, ignore = self.k, self.ignore
-        self.confusion[0] += confusion_matrix(pred, label, k, ignore)  # checks the label's ids first
+        self.confusion += confusion_matrix(pred, label, k, ignore)  # checks the label's ids first
+        self.priors.add(output, label, ignore)
         input_size = tuple(output.logits.shape[-2:])
-        image_size = tuple(label.shape)
-        if self.priors_scored and output.prior_logits is not None:
-            self.confusion[1] += confusion_matrix(prior_labels(output.prior_logits[0], input_size, image_size),
-                                                  label, k, ignore)
         for j, stage in enumerate(self.semantic):
-            prior = output.stage_priors[j][0]  # K', h_i, w_i
-            if self.priors_scored:
-                self.confusion[2 + stage] += confusion_matrix(prior_labels(prior, input_size, image_size), label, k,
-                                                              ignore)
-            grid = tuple(prior.shape[-2:])
+            grid = tuple(output.stage_priors[j].shape[-2:])
             stride = grid_stride(grid, input_size)
             classes = token_classes(label, grid, stride, input_size, k, ignore)
             part, mass = attention_sums(output.attentions[j], classes, stride, k)
@@ -274,21 +266,21 @@ class _Sums:
         """The `Analysis` of the sums added so far (over `num_images` images)."""
         strides = list(getattr(getattr(self.module, "backbone", None), "strides", []))
         return Analysis(class_names=class_names, num_images=num_images,
-                        metrics=metrics_from_confusion(self.confusion[0]),
-                        decoder_prior_metrics=metrics_from_confusion(self.confusion[1]) if self.decoder_prior
-                        else None, stages=self._stage_results(strides), confusion=self.confusion[0].cpu().numpy(),
-                        seconds=seconds)
+                        metrics=metrics_from_confusion(self.confusion),
+                        decoder_prior_metrics=self.priors.decoder_metrics(), stages=self._stage_results(strides),
+                        confusion=self.confusion.cpu().numpy(), seconds=seconds)
 
     def _stage_results(self, strides: list[int]) -> list[StageAnalysis]:
         results = []
+        prior_metrics = self.priors.stage_metrics()
         for i, gamma in enumerate(self.gammas):
             stage = StageAnalysis(stage=i + 1, stride=strides[i])
             if gamma is not None:
                 stage.semantic, stage.gamma = True, gamma
                 stage.window_size = self.module.backbone.layers[i].semantic_layer.window_size
-                if self.priors_scored:
-                    stage.prior_confusion = self.confusion[2 + i].cpu().numpy()
-                    stage.prior_metrics = metrics_from_confusion(self.confusion[2 + i])
+                if prior_metrics[i] is not None:
+                    stage.prior_confusion = self.priors.confusion[1 + i].cpu().numpy()
+                    stage.prior_metrics = prior_metrics[i]
                 summary = attention_summary(self.attention[i], self.mass[i])
                 stage.num_tokens = summary.pop("num_tokens")
                 for key, value in summary.items():

@@ -5,7 +5,9 @@ Three pieces, each on the model's device and each reduced to a few numbers befor
 - `prior_labels`: a stage's semantic prior used as a segmentation: its (K, h_i, w_i) logits brought to the
   label's pixels by the one grid-to-pixels mapping (`semask.engine.grid.stage_to_pixels`: bilinear,
   align_corners=False, from the cells to their stride blocks of the input, the padding cropped, then to the
-  label's size) and argmax'ed; `semask.engine.metrics.confusion_matrix` scores it.
+  label's size) and argmax'ed; `semask.engine.metrics.confusion_matrix` scores it. `PriorConfusions` adds these
+  confusions over a split for every stage and the decoder's summed prior: the one scoring of the priors, shared
+  by `semask.analyze` and the evaluation of `semask train` (``eval.prior_metrics``).
 - `token_classes`: each token's class, the majority ground-truth label of the image pixels it covers under the
   same mapping (nearest), or -1 for a token that covers no labelled pixel (those are left out as queries).
 - `attention_sums`: over the labelled query tokens of one semantic layer, the sums of
@@ -28,13 +30,16 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 from semask.engine.grid import Stride, grid_stride, stage_to_pixels, stride_pair
+from semask.engine.metrics import confusion_matrix, metrics_from_confusion
 from semask.errors import UsageError
 from semask.model.semantic import SemanticAttentionMap
 
-__all__ = ["SUM_NAMES", "prior_labels", "token_classes", "attention_sums", "attention_summary"]
+__all__ = ["SUM_NAMES", "prior_labels", "PriorConfusions", "token_classes", "attention_sums", "attention_summary"]
 
 SUM_NAMES = ("tokens", "entropy", "distance_px", "same_class", "chance")  # the order of `attention_sums`' vector
 _CHUNK_BYTES = 64 << 20  # temporaries of one step of the class-chunked argmax and of the attention row chunks
@@ -62,6 +67,63 @@ def prior_labels(logits: torch.Tensor, input_size: tuple[int, int], image_size: 
             best = torch.where(better, value, best)
             labels = torch.where(better, index + c, labels)
     return labels
+
+
+class PriorConfusions:
+    """The semantic priors of a model used as segmentations, scored image by image (`prior_labels`).
+
+    ``confusion[0]`` counts the decoder's summed prior, ``confusion[1 + i]`` stage i's; (1 + S, K, K) int64 on
+    `device`, row = ground truth. A prior is scored only when the model has semantic layers of the labels' K
+    classes (`scored`): the plain-Swin baseline, an external network and semantic layers of other classes (a
+    150-class backbone under a 171-class head) have none, and their metrics are None.
+
+    Args:
+        model: a `SeMaskFPN` (or any segmentor; see above), not a DDP wrapper.
+        num_classes: K, the classes of the labels.
+        device: where the counts live (the model's).
+
+    Attributes:
+        num_stages: S, the model's backbone stages (0 without a Swin backbone).
+        semantic: the 0-based stages with a semantic layer, in the order of the output's ``stage_priors``.
+        scored: whether the stage priors are scored; decoder: whether the decoder's prior is.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, device: torch.device):
+        stages = list(getattr(getattr(model, "backbone", None), "layers", []))
+        self.num_stages, self.num_classes = len(stages), num_classes
+        self.semantic = [i for i, stage in enumerate(stages) if getattr(stage, "semantic_layer", None) is not None]
+        self.scored = bool(self.semantic) and getattr(model.backbone, "num_classes", None) == num_classes
+        self.decoder = self.scored and bool(getattr(getattr(model, "decode_head", None), "prior_branch", False))
+        self.confusion = torch.zeros(1 + self.num_stages, num_classes, num_classes, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def add(self, output: Any, label: torch.Tensor, ignore_index: int = 255) -> None:
+        """Score one image's priors: `output` the model's `SegmentationOutput` of it (batch of one, logits at the
+        input size), `label` its (H, W) ground truth at the original size."""
+        if not self.scored:
+            return
+        input_size, image_size = tuple(output.logits.shape[-2:]), tuple(label.shape)
+        k = self.num_classes
+        if self.decoder and output.prior_logits is not None:
+            self.confusion[0] += confusion_matrix(prior_labels(output.prior_logits[0], input_size, image_size),
+                                                  label, k, ignore_index)
+        for j, stage in enumerate(self.semantic):
+            self.confusion[1 + stage] += confusion_matrix(
+                prior_labels(output.stage_priors[j][0], input_size, image_size), label, k, ignore_index)
+
+    def all_reduce(self) -> None:
+        """Sum the counts over the processes of a distributed run (exact: integers)."""
+        dist.all_reduce(self.confusion, op=dist.ReduceOp.SUM)
+
+    def stage_metrics(self) -> list[Optional[dict[str, Any]]]:
+        """Per stage, `metrics_from_confusion` of its prior (``mIoU``, ``mAcc``, ``aAcc``, ``IoU``, ``Acc``), or
+        None where it is not scored."""
+        return [metrics_from_confusion(self.confusion[1 + i]) if self.scored and i in self.semantic else None
+                for i in range(self.num_stages)]
+
+    def decoder_metrics(self) -> Optional[dict[str, Any]]:
+        """`metrics_from_confusion` of the decoder's summed prior, or None without one."""
+        return metrics_from_confusion(self.confusion[0]) if self.decoder else None
 
 
 @torch.no_grad()

@@ -135,6 +135,8 @@ class RuntimeSection:
     log_interval: int = setting(50, ge=1)  # steps between log lines
     eval_interval: int = setting(8000, ge=0)  # steps between validations (0 = only at the end)
     checkpoint_interval: int = setting(8000, ge=0)  # steps between writes of latest.pth (and at the end)
+    # steps between weight snapshots iter_NNNNNN.pth in the run directory, kept for later study (0 = none)
+    snapshot_interval: int = setting(0, ge=0)
     channels_last: bool = True  # channels-last images (faster convolutions on CPUs and tensor cores)
     tensorboard: bool = True  # also write TensorBoard scalars when the `tensorboard` package is installed
     threads: Optional[int] = setting(None, ge=1, le=1024)  # torch.set_num_threads on the CPU; None = PyTorch's
@@ -148,6 +150,9 @@ class EvalSection:
     crop_size: int = setting(512, ge=1)  # window of the sliding-window mode
     stride: int = setting(341, ge=1)  # stride of the sliding-window mode
     max_images: Optional[int] = setting(None, ge=1)  # validate on the first N images only (None = the whole split)
+    # also score each stage's semantic prior and the decoder's summed prior in the same forward (whole mode only;
+    # the eval records' prior_mIoU and decoder_prior_mIoU, as semask.analyze scores them)
+    prior_metrics: bool = True
 
 
 @dataclass

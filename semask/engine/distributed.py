@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from semask.device import check_device
 
-__all__ = ["DistInfo", "setup", "resolve_device", "shard", "barrier", "any_process", "all_reduce_mean", "cleanup"]
+__all__ = ["DistInfo", "setup", "resolve_device", "shard", "barrier", "any_process", "all_reduce_mean", "broadcast_buffers",
+           "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,18 @@ def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return {k: v / info.world_size for k, v in zip(keys, t.tolist())}
+
+
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Give every process the first process's buffers (a no-op for a single process).
+
+    Under DDP each process updates its own BatchNorm running statistics in the forward (DDP copies the first
+    process's at the start of the next training forward only), so after a step they differ; an evaluation that
+    divides the images among the processes must use the statistics that the first process saves.
+    """
+    if info.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def cleanup(info: DistInfo) -> None:

@@ -6,6 +6,10 @@ accumulates mmsegmentation's metrics exactly (int64 counts). Memory does not gro
 prediction is reduced to its (K, K) confusion matrix, added to the split's, and two numbers before the next one;
 the metrics of an image and of the split are both read off a confusion matrix (`semask.engine.metrics`).
 
+With ``prior_metrics=True`` (whole mode, one view) the same forward also scores each stage's semantic prior and
+the decoder's summed prior as segmentations, exactly as `semask.analyze` does (`PriorConfusions`); the
+prediction and its metrics are unchanged (`Predictor.predict_with_output` gives `predict_labels`' labels).
+
 Under ``torch.distributed`` (``torchrun ... semask test``) process ``r`` of ``n`` takes images ``r, r + n, ...``;
 the confusion matrix is summed across processes, so the metrics are exactly the single-process ones, and
 every process returns the same result.
@@ -31,9 +35,10 @@ import torch.nn as nn
 
 from semask.data.transforms import TestPipelineConfig
 from semask.device import check_tensor
+from semask.engine.attention_stats import PriorConfusions
 from semask.engine.distributed import shard
 from semask.engine.inference import Predictor
-from semask.engine.metrics import confusion_matrix, format_table, metrics_from_confusion
+from semask.engine.metrics import confusion_matrix, format_table, metric_value, metrics_from_confusion
 from semask.errors import UsageError
 
 __all__ = ["EvalResult", "evaluate", "check_classes", "dataset_sample", "plan_panels", "dataset_inputs",
@@ -52,6 +57,10 @@ class EvalResult:
             alone (NaN when it has no labelled pixel).
         mode: ``whole`` or ``slide``; aug_test: multi-scale + flip was used.
         seconds: wall time of the evaluation (slowest process).
+        prior_metrics: with ``evaluate(..., prior_metrics=True)``, per backbone stage the metrics of its semantic
+            prior used as a segmentation (as ``metrics``), None for a stage without a semantic layer (an empty
+            list without a Swin backbone); None when not measured.
+        decoder_prior_metrics: the same for the decoder's summed prior (None without one, or not measured).
     """
 
     metrics: dict[str, Any]
@@ -61,10 +70,23 @@ class EvalResult:
     mode: str = "whole"
     aug_test: bool = False
     seconds: float = 0.0
+    prior_metrics: Optional[list[Optional[dict[str, Any]]]] = None
+    decoder_prior_metrics: Optional[dict[str, Any]] = None
 
     @property
     def num_images(self) -> int:
         return len(self.per_image)
+
+    @property
+    def prior_mIoU(self) -> Optional[list[Optional[float]]]:  # noqa: N802 (the metric's name)
+        """Per stage the prior's mIoU (fraction; None for a stage without a semantic layer or an undefined
+        mIoU); None when the priors were not measured."""
+        return None if self.prior_metrics is None else [metric_value(m, "mIoU") for m in self.prior_metrics]
+
+    @property
+    def decoder_prior_mIoU(self) -> Optional[float]:  # noqa: N802 (the metric's name)
+        """The decoder's summed prior's mIoU (fraction), or None."""
+        return metric_value(self.decoder_prior_metrics, "mIoU")
 
     @property
     def mIoU(self) -> float:  # noqa: N802 (the metric's name)
@@ -79,13 +101,16 @@ class EvalResult:
         return sorted(self.per_image, key=lambda r: (math.isnan(r["mIoU"]), r["mIoU"]))[:n]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready summary: metrics (per class by name), protocol, timing and per-image scores."""
+        """A JSON-ready summary: metrics (per class by name), protocol, timing and per-image scores; with the
+        priors measured also ``prior_mIoU`` (per stage) and ``decoder_prior_mIoU``."""
         def clean(x: float) -> Optional[float]:
             return None if math.isnan(x) else float(x)
 
+        priors = {} if self.prior_metrics is None else {"prior_mIoU": self.prior_mIoU,
+                                                        "decoder_prior_mIoU": self.decoder_prior_mIoU}
         return {
             "aAcc": clean(self.metrics["aAcc"]), "mIoU": clean(self.metrics["mIoU"]),
-            "mAcc": clean(self.metrics["mAcc"]),
+            "mAcc": clean(self.metrics["mAcc"]), **priors,
             "IoU": {n: clean(v) for n, v in zip(self.class_names, self.metrics["IoU"])},
             "Acc": {n: clean(v) for n, v in zip(self.class_names, self.metrics["Acc"])},
             "mode": self.mode, "aug_test": self.aug_test, "num_images": self.num_images,
@@ -143,7 +168,7 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
              test_config: Optional[TestPipelineConfig] = None, crop_size: int = 512, stride: int = 341,
              amp_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
              max_images: Optional[int] = None, show_dir: Union[str, Path, None] = None,
-             overwrite: bool = False, progress: bool = True) -> EvalResult:
+             overwrite: bool = False, progress: bool = True, prior_metrics: bool = False) -> EvalResult:
     """Evaluate a model on a dataset split with the paper's protocol.
 
     Args:
@@ -162,11 +187,14 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
             dataset's folders, and existing panels are an error unless `overwrite`.
         overwrite: replace panels that already exist in `show_dir`.
         progress: show a progress bar (on the first process).
+        prior_metrics: also score the semantic priors of the same forward (`EvalResult.prior_metrics`); whole
+            mode without ``aug_test`` only (sliding windows and several views have no one prior per image).
 
     Returns:
         An `EvalResult`; identical on every process of a distributed run.
 
     Raises:
+        UsageError: ``prior_metrics`` with slide mode or ``aug_test``.
         OutputError: `show_dir` is or lies inside the dataset's folders, cannot be written, or two images would
             give the same panel name; `OutputExistsError` for existing panels without `overwrite`.
     """
@@ -177,6 +205,9 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     if n < 1:
         raise UsageError(f"evaluate: the dataset {dataset!r} has no images")
+    if prior_metrics and (mode != "whole" or aug_test):
+        raise UsageError(f"evaluate: prior_metrics needs mode 'whole' without aug_test (one forward per image), "
+                         f"got mode {mode!r}" + (" with aug_test" if aug_test else ""))
     was_training = module.training
     predictor = Predictor(module, mode="msflip" if aug_test and mode == "whole" else mode,
                           flip=True if aug_test else None, crop_size=crop_size, stride=stride, device=device,
@@ -185,6 +216,8 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
     k = module.num_classes
     ignore = getattr(dataset, "ignore_index", 255)
     confusion = torch.zeros(k, k, dtype=torch.int64, device=predictor.device)
+    priors = PriorConfusions(module, k, predictor.device) if prior_metrics else None
+    with_output = priors is not None and priors.scored  # else the priors are all None: no output needed
     indices, rank, world = shard(n)
     if show_dir is not None:  # before any work; each process checks the panels it writes
         plan_panels(dataset, show_dir, n, indices, overwrite)
@@ -200,10 +233,16 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
     try:
         for i in indices:
             sample = dataset_sample(dataset, i)
-            pred = predictor.predict_labels(sample["image"])
+            if with_output:
+                pred, output = predictor.predict_with_output(sample["image"])
+            else:
+                pred = predictor.predict_labels(sample["image"])
             label = torch.as_tensor(sample["label"], device=predictor.device)
-            image_confusion = confusion_matrix(pred, label, k, ignore)
+            image_confusion = confusion_matrix(pred, label, k, ignore)  # checks the label first
             confusion += image_confusion
+            if with_output:
+                priors.add(output, label, ignore)
+                del output
             one = metrics_from_confusion(image_confusion)
             records.append({"index": i, "path": str(sample.get("path", i)), "mIoU": one["mIoU"], "aAcc": one["aAcc"]})
             if show_dir is not None:
@@ -217,13 +256,16 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
     seconds = time.perf_counter() - start
     if world > 1:
         dist.all_reduce(confusion, op=dist.ReduceOp.SUM)
+        if with_output:
+            priors.all_reduce()
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, (records, seconds))
         records = sorted((r for part, _ in gathered for r in part), key=lambda r: r["index"])
         seconds = max(s for _, s in gathered)
     return EvalResult(metrics=metrics_from_confusion(confusion), class_names=class_names,
                       confusion=confusion.cpu().numpy(), per_image=records, mode=mode, aug_test=aug_test,
-                      seconds=seconds)
+                      seconds=seconds, prior_metrics=None if priors is None else priors.stage_metrics(),
+                      decoder_prior_metrics=None if priors is None else priors.decoder_metrics())
 
 
 def data_inputs(data: Any) -> list[tuple[str, Path]]:

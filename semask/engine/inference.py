@@ -282,6 +282,11 @@ class Predictor:
 
     def _view_logits(self, img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Logits (B, K, h, w) of the image rescaled to `size` (B = 2 with its flipped copy)."""
+        return self._logits(self._view_batch(img, size))
+
+    def _view_batch(self, img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The model's input for the image rescaled to `size`: normalised (B, 3, h, w) float32, B = 2 with its
+        flipped copy; refused when the forward would not fit the device's memory."""
         H0, W0 = img.shape[-2:]
         views = 2 if self.flip else 1
         strides = explicit_attention_strides(self.model, self.device)
@@ -300,7 +305,7 @@ class Predictor:
                           self.test_config.std)  # 1, 3, h, w float32
         if self.flip:
             batch = torch.cat([batch, batch.flip(-1)])  # one backbone pass for both
-        return self._logits(batch)
+        return batch
 
     def _sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         return multi_scale_sizes(height, width, self.scale, self.ratios)
@@ -389,8 +394,9 @@ class Predictor:
                             ) -> tuple[torch.Tensor, "SegmentationOutput"]:
         """Whole mode's label map together with the model's own output (stage priors, attention weights).
 
-        The labels are `predict_labels`' (the same rescale, normalisation, forward, softmax and resize); the
-        output is what the model returned for the rescaled image (logits at that size), for viewers.
+        The labels are `predict_labels`' (the same rescale, normalisation, forward, softmax and resize: equal bit
+        for bit, which lets an evaluation score the priors of its own forward); the output is what the model
+        returned for the rescaled image (logits at that size), for viewers and `semask.analyze`.
 
         Args:
             image: a path, PIL image, array or tensor (see `semask.data.images` for what is accepted).
@@ -409,9 +415,7 @@ class Predictor:
         img = self._image(image)
         H0, W0 = img.shape[-2:]
         size = self._sizes(H0, W0)[0]
-        batch = (resize_image(img, size) if size != (H0, W0) else img).float()
-        batch.sub_(torch.tensor(self.test_config.mean, device=batch.device).view(1, 3, 1, 1))
-        batch.div_(torch.tensor(self.test_config.std, device=batch.device).view(1, 3, 1, 1))
+        batch = self._view_batch(img, size)
         with eval_mode(self.model), autocast(self.device, self.amp_dtype):
             output = self.model(batch, return_attention=return_attention)
         self._check_finite(output.decoder_logits)

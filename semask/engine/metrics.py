@@ -13,7 +13,8 @@ not grow with the number of images and merging across processes (a sum) is exact
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ from semask.device import check_tensor
 from semask.errors import UsageError, UsageTypeError
 
 __all__ = ["SegmentationMetric", "mean_iou", "format_table", "metrics_from_areas", "metrics_from_confusion",
-           "confusion_matrix", "areas_from_confusion"]
+           "confusion_matrix", "areas_from_confusion", "metric_value"]
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor, device: torch.device, name: str = "class ids") -> torch.Tensor:
@@ -115,6 +116,15 @@ def areas_from_confusion(confusion: torch.Tensor) -> torch.Tensor:
 def metrics_from_confusion(confusion: torch.Tensor) -> dict[str, Any]:
     """`metrics_from_areas` of the areas of a ``(K, K)`` confusion matrix."""
     return metrics_from_areas(*areas_from_confusion(confusion).cpu().numpy())
+
+
+def metric_value(metrics: Mapping[str, Any] | None, key: str) -> float | None:
+    """``metrics[key]`` (a summary fraction such as ``"mIoU"``) as a float for records and JSON: None for no
+    metrics and for an undefined (NaN) value."""
+    if metrics is None:
+        return None
+    value = float(metrics[key])
+    return None if math.isnan(value) else value
 
 
 class SegmentationMetric:

@@ -2,8 +2,10 @@
 
 A run directory holds ``config.json`` (the resolved config), ``log.jsonl`` (one JSON object per log line),
 ``train.log`` (what was printed), ``latest.pth`` (model, optimizer, scaler, iteration), ``best.pth`` (the weights
-with the best validation mIoU), with the tensorboard extra ``tb/`` (TensorBoard scalars), and while the run is
-alive ``run.lock`` (`RunLock`: one run per folder). Only the first process of a run writes them (`RunLog`).
+with the best validation mIoU), with ``train.snapshot_interval`` the weight snapshots ``iter_NNNNNN.pth`` (one per
+N steps, weights and step only, never deleted by semask; `snapshot_name`, `list_snapshots`), with the tensorboard
+extra ``tb/`` (TensorBoard scalars), and while the run is alive ``run.lock`` (`RunLock`: one run per folder). Only
+the first process of a run writes them (`RunLog`).
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ from semask.errors import OutputError, SemaskError, UsageError
 from semask.io import atomic_path, process_alive
 
 __all__ = ["LOG_FILE", "CONFIG_FILE", "LATEST", "BEST", "TEXT_LOG", "TENSORBOARD_DIR", "LOCK_FILE", "TrainingError",
-           "RunLockedError", "read_training_log", "records_upto", "check_work_dir", "RunLock", "RunClaim",
-           "make_run_dir", "remove_created", "RunLog", "list_snapshots"]
+           "RunLockedError", "snapshot_name", "list_snapshots", "planned_snapshots", "read_training_log", "records_upto",
+           "check_work_dir", "RunLock", "RunClaim",
+           "make_run_dir", "remove_created", "RunLog"]
 
 LOG_FILE = "log.jsonl"  # one JSON object per record: kind "train", "eval" or "pretrained"
 CONFIG_FILE = "config.json"  # the resolved TrainConfig
@@ -33,10 +36,43 @@ BEST = "best.pth"  # the weights with the best validation mIoU
 TEXT_LOG = "train.log"  # the lines the run printed
 TENSORBOARD_DIR = "tb"  # TensorBoard event files (optional extra)
 LOCK_FILE = "run.lock"  # host and process id of the live run (removed when it ends)
+_SNAPSHOT = re.compile(r"iter_(\d{6,})\.pth")  # iter_NNNNNN.pth: the weights after step NNNNNN
 
 
 class TrainingError(SemaskError, RuntimeError):
     """Training cannot go on (non-finite loss, out of memory, a run directory in the way, ...)."""
+
+
+def snapshot_name(step: int) -> str:
+    """The file name of the weight snapshot after step `step`: ``iter_{step:06d}.pth``."""
+    return f"iter_{step:06d}.pth"
+
+
+def list_snapshots(run_dir: Union[str, os.PathLike]) -> list[tuple[int, Path]]:
+    """The weight snapshots of a run (``train.snapshot_interval``), in step order.
+
+    Args:
+        run_dir: a run directory of `semask train`.
+
+    Returns:
+        ``[(step, path), ...]`` sorted by step: every file named ``iter_NNNNNN.pth`` there (each loads with
+        `semask.load_checkpoint`); empty when there are none.
+
+    Raises:
+        FileNotFoundError: `run_dir` is not a folder.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"list_snapshots: {str(run_dir)!r} is not a folder; expected a run directory of "
+                                "`semask train`")
+    found = [(int(m.group(1)), path) for path in run_dir.iterdir()
+             if (m := _SNAPSHOT.fullmatch(path.name)) and path.is_file()]
+    return sorted(found)
+
+
+def planned_snapshots(work_dir: Path, interval: int, iters: int) -> list[Path]:
+    """The snapshot files a run of `iters` steps with ``train.snapshot_interval=interval`` writes (none for 0)."""
+    return [work_dir / snapshot_name(step) for step in range(interval, iters + 1, interval)] if interval else []
 
 
 def read_training_log(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
@@ -111,8 +147,11 @@ def check_work_dir(work_dir: Path, resume: Union[bool, str]) -> Optional[Path]:
                                 "(start a new run without --resume)")
         return latest
     existing = [p.name for p in (work_dir / LOG_FILE, latest, work_dir / BEST) if p.exists()]
+    if work_dir.is_dir():  # snapshots of an earlier run are its files too
+        existing += sorted(p.name for p in work_dir.iterdir() if _SNAPSHOT.fullmatch(p.name))
     if existing:
-        raise TrainingError(f"{work_dir} already holds a run ({', '.join(existing)}); continue it with --resume "
+        shown = ", ".join(existing[:6]) + (f" and {len(existing) - 6} more" if len(existing) > 6 else "")
+        raise TrainingError(f"{work_dir} already holds a run ({shown}); continue it with --resume "
                             "or choose another --work-dir (nothing was changed)")
     return None
 
@@ -406,17 +445,3 @@ def _cut_text_log(path: Path, step: int, size: Optional[int]) -> None:
     if kept != data:
         with atomic_path(path) as tmp:
             tmp.write_bytes(kept)
-
-
-def list_snapshots(run_dir: Union[str, os.PathLike]) -> list[tuple[int, Path]]:
-    """The weights-only snapshots ``iter_NNNNNN.pth`` of a run directory, as (step, path) in step order.
-
-    Raises:
-        FileNotFoundError: `run_dir` is not a directory.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist (or is not a directory)")
-    found = [(int(m.group(1)), path) for path in run_dir.iterdir()
-             if (m := re.fullmatch(r"iter_(\d+)\.pth", path.name)) and path.is_file()]
-    return sorted(found)

@@ -11,7 +11,9 @@ Each step, in nanoGPT's order: set the learning rate -> for each accumulation st
 autocast), loss, backward -> unscale and clip -> optimizer step -> log -> evaluate and checkpoint. Everything the
 loop uses is built from the `TrainConfig` before it starts; there are no hooks. What the run directory holds is
 `semask.engine.rundir`'s; why a resumed run computes exactly the steps of an uninterrupted one is in
-docs/design.md ("Engine: training, evaluation, inference").
+docs/design.md ("Engine: training, evaluation, inference"). Each evaluation also scores the semantic priors of
+its own forward (``eval.prior_metrics``), and ``train.snapshot_interval`` keeps the weights every N steps, so that
+what the semantic layers learn can be followed over the run.
 """
 from __future__ import annotations
 
@@ -37,10 +39,11 @@ from semask.engine.config import ConfigError, TrainConfig, to_dict, validate
 from semask.engine.evaluate import EvalResult, check_classes, data_inputs, evaluate
 from semask.engine.losses import SeMaskLoss
 from semask.engine.memory import check_step_fits, out_of_memory_error
-from semask.engine.rundir import BEST, LATEST, RunClaim, RunLog, TrainingError, check_work_dir, records_upto
+from semask.engine.rundir import (BEST, LATEST, RunClaim, RunLog, TrainingError, check_work_dir, planned_snapshots,
+                                  records_upto, snapshot_name)
 from semask.model.registry import create_model
 from semask.model.segmentor import SeMaskFPN
-from semask.io import check_output_folder
+from semask.io import check_output_files, check_output_folder
 
 __all__ = ["TrainingError", "TrainResult", "build_datasets", "model_from_config", "param_groups",
            "learning_rate", "train"]
@@ -176,8 +179,10 @@ def _claim_work_dir(config: TrainConfig, work_dir: Path, resume: Union[bool, str
     if rt.global_batch % per_step:
         raise ConfigError(f"train.global_batch={rt.global_batch} is not a multiple of train.batch_size x processes "
                           f"= {rt.batch_size} x {info.world_size}; change one of them")
-    check_output_folder(work_dir, "work_dir (--work-dir)",
-                        inputs=[*data_inputs(config.data), ("model.pretrained", config.model.pretrained)])
+    inputs = [*data_inputs(config.data), ("model.pretrained", config.model.pretrained)]
+    check_output_folder(work_dir, "work_dir (--work-dir)", inputs=inputs)
+    check_output_files(planned_snapshots(work_dir, rt.snapshot_interval, config.schedule.iters),
+                       "train.snapshot_interval: the snapshot", inputs=inputs)
     claim, failure = RunClaim(work_dir), None
     if info.is_main:  # under torchrun the first process alone holds the lock
         try:
@@ -323,6 +328,9 @@ def _setup(config: TrainConfig, work_dir: Path, accum: int, resume_from: Optiona
                                 info.rank, info.world_size, start=run.start_step * accum * rt.batch_size,
                                 num_workers=config.data.num_workers, pin_memory=device.type == "cuda")
     run.batches = _batches(loader, device, rt.channels_last)
+    if config.eval.prior_metrics and not _prior_metrics(config):
+        log.print("eval.prior_metrics: the semantic priors are scored in whole mode only (sliding windows have no one "
+                  "prior per image); the evaluation records of this run (eval.mode=slide) leave them out")
     params = sum(p.numel() for p in module.parameters())
     log.print(f"{config.name}: {module.name} ({params / 1e6:.2f}M parameters, {module.num_classes} classes) on "
               f"{info.world_size} x {device}, {dtype or 'fp32'}; {len(train_set)} training / {len(val_set)} "
@@ -375,14 +383,17 @@ def _train_record(run: _Run, window: _Window, done: int, lr: float, grad_norm: O
 def _evaluate(run: _Run, done: int, progress: bool) -> None:
     """Validate after step ``done``, log the result and save best.pth when it is the best so far."""
     config, module = run.config, run.module
+    distributed.broadcast_buffers(module, run.info)  # every process scores the weights best.pth / latest.pth hold
     run.evaluation = result = evaluate(
         module, run.val_set, mode=config.eval.mode, test_config=config.data.test_pipeline,
         crop_size=config.eval.crop_size, stride=config.eval.stride, max_images=config.eval.max_images,
-        progress=progress)
+        progress=progress, prior_metrics=_prior_metrics(config))
     module.train()
     rec = {"kind": "eval", "iter": done, "mIoU": result.mIoU, "mAcc": result.metrics["mAcc"],
-           "aAcc": result.metrics["aAcc"], "IoU": result.to_dict()["IoU"], "Acc": result.to_dict()["Acc"],
-           "eval_sec": result.seconds, "num_images": result.num_images, "time": time.perf_counter() - run.started}
+           "aAcc": result.metrics["aAcc"], "IoU": result.to_dict()["IoU"], "Acc": result.to_dict()["Acc"]}
+    if result.prior_metrics is not None:
+        rec.update(prior_mIoU=result.prior_mIoU, decoder_prior_mIoU=result.decoder_prior_mIoU)
+    rec.update(eval_sec=result.seconds, num_images=result.num_images, time=time.perf_counter() - run.started)
     is_best = run.best is None or rec["mIoU"] > run.best["mIoU"]
     if is_best:
         run.best = {k: rec[k] for k in ("iter", "mIoU", "mAcc", "aAcc")}
@@ -390,10 +401,36 @@ def _evaluate(run: _Run, done: int, progress: bool) -> None:
     run.emit(rec)
     run.log.print(f"step {done}: mIoU {100 * rec['mIoU']:.2f}  mAcc {100 * rec['mAcc']:.2f}  aAcc "
                   f"{100 * rec['aAcc']:.2f}" + ("  (best)" if is_best else f"  (best {100 * best['mIoU']:.2f} "
-                                                                           f"at step {best['iter']})"))
+                                                                           f"at step {best['iter']})")
+                  + _prior_line(rec))
     if is_best and run.info.is_main:
         save_checkpoint(run.work_dir / BEST, module, iteration=done, train_config=to_dict(config),
                         extra={"metrics": {k: rec[k] for k in ("mIoU", "mAcc", "aAcc")}})
+
+
+def _prior_metrics(config: TrainConfig) -> bool:
+    """Whether the evaluations score the semantic priors: ``eval.prior_metrics`` in whole mode (sliding windows
+    have no one prior per image)."""
+    return config.eval.prior_metrics and config.eval.mode == "whole"
+
+
+def _prior_line(rec: dict[str, Any]) -> str:
+    """The priors' part of an evaluation's printed line: ``prior mIoU 12.3/-/45.6/50.1 (stages), decoder 52.0``."""
+    stages = rec.get("prior_mIoU") or []
+    if all(v is None for v in stages):
+        return ""
+    shown = "/".join("-" if v is None else f"{100 * v:.1f}" for v in stages)
+    decoder = rec.get("decoder_prior_mIoU")
+    return f"  prior mIoU {shown} (stages)" + (f", decoder {100 * decoder:.1f}" if decoder is not None else "")
+
+
+def _save_snapshot(run: _Run, done: int) -> None:
+    """Write iter_NNNNNN.pth: the weights after step ``done`` with the model's config, classes and the step (no
+    optimizer state; `semask.load_checkpoint` reads it). A resume rewrites the snapshots of the steps it redoes
+    with the weights it computes (the same ones: docs/design.md, "Engine"); earlier ones are never touched."""
+    if run.info.is_main:
+        save_checkpoint(run.work_dir / snapshot_name(done), run.module, iteration=done,
+                        train_config=to_dict(run.config))
 
 
 def _save_latest(run: _Run, done: int) -> None:
@@ -529,6 +566,10 @@ def _loop(run: _Run, progress: bool) -> None:
             if (rt.eval_interval and done % rt.eval_interval == 0) or done == iters:
                 _evaluate(run, done, progress)
                 window.start = time.perf_counter()  # evaluation time is not training time
+            # the snapshot before latest.pth: a resume from latest.pth never misses a snapshot
+            if rt.snapshot_interval and done % rt.snapshot_interval == 0:
+                _save_snapshot(run, done)
+                window.start = time.perf_counter()
             if (rt.checkpoint_interval and done % rt.checkpoint_interval == 0) or done == iters:
                 _save_latest(run, done)
                 window.start = time.perf_counter()
