@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from semask.device import check_device
 
-__all__ = ["DistInfo", "setup", "resolve_device", "shard", "barrier", "any_process", "all_reduce_mean", "cleanup"]
+__all__ = ["DistInfo", "setup", "resolve_device", "shard", "barrier", "any_process", "all_reduce_mean", "all_reduce_max",
+           "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,15 @@ def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return {k: v / info.world_size for k, v in zip(keys, t.tolist())}
+
+
+def all_reduce_max(values: list[float], info: DistInfo) -> list[float]:
+    """The largest of each number over processes, the same on every process (every process must call it)."""
+    if not info.distributed:
+        return list(values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def cleanup(info: DistInfo) -> None:
