@@ -82,11 +82,12 @@ def fit_steps(seconds: float, step_seconds: float, eval_seconds: float, config: 
     def cost(n: int) -> float:
         return n * step_seconds + evaluations(n, _interval(interval, n / iters)) * eval_seconds
 
-    n = max(0, int((seconds - evaluations(iters, interval) * eval_seconds) // step_seconds))
-    while n > 0 and cost(n) > seconds:  # the rounded intervals can add an evaluation: step back until it fits
+    # from the most steps that one evaluation leaves room for, down to the first that fits with all of its
+    # evaluations: the rounded intervals make the count of evaluations jump, so the cost is not monotone in the steps
+    # (a scaled schedule never evaluates more often than the config's, so this is at most a few evaluations' worth)
+    n = max(0, int((seconds - eval_seconds) // step_seconds))
+    while n > 0 and cost(n) > seconds:
         n -= 1
-    while cost(n + 1) <= seconds:
-        n += 1
     return n
 
 
@@ -139,7 +140,7 @@ def fit_budget(config: TrainConfig, minutes: float, seconds_left: float, step_se
         raise UsageError(f"minutes (--minutes) {minutes:g}: not even one training step fits: "
                          f"{max(seconds_left, 0):.0f} s are left after setting up and measuring, and here a step "
                          f"takes {step_seconds:.2f} s and an evaluation about {eval_seconds:.1f} s; give at least "
-                         f"{math.ceil(needed * 10) / 10:g} minutes")
+                         f"{math.ceil(needed * 10 - 1e-9) / 10:g} minutes")
     fitted = scale_schedule(config, iters)
     record = {"minutes": minutes, "seconds_left": seconds_left, "step_seconds": step_seconds,
               "probe_steps": probe_steps, "eval_seconds": eval_seconds,
