@@ -2,8 +2,8 @@
 bf16, and that training, `Predictor` / `predict`, the command line and the benchmark all resolve it the same way.
 
 The CPU is simulated by patching PyTorch's probes (`torch.backends.cpu.get_cpu_capability`,
-`torch.cpu._is_avx512_bf16_supported`, `torch.cpu._is_amx_tile_supported`), so every host class is tested on any
-machine. (The kernels that run are this machine's: only the choice is simulated.)
+`torch.cpu._is_avx512_bf16_supported`, `torch.cpu._is_amx_tile_supported`; tests/conftest.py's `simulate_cpu`), so
+every host class is tested on any machine. (The kernels that run are this machine's: only the choice is simulated.)
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import semask
-import semask.device as device_module
 from semask.apps.benchmark import BenchmarkConfig, resolve_config
 from semask.apps.cli import build_parser
 from semask.apps.cli import main as cli_main
@@ -27,24 +26,8 @@ from semask.errors import UsageError
 from helpers import tiny_overrides
 
 CPU = torch.device("cpu")
-# host class -> (PyTorch's capability string, avx512_bf16, amx tiles)
-HOSTS = {"AVX2": ("AVX2", False, False), "AVX512": ("AVX512", False, False),
-         "AVX512_BF16": ("AVX512", True, False), "AMX": ("AVX512", True, True)}
+HOSTS = ("AVX2", "AVX512", "AVX512_BF16", "AMX")  # the classes tests/conftest.py's simulate_cpu knows
 NATIVE = {"AVX2": False, "AVX512": False, "AVX512_BF16": True, "AMX": True}
-
-
-@pytest.fixture
-def host(monkeypatch):
-    """Make this process see a CPU of the given class, with no precision warning given yet."""
-
-    def simulate(name: str) -> None:
-        base, bf16, amx = HOSTS[name]
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: base)
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16, raising=False)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
-        monkeypatch.setattr(device_module, "_warned", set())
-
-    return simulate
 
 
 def _emulated(caught: list[warnings.WarningMessage]) -> list[warnings.WarningMessage]:
@@ -52,9 +35,9 @@ def _emulated(caught: list[warnings.WarningMessage]) -> list[warnings.WarningMes
 
 
 # --------------------------------------------------------------------------------------------- the choice
-@pytest.mark.parametrize("name", list(HOSTS))
-def test_auto_is_bf16_exactly_where_the_cpu_has_it_natively(host, name: str) -> None:
-    host(name)
+@pytest.mark.parametrize("name", HOSTS)
+def test_auto_is_bf16_exactly_where_the_cpu_has_it_natively(simulate_cpu, name: str) -> None:
+    simulate_cpu(name)
     assert cpu_capability() == name and native_bf16("cpu") is NATIVE[name]
     assert autocast_dtype("auto", CPU) is (torch.bfloat16 if NATIVE[name] else None)
     assert autocast_dtype("fp32", CPU) is None and autocast_dtype(None, CPU) is None
@@ -96,8 +79,8 @@ def test_anything_else_is_a_usage_error() -> None:
 
 # --------------------------------------------------------------------------------------------- the warning
 @pytest.mark.parametrize("name", ["AVX2", "AVX512"])
-def test_explicit_bf16_without_native_bf16_runs_and_warns_once(host, name: str, toy_model) -> None:
-    host(name)
+def test_explicit_bf16_without_native_bf16_runs_and_warns_once(simulate_cpu, name: str, toy_model) -> None:
+    simulate_cpu(name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # the once-only is semask's own, not the filter's
         for precision in ("fp32", "auto", "fp16", None):
@@ -115,13 +98,13 @@ def test_explicit_bf16_without_native_bf16_runs_and_warns_once(host, name: str, 
     assert "use precision fp32, or auto" in text
 
 
-def test_native_bf16_and_other_devices_do_not_warn(host, toy_model) -> None:
-    host("AVX512_BF16")
+def test_native_bf16_and_other_devices_do_not_warn(simulate_cpu, toy_model) -> None:
+    simulate_cpu("AVX512_BF16")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         autocast_dtype("bf16", CPU)
         Predictor(toy_model, amp_dtype="bf16")
-        host("AVX2")
+        simulate_cpu("AVX2")
         autocast_dtype("bf16", torch.device("cuda"))  # a GPU's bf16 is the GPU's business
     assert not _emulated(caught)
 
@@ -129,8 +112,8 @@ def test_native_bf16_and_other_devices_do_not_warn(host, toy_model) -> None:
 # --------------------------------------------------------------------------------------------- who resolves it
 @pytest.mark.filterwarnings("ignore::semask.device.EmulatedPrecisionWarning")  # its own test is above
 @pytest.mark.parametrize("name", ["AVX2", "AMX"])
-def test_predictor_and_predict_take_a_precision_name(host, name: str, toy_model) -> None:
-    host(name)
+def test_predictor_and_predict_take_a_precision_name(simulate_cpu, name: str, toy_model) -> None:
+    simulate_cpu(name)
     auto = Predictor(toy_model, amp_dtype="auto")
     assert auto.amp_dtype is (torch.bfloat16 if NATIVE[name] else None)
     assert Predictor(toy_model, amp_dtype="fp32").amp_dtype is None
@@ -145,8 +128,8 @@ def test_predictor_and_predict_take_a_precision_name(host, name: str, toy_model)
 
 
 @pytest.mark.parametrize("name", ["AVX2", "AVX512_BF16"])
-def test_training_records_the_precision_it_resolved(host, name: str, tiny_toy_root, tmp_path) -> None:
-    host(name)
+def test_training_records_the_precision_it_resolved(simulate_cpu, name: str, tiny_toy_root, tmp_path) -> None:
+    simulate_cpu(name)
     config = apply_overrides(get_preset("toy"), tiny_overrides(tiny_toy_root, **{
         "schedule.iters": 1, "train.eval_interval": 0, "eval.max_images": 1}))
     assert config.train.precision == "auto"  # the training default
@@ -162,8 +145,8 @@ def test_training_records_the_precision_it_resolved(host, name: str, tiny_toy_ro
 
 
 @pytest.mark.parametrize("name", ["AVX2", "AVX512_BF16"])
-def test_the_benchmark_resolves_auto(host, name: str) -> None:
-    host(name)
+def test_the_benchmark_resolves_auto(simulate_cpu, name: str) -> None:
+    simulate_cpu(name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert resolve_config(BenchmarkConfig(precision="auto")).precision == ("bf16" if NATIVE[name] else "fp32")
@@ -172,13 +155,13 @@ def test_the_benchmark_resolves_auto(host, name: str) -> None:
     assert len(_emulated(caught)) == (0 if NATIVE[name] else 1)
 
 
-def test_the_command_line_takes_auto_and_notes_emulated_bf16_once(host, toy_model, tmp_path, capsys) -> None:
+def test_the_command_line_takes_auto_and_notes_emulated_bf16_once(simulate_cpu, toy_model, tmp_path, capsys) -> None:
     parser = build_parser()
     for command in (["predict", "m.pth", "a.png", "--out", "o"], ["test", "toy", "m.pth"],
                     ["analyze", "toy", "m.pth"]):
         assert parser.parse_args([*command, "--precision", "auto"]).precision == "auto"
         assert parser.parse_args(command).precision == "fp32"
-    host("AVX2")
+    simulate_cpu("AVX2")
     semask.save_checkpoint(tmp_path / "m.pth", toy_model)
     image = tmp_path / "a.png"
     from PIL import Image
