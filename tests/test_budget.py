@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -229,3 +231,31 @@ def test_demo_refuses_a_bad_budget_before_any_work(tmp_path, capsys, argv, messa
     assert not (tmp_path / "demo").exists() and not (tmp_path / "toy").exists()
     with pytest.raises(SystemExit):  # not a number: argparse's own usage error (exit status 2)
         cli_main(["demo", "--minutes", "three"])
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_process_fits_the_same_schedule(tiny_toy_root, tmp_path) -> None:
+    run = tmp_path / "run"
+    overrides = tiny_overrides(tiny_toy_root, **{"train.batch_size": 1, "train.global_batch": 2,
+                                                 "schedule.iters": 100, "train.eval_interval": 50,
+                                                 "train.checkpoint_interval": 50, "eval.max_images": 2})
+    script = tmp_path / "budgeted.py"
+    script.write_text(
+        "import json, os\n"
+        "import semask\n"
+        "from semask.engine.config import apply_overrides, get_preset\n"
+        f"config = apply_overrides(get_preset('toy'), {overrides!r})\n"
+        f"result = semask.train(config, {str(run)!r}, minutes=0.4, progress=False)\n"
+        "c = result.config\n"
+        "print('FITTED', json.dumps([c.schedule.iters, c.schedule.warmup_iters, c.train.eval_interval, "
+        "c.train.checkpoint_interval]), flush=True)\n")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fitted = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("FITTED ")]
+    assert len(fitted) == 2 and fitted[0] == fitted[1], fitted  # one schedule for both processes
+    records = _records(run)
+    fit = records[0]["budget"]
+    assert fit["iters"] == fitted[0][0] == json.loads((run / "config.json").read_text())["schedule"]["iters"]
+    assert [r["iter"] for r in records if r["kind"] == "train"][-1] == fit["iters"]  # the run stopped there
+    assert len([r for r in records if r["kind"] == "eval"]) == fit["evaluations"]
