@@ -76,7 +76,8 @@ def test_scale_schedule_keeps_the_shape() -> None:
     assert (short.schedule.iters, short.schedule.warmup_iters, short.train.eval_interval) == (10, 1, 3)
     assert evaluations(10, 3) == 4
     longer = scale_schedule(config, 2000)
-    assert (longer.schedule.warmup_iters, longer.train.eval_interval, longer.train.checkpoint_interval) == (100, 500, 500)
+    assert (longer.schedule.warmup_iters, longer.train.eval_interval,
+            longer.train.checkpoint_interval) == (100, 500, 500)
     assert scale_schedule(_shape(**{"train.eval_interval": 0}), 10).train.eval_interval == 0  # only at the end
     # everything else is the config's
     same = lambda c: {k: v for k, v in to_dict(c).items() if k not in ("schedule", "train")}  # noqa: E731
@@ -202,7 +203,8 @@ def test_a_bad_budget_is_refused_before_any_work(tiny_toy_root, tmp_path) -> Non
 
 
 def test_demo_minutes_is_parsed_fitted_and_recorded(tiny_toy_root, tmp_path, slower_probe, capsys) -> None:
-    overrides = [o for o in tiny_overrides(tiny_toy_root, **{"eval.max_images": 2}) if not o.startswith("schedule.iters=")]
+    overrides = [o for o in tiny_overrides(tiny_toy_root, **{"eval.max_images": 2})
+                 if not o.startswith("schedule.iters=")]
     demo = tmp_path / "demo"
     assert cli_main(["demo", "--work-dir", str(demo), "--data-root", str(tiny_toy_root), "--no-progress",
                      "--minutes", "0.3", "--set", *overrides]) == 0

@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from semask.device import check_device
 
-__all__ = ["DistInfo", "setup", "resolve_device", "shard", "barrier", "any_process", "all_reduce_mean", "all_reduce_max",
-           "cleanup"]
+__all__ = ["DistInfo", "setup", "resolve_device", "shard", "barrier", "any_process", "all_reduce_mean",
+           "all_reduce_max", "cleanup"]
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ from semask.checkpoint import is_url, load_pretrained_backbone, load_training_st
 from semask.data.datasets import SegmentationDataset
 from semask.data.loader import build_train_loader, sample_seed
 from semask.data.transforms import TrainTransform
-from semask.device import (autocast, autocast_dtype, kept_rng_state, peak_memory_bytes, precision_record, precision_text,
-                           seed_everything)
+from semask.device import (autocast, autocast_dtype, kept_rng_state, peak_memory_bytes, precision_record,
+                           precision_text, seed_everything)
 from semask.engine import distributed
 from semask.engine.budget import PROBE_EVAL_IMAGES, check_minutes, fit_budget, stored_schedule, time_steps
 from semask.engine.build import (build_datasets, build_model, build_optimizer, learning_rate, model_from_config,
@@ -45,6 +45,7 @@ from semask.engine.memory import check_step_fits, out_of_memory_error
 from semask.engine.rundir import BEST, LATEST, RunClaim, RunLog, TrainingError, check_work_dir, records_upto
 from semask.io import check_output_folder
 
+# build_datasets, model_from_config, param_groups and learning_rate live in semask.engine.build; kept here too
 __all__ = ["TrainingError", "TrainResult", "build_datasets", "model_from_config", "param_groups",
            "learning_rate", "train"]
 
@@ -57,10 +58,10 @@ class TrainResult:
 
     Attributes:
         work_dir: the run directory.
-        history: every log record of the run (``kind`` "train", "eval" or "pretrained"), as in ``log.jsonl``.
+        history: every log record of the run (``kind`` "run", "pretrained", "train" or "eval"), as in ``log.jsonl``.
         best: the evaluation record with the highest mIoU (None when no evaluation ran).
         model: the trained model (the last step's weights), in eval mode.
-        config: the resolved config.
+        config: the resolved config that ran (with a time budget, the fitted one).
         evaluation: the full result of the final evaluation (per class, per image, confusion matrix).
     """
 
