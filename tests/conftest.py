@@ -34,3 +34,24 @@ def hub_dir(tmp_path: Path) -> Iterator[Path]:
         yield tmp_path / "hub"
     finally:
         torch.hub.set_dir(previous)
+
+
+# a CPU class -> what PyTorch's probes say on it: (capability string, avx512_bf16, amx tiles)
+SIMULATED_CPUS = {"AVX2": ("AVX2", False, False), "AVX512": ("AVX512", False, False),
+                  "AVX512_BF16": ("AVX512", True, False), "AMX": ("AVX512", True, True)}
+
+
+@pytest.fixture
+def simulate_cpu(monkeypatch):
+    """``simulate_cpu("AVX2")``: this process sees a CPU of that class (PyTorch's capability probes patched; the
+    kernels that run stay this machine's), and semask has not yet warned about its precision."""
+    import semask.device
+
+    def simulate(name: str) -> None:
+        base, bf16, amx = SIMULATED_CPUS[name]
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: base)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        monkeypatch.setattr(semask.device, "_warned", set())
+
+    return simulate

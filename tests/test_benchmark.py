@@ -68,6 +68,42 @@ def test_command_line_writes_json(tmp_path: Path, capsys) -> None:
     assert json.loads(capsys.readouterr().out) == result
 
 
+def test_the_record_says_which_cpu_and_precision(simulate_cpu, tmp_path: Path, capsys) -> None:
+    from semask.apps.benchmark.timing import cpu_model
+
+    simulate_cpu("AVX2")
+    out = tmp_path / "bench.json"
+    assert cli_main(["benchmark", "--model", "semask_toy_fpn", "--num-classes", "4", "--size", "64", "48",
+                     "--tasks", "inference", "--warmup", "1", "--repeats", "2", "--matmul-size", "128",
+                     "--precision", "auto", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    env = result["environment"]
+    threads = torch.get_num_threads()
+    assert env["cpu_capability"] == "AVX2" and env["cpu_bf16_native"] is False and env["torch_threads"] == threads
+    assert env["cpu"] == cpu_model() and "best_flops" in result["matmul_peak"]
+    # auto on a CPU without native bf16 runs fp32; the record keeps what was asked
+    assert result["config"]["precision"] == "fp32" and "speedup_vs_fp32" not in result["inference"]
+    assert result["precision"] == {"setting": "auto", "autocast": "fp32", "native_bf16": False,
+                                   "cpu_capability": "AVX2"}
+    first, second = capsys.readouterr().err.split("semask_toy_fpn 64x48 ", 1)[1].splitlines()[:2]
+    assert first.startswith("auto -> fp32 on cpu (") and first.endswith(f", {threads} threads)")
+    assert second == "  CPU capability AVX2, bf16 emulated (bf16 autocast is slow here)"
+
+
+def test_cpu_model_is_none_where_unreadable(monkeypatch) -> None:
+    from semask.apps.benchmark import timing
+
+    class Unreadable:
+        def __init__(self, path: str) -> None:
+            pass
+
+        def read_text(self) -> str:
+            raise OSError("no /proc here")
+
+    monkeypatch.setattr(timing, "Path", Unreadable)
+    assert timing.cpu_model() is None and timing.environment(torch.device("cpu"))["cpu"] is None
+
+
 def test_bad_options() -> None:
     with pytest.raises(ValueError, match="unknown benchmark task"):
         run_benchmark(BenchmarkConfig(tasks=("speed",)), progress=False)

@@ -175,6 +175,8 @@ def test_semask_demo_runs_end_to_end(tiny_toy_root, tmp_path) -> None:
     record = json.loads((demo / "demo.json").read_text())
     last = [json.loads(line) for line in (demo / "log.jsonl").read_text().splitlines()][-1]
     assert last["kind"] == "eval" and record["mIoU"] == last["mIoU"] and record["seed"] == 0
+    assert record["minutes"] is None and record["budget"] is None and record["steps"] == 2  # the fixed schedule
+    assert record["precision"]["setting"] == "auto" and record["precision"]["autocast"] in ("fp32", "bf16")
     assert f"semask demo: mIoU {100 * last['mIoU']:.2f}" in run.stderr and str(demo) in run.stderr
 
 

@@ -14,7 +14,6 @@ from semask.engine.config import ConfigError, apply_overrides, get_preset
 from semask.data.loader import AugmentedDataset, TrainSampler, build_train_loader
 from semask.data.toy import ToyDataset
 from semask.data.transforms import TrainTransform, train_preset
-from semask.device import autocast_dtype
 from semask.engine.rundir import LOG_FILE, RunLog, check_work_dir, records_upto
 from semask.engine.train import (TrainingError, learning_rate, model_from_config, param_groups, train)
 from helpers import tiny_overrides
@@ -58,12 +57,6 @@ def test_learning_rate_is_linear_warmup_then_poly() -> None:
     assert after == sorted(after, reverse=True)
     c2 = apply_overrides(c, ["schedule.min_lr=1e-6", "schedule.power=0.9"])
     assert learning_rate(iters, c2) == pytest.approx(1e-6)
-
-
-def test_autocast_dtype() -> None:
-    cpu = torch.device("cpu")
-    assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", cpu) is None
-    assert autocast_dtype("bf16", cpu) is torch.bfloat16 and autocast_dtype("fp16", cpu) is torch.float16
 
 
 def test_model_from_config_applies_the_model_section(tiny_toy_root) -> None:
@@ -243,7 +236,9 @@ def test_mixed_precision_trains_on_the_cpu(tiny_toy_root, tmp_path, precision: s
                    tmp_path / precision, progress=False)
     losses = [r["loss"] for r in result.history if r["kind"] == "train"]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
-    assert ("loss_scale" in result.history[0]) == (precision == "fp16")
+    first = next(r for r in result.history if r["kind"] == "train")
+    assert ("loss_scale" in first) == (precision == "fp16")
+    assert next(r for r in result.history if r["kind"] == "run")["precision"]["autocast"] == precision
 
 
 def test_gradient_accumulation_reaches_the_global_batch(tiny_toy_root, tmp_path) -> None:
@@ -269,7 +264,7 @@ def test_pretrained_imagenet_weights_are_loaded_and_reported(tiny_toy_root, tmp_
     report = next(r for r in _records(tmp_path / "run") if r["kind"] == "pretrained")
     assert report["loaded_fraction"] == 1.0 and report["layout"] == "microsoft"
     assert "swin_toy_imagenet.pth" in (tmp_path / "run" / "train.log").read_text()
-    assert result.history[0] == report
+    assert [r["kind"] for r in result.history[:2]] == ["run", "pretrained"] and result.history[1] == report
     torch.save({"model": {"head.weight": torch.zeros(3, 3)}}, tmp_path / "wrong.pth")
     with pytest.raises(CheckpointError, match="only 0.0% of the backbone's Swin parameters"):
         train(_config(tiny_toy_root, **{"model.pretrained": tmp_path / "wrong.pth"}), tmp_path / "run2",

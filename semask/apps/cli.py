@@ -5,7 +5,7 @@ line does can also be done from Python and is tested there.
 
     semask list-models [PATTERN]
     semask info CHECKPOINT
-    semask predict CHECKPOINT IMAGE [IMAGE ...] --out DIR [--mode whole|slide|msflip] [--overwrite]
+    semask predict CHECKPOINT IMAGE [IMAGE ...] --out DIR [--mode whole|slide|msflip] [--precision P] [--overwrite]
     semask toy-data ROOT [--seed N]
     semask convert cityscapes ROOT
     semask convert coco-stuff10k ROOT
@@ -14,9 +14,10 @@ line does can also be done from Python and is tested there.
     semask convert-weights IN.pth OUT.safetensors
     semask configs [PRESET] [--set KEY=VALUE ...]
     semask train PRESET --work-dir DIR [--set KEY=VALUE ...] [--resume]
-    semask test PRESET CHECKPOINT [--aug-test] [--mode whole|slide] [--show-dir DIR] [--json FILE] [--overwrite]
+    semask test PRESET CHECKPOINT [--aug-test] [--mode whole|slide] [--precision P] [--show-dir DIR] [--json FILE]
+                [--overwrite]
     semask analyze PRESET CHECKPOINT [--max-images N] [--json FILE] [--html FILE [--html-images N]] [--overwrite]
-    semask demo [--work-dir DIR] [--data-root DIR] [--set KEY=VALUE ...]
+    semask demo [--work-dir DIR] [--data-root DIR] [--minutes N] [--set KEY=VALUE ...]
 
 Every command that writes checks all its outputs before any work (`semask.io`): never one of its inputs or inside
 one, existing files replaced only with --overwrite, the destination writable.
@@ -44,6 +45,9 @@ from semask.errors import BatchError, SemaskError, UsageError, error_lines, exit
 from semask.io import check_output_file, check_output_folder
 
 __all__ = ["main", "build_parser", "note"]
+
+PRECISION_HELP = ("fp32 (default: exact, reproducible numbers), bf16, fp16 (autocast), or auto: bf16 where the device "
+                  "has it natively (GPUs; CPUs with AVX512_BF16 or AMX), else fp32")
 
 
 def note(command: str, message: str) -> None:
@@ -114,7 +118,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.checkpoint} has {model.num_classes} classes; PNG label maps hold at most 256 "
                          "(use semask.Predictor from Python and store the labels another way)")
     predictor = Predictor(model, mode=args.mode, scale=tuple(args.scale) if args.scale else None,
-                          crop_size=args.crop_size, stride=args.stride, device=device)
+                          crop_size=args.crop_size, stride=args.stride, device=device, amp_dtype=args.precision)
     palette = None
     if args.color:
         palette = model.palette
@@ -252,7 +256,7 @@ def _cmd_test(args: argparse.Namespace) -> int:
     from semask.engine import distributed
     from semask.checkpoint import load_checkpoint
     from semask.engine.evaluate import data_inputs, evaluate
-    from semask.device import autocast_dtype
+    from semask.device import autocast_dtype, precision_record, precision_text
     from semask.engine.train import build_datasets
 
     config = _resolve_config(args.preset, args.set)
@@ -272,7 +276,8 @@ def _cmd_test(args: argparse.Namespace) -> int:
                           stride=config.eval.stride, amp_dtype=dtype, max_images=config.eval.max_images,
                           show_dir=args.show_dir, overwrite=args.overwrite, progress=not args.no_progress)
         if info.is_main:
-            protocol = ("multi-scale + flip" if args.aug_test else "single scale") + f", {result.mode}"
+            protocol = (("multi-scale + flip" if args.aug_test else "single scale") + f", {result.mode}, "
+                        + precision_text(precision_record(args.precision, info.device)))
             print(f"{args.checkpoint} on {val_set!r} ({result.num_images} images, {protocol}, "
                   f"{result.num_images / result.seconds:.2f} img/s)")
             print(result.table())
@@ -350,7 +355,7 @@ def _page_views(args: argparse.Namespace, model: Any, val_set: Any, config: Any,
 def _cmd_demo(args: argparse.Namespace) -> int:
     from semask.apps.demo import run_demo
 
-    run_demo(args.work_dir, args.data_root, args.set, progress=not args.no_progress)
+    run_demo(args.work_dir, args.data_root, args.set, progress=not args.no_progress, minutes=args.minutes)
     return 0
 
 
@@ -358,6 +363,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `semask` command (exposed for tests and documentation)."""
     from semask import __version__
+    from semask.device import PRECISIONS
 
     parser = argparse.ArgumentParser(prog="semask", description="SeMask semantic segmentation toolkit.",
                                      epilog="Errors print one line each; exit status 2 for usage errors, 1 for "
@@ -386,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "ADE20K, (2048, 1024) for Cityscapes, (2560, 640) for Large ADE20K / COCO-Stuff models)")
     p.add_argument("--crop-size", type=int, default=512, help="window size for --mode slide")
     p.add_argument("--stride", type=int, default=341, help="window stride for --mode slide")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--color", action="store_true",
                    help="write colour PNGs with the checkpoint's palette (semask's default palette if it has none)")
@@ -433,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "(<image name>.png; never into the dataset's folders)")
     p.add_argument("--json", default=None, help="write the metrics (per class, per image, confusion) as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file and --show-dir panels")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config fields, e.g. data.root=/data/ADEChallengeData2016")
@@ -454,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json or --html file")
     p.add_argument("--max-images", type=int, default=None, help="the first N images only (default: the preset's "
                                                                 "eval.max_images, else all)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config fields, e.g. data.root=/data/ADEChallengeData2016")
@@ -465,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "on a 2-core CPU)")
     p.add_argument("--work-dir", default=None, help="run directory (default: runs/demo-<date>-<time>)")
     p.add_argument("--data-root", default="data/toy", help="the toy dataset (written there when missing)")
+    p.add_argument("--minutes", type=float, default=None, metavar="N",
+                   help="a time budget: the toy schedule (steps, warm-up, evaluations) is fitted to the steps that "
+                        "fit in N minutes on this machine, measured on a few probe steps; default: the fixed, "
+                        "reproducible schedule")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override the toy preset, e.g. schedule.iters=100 for a shorter run")
     p.add_argument("--no-progress", action="store_true")

@@ -6,6 +6,7 @@ and save into one run directory the checkpoints, ``log.jsonl``, the loss and mIo
 validation images and the per-stage semantic priors; then print where they are and the final mIoU.
 
     semask demo                                   # about 10 minutes on a 2-core CPU
+    semask demo --minutes 3                       # the toy schedule fitted to 3 minutes (semask.engine.budget)
     semask demo --set schedule.iters=100          # a shorter run
 """
 from __future__ import annotations
@@ -20,11 +21,13 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from semask.engine.budget import check_minutes
 from semask.engine.config import apply_overrides, get_preset, to_dict
 from semask.data.toy import META_FILE, STUFF, ToyDataset, make_toy_dataset
 from semask.engine.inference import Predictor, normalize
 from semask.engine.rundir import BEST, CONFIG_FILE, LATEST, LOG_FILE, TEXT_LOG
 from semask.engine.train import train
+from semask.errors import UsageError
 from semask.io import atomic_path, check_output_folder
 
 __all__ = ["DemoResult", "run_demo", "DEFAULT_DATA_ROOT", "DEFAULT_RUNS_DIR"]
@@ -116,8 +119,20 @@ def _plan(work_dir: Path, data_root: Path) -> None:
         check_output_folder(data_root, "data_root (--data-root)")
 
 
+def _check_budget(minutes: Optional[float], overrides: Sequence[str]) -> Optional[float]:
+    """The checked budget; with one, no ``schedule.iters`` override (the budget sets it)."""
+    if minutes is None:
+        return None
+    minutes = check_minutes(minutes)
+    fixed = [o for o in overrides if o.split("=", 1)[0].strip() == "schedule.iters"]
+    if fixed:
+        raise UsageError(f"--minutes {minutes:g} sets schedule.iters to the steps that fit; leave out --set "
+                         f"{fixed[0]} (or --minutes for a fixed number of steps)")
+    return minutes
+
+
 def run_demo(work_dir: Union[str, Path, None] = None, data_root: Union[str, Path] = DEFAULT_DATA_ROOT,
-             overrides: Sequence[str] = (), progress: bool = True) -> DemoResult:
+             overrides: Sequence[str] = (), progress: bool = True, minutes: Optional[float] = None) -> DemoResult:
     """Train, evaluate and draw SeMask on the toy data (see the module docstring).
 
     Args:
@@ -126,14 +141,23 @@ def run_demo(work_dir: Union[str, Path, None] = None, data_root: Union[str, Path
         data_root: the toy dataset's folder; it is written there first when it holds none.
         overrides: ``key=value`` config overrides on top of the `toy` preset (e.g. ``schedule.iters=100``).
         progress: progress bars.
+        minutes: a time budget for the demo from this call to the end of training (writing the toy set when it is
+            missing, training, evaluations; the figures take a few seconds more): the toy schedule is fitted to it
+            (`semask.train`'s ``minutes``) and the fit is recorded in ``demo.json``. None: the preset's fixed
+            schedule. It cannot be given with a ``schedule.iters`` override.
 
     Returns:
         A `DemoResult` with the final mIoU, the wall time and the paths of everything written.
+
+    Raises:
+        UsageError: a bad budget (not above 0, not finite, above a week), a budget with ``schedule.iters``, or
+            a budget the toy set's writing already used up.
     """
     _use_file_backend()
     from semask.viz import plot_training_log
 
     start = time.perf_counter()
+    minutes = _check_budget(minutes, overrides)
     data_root = Path(data_root)
     config = apply_overrides(get_preset("toy"), [f"data.root={data_root}", *overrides])
     if work_dir is None:
@@ -143,8 +167,13 @@ def run_demo(work_dir: Union[str, Path, None] = None, data_root: Union[str, Path
     if not (data_root / META_FILE).is_file():
         _say(f"writing the toy dataset to {data_root} ...")
         make_toy_dataset(data_root)
-    result = train(config, work_dir, progress=progress)
-    model = result.model
+    left = None if minutes is None else minutes - (time.perf_counter() - start) / 60
+    if left is not None and left <= 0:
+        raise UsageError(f"--minutes {minutes:g}: writing the toy dataset took "
+                         f"{(time.perf_counter() - start) / 60:.1f} minutes, the whole budget; run again (the dataset "
+                         "is there now) or give a longer budget")
+    result = train(config, work_dir, progress=progress, minutes=left)
+    config, model = result.config, result.model
     device = next(model.parameters()).device
     files = {"checkpoint": work_dir / LATEST, "best": work_dir / BEST, "log": work_dir / LOG_FILE,
              "config": work_dir / CONFIG_FILE}
@@ -159,7 +188,9 @@ def run_demo(work_dir: Union[str, Path, None] = None, data_root: Union[str, Path
 
     seconds = time.perf_counter() - start
     summary = {k: v for k, v in final.to_dict().items() if k not in ("per_image", "confusion")}
+    run = next(r for r in result.history if r["kind"] == "run")  # the precision that ran, the budget's fit
     record = {"mIoU": final.mIoU, "seconds": seconds, "seed": config.train.seed, "steps": config.schedule.iters,
+              "minutes": minutes, "budget": run.get("budget"), "precision": run["precision"],
               "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.machine(), "python": platform.python_version(), "metrics": summary,
               "overrides": list(overrides), "config": to_dict(config)}

@@ -307,7 +307,7 @@ def _check_max_images(max_images: object) -> Optional[int]:
 def analyze(model: nn.Module, dataset: Any, *, max_images: Optional[int] = None,
             device: Union[str, torch.device, None] = None, progress: bool = True,
             test_config: Union[TestPipelineConfig, str, None] = None,
-            amp_dtype: Optional[torch.dtype] = None) -> Analysis:
+            amp_dtype: Union[torch.dtype, str, None] = None) -> Analysis:
     """Measure what a model's semantic layers learn over a dataset split (see the module docstring).
 
     Args:
@@ -320,7 +320,8 @@ def analyze(model: nn.Module, dataset: Any, *, max_images: Optional[int] = None,
         progress: show a progress bar (on the first process).
         test_config: the test scale and normalisation, a `TestPipelineConfig` or a `TEST_PRESETS` name (default:
             the model's recipe, `semask.engine.inference.model_test_config`); whole-image inference, one view.
-        amp_dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``) or None for fp32.
+        amp_dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``), None for fp32, or a precision name
+            (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``), as `Predictor` takes it.
 
     Returns:
         An `Analysis`; the same on every process of a distributed run.

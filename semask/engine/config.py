@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence, Union
 
 from semask.bounds import SettingError, check_pixels, check_settings, setting
 from semask.data.datasets import IGNORE_INDEX
+from semask.device import PRECISIONS
 from semask.errors import UsageError
 from semask.data.transforms import TEST_PRESETS, TRAIN_PRESETS, TestPipelineConfig, TrainPipelineConfig
 
@@ -52,7 +53,6 @@ __all__ = [
 ]
 
 DATASETS = ("ade20k", "cityscapes", "coco_stuff10k", "toy", "folder")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class ConfigError(UsageError):
@@ -129,7 +129,7 @@ class RuntimeSection:
 
     batch_size: int = setting(8, ge=1)  # images per process per forward pass (the recipe's images per GPU)
     global_batch: int = setting(16, ge=1)  # images per optimizer step (images/GPU x GPUs), by accumulation
-    precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp16; fp32 on the CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 where native: GPUs, AVX512_BF16/AMX CPUs; else fp16/fp32) | fp32|bf16|fp16
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N (torchrun assigns one GPU per process)
     seed: int = setting(0, ge=0, le=2**32 - 1)  # seeds initialisation, data order, augmentation, dropout
     log_interval: int = setting(50, ge=1)  # steps between log lines

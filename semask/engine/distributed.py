@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from semask.device import check_device
 
-__all__ = ["DistInfo", "setup", "resolve_device", "shard", "barrier", "any_process", "all_reduce_mean", "broadcast_buffers",
-           "cleanup"]
+__all__ = ["DistInfo", "setup", "resolve_device", "shard", "barrier", "any_process", "all_reduce_mean",
+           "all_reduce_max", "broadcast_buffers", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,15 @@ def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
     if info.distributed:
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def all_reduce_max(values: list[float], info: DistInfo) -> list[float]:
+    """The largest of each number over processes, the same on every process (every process must call it)."""
+    if not info.distributed:
+        return list(values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def cleanup(info: DistInfo) -> None:

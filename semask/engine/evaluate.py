@@ -166,7 +166,7 @@ def dataset_sample(dataset: Any, index: int, caller: str = "evaluate") -> Mappin
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: bool = False,
              test_config: Optional[TestPipelineConfig] = None, crop_size: int = 512, stride: int = 341,
-             amp_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
+             amp_dtype: Union[torch.dtype, str, None] = None, device: Union[str, torch.device, None] = None,
              max_images: Optional[int] = None, show_dir: Union[str, Path, None] = None,
              overwrite: bool = False, progress: bool = True, prior_metrics: bool = False) -> EvalResult:
     """Evaluate a model on a dataset split with the paper's protocol.
@@ -179,7 +179,8 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
         aug_test: multi-scale (ratios of ``test_config.ratios``) + horizontal flip.
         test_config: test scale and ratios (default: the model's recipe, `semask.engine.inference.model_test_config`).
         crop_size, stride: the sliding-window mode's window and stride.
-        amp_dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``) or None for fp32.
+        amp_dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``), None for fp32, or a precision name
+            (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``), as `Predictor` takes it.
         device: where to run (default: the model's device).
         max_images: evaluate the first N images only.
         show_dir: write a panel per image (image, ground truth, prediction, error map, class legend) here, as

@@ -38,7 +38,7 @@ from semask.data.transforms import (TEST_PRESETS, TEST_RATIOS, TestPipelineConfi
 from semask.errors import NonFiniteError, SemaskError, UsageError, UsageTypeError
 from semask.data.images import ImageInput, rgb_tensor
 from semask.model.registry import model_config
-from semask.device import autocast, check_device
+from semask.device import autocast, autocast_dtype, check_device, check_precision
 
 __all__ = [
     "ImageInput",
@@ -174,7 +174,10 @@ class Predictor:
             windows cover every pixel).
         device: where to run (default: the model's device; given, the model is moved there). A device this
             machine does not have is an error.
-        amp_dtype: autocast dtype (torch.bfloat16 / torch.float16) or None for full precision.
+        amp_dtype: the precision: None (default) or ``"fp32"`` for full precision, an autocast dtype
+            (torch.bfloat16 / torch.float16), or a precision name: ``"bf16"``, ``"fp16"``, or ``"auto"`` (bf16 where the
+            device has it natively, `semask.device.autocast_dtype`); `amp_dtype` then holds the dtype it resolved to.
+            bf16 on a CPU without native bf16 runs emulated and warns once (`semask.device.EmulatedPrecisionWarning`).
         window_batch: windows per forward pass in the sliding-window mode.
         test_config: a `TestPipelineConfig` or the name of a `TEST_PRESETS` entry (scale, multi-scale ratios,
             normalisation); default ``model_test_config(model)``, the one of the model's recipe.
@@ -191,7 +194,7 @@ class Predictor:
     def __init__(self, model: nn.Module, mode: str = "whole", scale: Optional[tuple[int, int]] = None,
                  ratios: Optional[Sequence[float]] = None, flip: Optional[bool] = None, crop_size: int = 512,
                  stride: int = 341, device: Union[str, torch.device, None] = None,
-                 amp_dtype: Optional[torch.dtype] = None, window_batch: int = 4,
+                 amp_dtype: Union[torch.dtype, str, None] = None, window_batch: int = 4,
                  test_config: Union[TestPipelineConfig, str, None] = None):
         if mode not in ("whole", "slide", "msflip"):
             raise UsageError(f"mode must be 'whole', 'slide' or 'msflip', got {mode!r}")
@@ -203,8 +206,7 @@ class Predictor:
             config = dataclasses.replace(config, scale=_check_scale(scale))
         if flip is not None and not isinstance(flip, bool):
             raise UsageTypeError(f"flip must be True, False or None, got {flip!r}")
-        if amp_dtype not in (None, torch.bfloat16, torch.float16):
-            raise UsageError(f"amp_dtype must be torch.bfloat16, torch.float16 or None, got {amp_dtype!r}")
+        check_precision(amp_dtype, "amp_dtype")
         self.crop_size = _positive_int(crop_size, "crop_size")
         self.stride = _positive_int(stride, "stride")
         self.window_batch = _positive_int(window_batch, "window_batch")
@@ -226,7 +228,7 @@ class Predictor:
         self.ratios = _check_ratios(ratios) if ratios is not None else (
             config.ratios if mode == "msflip" else (1.0,))
         self.flip = flip if flip is not None else mode == "msflip"
-        self.amp_dtype = amp_dtype
+        self.amp_dtype = autocast_dtype(amp_dtype, self.device)
         # sizes are bounded before any image is seen: no view above the pixel limit images are read under
         check_scale_pixels("Predictor: ", self.scale, self.ratios)
         if mode == "slide":
@@ -460,5 +462,6 @@ def _resize_argmax(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def predict(model: nn.Module, image: ImageInput, mode: str = "whole", return_probs: bool = False, **kwargs
             ) -> Union[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """One-call inference: `Predictor(model, mode, **kwargs)(image, return_probs)`; the model's modes are kept."""
+    """One-call inference: `Predictor(model, mode, **kwargs)(image, return_probs)`; the model's modes are kept
+    (e.g. ``predict(model, image, amp_dtype="auto")`` runs in bf16 where the device has it natively)."""
     return Predictor(model, mode=mode, **kwargs)(image, return_probs=return_probs)

@@ -29,7 +29,7 @@ __all__ = ["LOG_FILE", "CONFIG_FILE", "LATEST", "BEST", "TEXT_LOG", "TENSORBOARD
            "check_work_dir", "RunLock", "RunClaim",
            "make_run_dir", "remove_created", "RunLog"]
 
-LOG_FILE = "log.jsonl"  # one JSON object per record: kind "train", "eval" or "pretrained"
+LOG_FILE = "log.jsonl"  # one JSON object per record: kind "run", "pretrained", "train" or "eval"
 CONFIG_FILE = "config.json"  # the resolved TrainConfig
 LATEST = "latest.pth"  # model, optimizer, scaler, iteration: what --resume continues from
 BEST = "best.pth"  # the weights with the best validation mIoU
@@ -79,7 +79,9 @@ def read_training_log(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
     """The records of a training log: one JSON object per line (the format `RunLog` writes).
 
     Training lines have ``"kind": "train"`` (iter, epoch, loss, loss_decode, loss_prior, lr, ...), evaluation
-    lines ``"kind": "eval"`` (iter, mIoU, mAcc, aAcc, IoU, Acc, ...); any other keys are kept as they are.
+    lines ``"kind": "eval"`` (iter, mIoU, mAcc, aAcc, IoU, Acc, ...); a run's first record, ``"kind": "run"``,
+    says what it ran in (device, precision as set and as resolved, the time budget's fit); any other keys are kept
+    as they are.
 
     Args:
         path: a ``log.jsonl`` file, or a run directory holding one.

@@ -18,6 +18,8 @@ what the semantic layers learn can be followed over the run.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -29,22 +31,25 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from semask.checkpoint import is_url, load_pretrained_backbone, load_training_state, save_checkpoint
-from semask.data.datasets import ADE20K, COCOStuff10k, Cityscapes, FolderDataset, SegmentationDataset
+from semask.data.datasets import SegmentationDataset
 from semask.data.loader import build_train_loader, sample_seed
-from semask.data.toy import ToyDataset
 from semask.data.transforms import TrainTransform
-from semask.device import autocast, autocast_dtype, peak_memory_bytes, seed_everything
+from semask.device import (autocast, autocast_dtype, kept_rng_state, peak_memory_bytes, precision_record,
+                           precision_text, seed_everything)
 from semask.engine import distributed
+from semask.engine.budget import PROBE_EVAL_IMAGES, check_minutes, fit_budget, stored_schedule, time_steps
+from semask.engine.build import (build_datasets, build_model, build_optimizer, learning_rate, model_from_config,
+                                 param_groups)
 from semask.engine.config import ConfigError, TrainConfig, to_dict, validate
-from semask.engine.evaluate import EvalResult, check_classes, data_inputs, evaluate
+from semask.engine.evaluate import EvalResult, data_inputs, evaluate
 from semask.engine.losses import SeMaskLoss
 from semask.engine.memory import check_step_fits, out_of_memory_error
 from semask.engine.rundir import (BEST, LATEST, RunClaim, RunLog, TrainingError, check_work_dir, planned_snapshots,
                                   records_upto, snapshot_name)
-from semask.model.registry import create_model
-from semask.model.segmentor import SeMaskFPN
 from semask.io import check_output_files, check_output_folder
+from semask.model.segmentor import SeMaskFPN
 
+# build_datasets, model_from_config, param_groups and learning_rate live in semask.engine.build; kept here too
 __all__ = ["TrainingError", "TrainResult", "build_datasets", "model_from_config", "param_groups",
            "learning_rate", "train"]
 
@@ -57,10 +62,10 @@ class TrainResult:
 
     Attributes:
         work_dir: the run directory.
-        history: every log record of the run (``kind`` "train", "eval" or "pretrained"), as in ``log.jsonl``.
+        history: every log record of the run (``kind`` "run", "pretrained", "train" or "eval"), as in ``log.jsonl``.
         best: the evaluation record with the highest mIoU (None when no evaluation ran).
         model: the trained model (the last step's weights), in eval mode.
-        config: the resolved config.
+        config: the resolved config that ran (with a time budget, the fitted one).
         evaluation: the full result of the final evaluation (per class, per image, confusion matrix).
     """
 
@@ -90,62 +95,6 @@ class TrainResult:
         }
         out.update({f"IoU/{name}": value for name, value in (last.get("IoU") or {}).items()})
         return out
-
-
-# --------------------------------------------------------------------------------------------- building blocks
-def build_datasets(config: TrainConfig) -> tuple[SegmentationDataset, SegmentationDataset]:
-    """The training and validation splits named by ``config.data`` (without transforms).
-
-    Raises:
-        FileNotFoundError: the root or a split folder is missing (the message shows the expected layout).
-    """
-    d = config.data
-    root = Path(d.root)
-    if d.dataset == "folder":
-        def folder(split: str) -> FolderDataset:
-            return FolderDataset(root / "images" / split, root / "annotations" / split, d.class_names,
-                                 img_suffix=d.img_suffix, seg_map_suffix=d.seg_map_suffix,
-                                 reduce_zero_label=d.reduce_zero_label)
-        return folder(d.train_split or "training"), folder(d.val_split or "validation")
-    classes = {"ade20k": (ADE20K, "training", "validation"), "cityscapes": (Cityscapes, "train", "val"),
-               "coco_stuff10k": (COCOStuff10k, "train", "test"), "toy": (ToyDataset, "training", "validation")}
-    cls, train_split, val_split = classes[d.dataset]
-    return cls(root, d.train_split or train_split), cls(root, d.val_split or val_split)
-
-
-def model_from_config(config: TrainConfig, dataset: SegmentationDataset, sync_bn: bool = False) -> SeMaskFPN:
-    """Build the model of ``config.model`` for ``dataset``'s classes and palette (fresh weights)."""
-    m = config.model
-    overrides: dict[str, Any] = {"grad_checkpointing": m.grad_checkpointing, "sync_bn": sync_bn}
-    for key in ("backbone_classes", "semantic_global_stages", "drop_path_rate"):
-        if getattr(m, key) is not None:
-            overrides[key] = getattr(m, key)
-    return create_model(m.name, class_names=dataset.class_names, palette=dataset.palette, **overrides)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups of the released recipes: no weight decay on relative-position tables, absolute
-    position embeddings and every parameter whose name contains ``norm``; decay on everything else (mmcv's
-    ``paramwise_cfg`` custom keys, matched on the full parameter name)."""
-    no_decay_keys = ("relative_position_bias_table", "absolute_pos_embed", "norm")
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if any(k in name for k in no_decay_keys) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def learning_rate(step: int, config: TrainConfig) -> float:
-    """The learning rate of optimizer step ``step`` (0-based): poly decay, scaled by a linear warm-up.
-
-    Poly: ``(lr - min_lr) * (1 - step / iters) ** power + min_lr``; during the first ``warmup_iters`` steps it is
-    multiplied by ``1 - (1 - step / warmup_iters) * (1 - warmup_ratio)`` (mmcv's linear warm-up).
-    """
-    o, s = config.optim, config.schedule
-    lr = (o.lr - s.min_lr) * (1 - step / s.iters) ** s.power + s.min_lr
-    if step < s.warmup_iters:
-        lr *= 1 - (1 - step / s.warmup_iters) * (1 - s.warmup_ratio)
-    return lr
 
 
 # --------------------------------------------------------------------------------------------- set-up
@@ -209,36 +158,6 @@ def _claim_work_dir(config: TrainConfig, work_dir: Path, resume: Union[bool, str
     return rt.global_batch // per_step, resume_from, claim
 
 
-def _build_model(config: TrainConfig, given: Optional[nn.Module], train_set: SegmentationDataset,
-                 val_set: SegmentationDataset, info: distributed.DistInfo) -> nn.Module:
-    """The network to train (``given`` or the one ``config.model`` names), on the device, checked against the data."""
-    device = info.device
-    sync_bn = config.model.sync_bn if config.model.sync_bn is not None else (info.distributed and device.type == "cuda")
-    if sync_bn and device.type != "cuda" and info.distributed:
-        raise ConfigError("model.sync_bn=true needs CUDA processes (SyncBatchNorm has no CPU/gloo kernel); "
-                          "set model.sync_bn=false for CPU training")
-    if given is not None and config.model.pretrained:
-        raise ConfigError("model.pretrained loads ImageNet Swin weights into the configured model; it cannot be "
-                          "used with a model passed to train(model=...): load its weights yourself")
-    model = (given if given is not None else model_from_config(config, train_set, sync_bn=sync_bn)).to(device)
-    check_classes(model, train_set)
-    check_classes(model, val_set)
-    if config.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ignore = config.data.train_pipeline.ignore_index  # the one ignore index: pipeline, loss and metric
-    for split in (train_set, val_set):
-        if getattr(split, "ignore_index", ignore) != ignore:
-            raise ConfigError(f"data.train_pipeline.ignore_index={ignore} differs from the ignore label "
-                              f"{split.ignore_index} of {split!r}: the padding would be trained as a class")
-    if model.num_classes > ignore:
-        raise ConfigError(f"the model predicts {model.num_classes} classes but label {ignore} is the ignore index: "
-                          f"class {ignore} would never be trained or scored")
-    if config.loss.class_weight is not None and len(config.loss.class_weight) != model.num_classes:
-        raise ConfigError(f"loss.class_weight has {len(config.loss.class_weight)} values but the model predicts "
-                          f"{model.num_classes} classes ({', '.join(train_set.class_names[:12])} ...)")
-    return model
-
-
 @dataclass
 class _Run:
     """What the loop works with, built from the config before it starts, and what it has produced so far."""
@@ -268,18 +187,23 @@ class _Run:
         self.log.record(rec)
 
 
-def _resume(run: _Run, checkpoint: Path) -> None:
-    """Restore weights, optimizer, scaler, step and best evaluation; keep the log up to the checkpoint's step."""
+def _resume(run: _Run, checkpoint: Path, keep_schedule: bool) -> None:
+    """Restore weights, optimizer, scaler, step and best evaluation; keep the log up to the checkpoint's step. With
+    ``keep_schedule`` (a time budget), continue the schedule stored in the checkpoint instead of fitting it again."""
     state = load_training_state(checkpoint, run.module, run.optimizer,
                                 scaler=run.scaler if run.scaler.is_enabled() else None,
                                 map_location=run.info.device, restore_rng=False)
     run.start_step = int(state.get("iteration", 0))
     run.best = (state.get("extra") or {}).get("best")
     run.history = records_upto(run.work_dir, run.start_step)
+    if keep_schedule:
+        run.config = stored_schedule(run.config, state.get("train_config") or {})
     changed = _diff(state.get("train_config") or {}, to_dict(run.config))
     # drop what the steps after the checkpoint logged: they are redone
     run.log.rewind(run.history, run.start_step, (state.get("extra") or {}).get("text_log_bytes"))
     run.log.print(f"resuming {run.work_dir} at step {run.start_step}/{run.config.schedule.iters}"
+                  + ("; the time budget does not refit a resumed run: it continues the stored schedule"
+                     if keep_schedule else "")
                   + (f"; config changed since the checkpoint: {'; '.join(changed)}" if changed else ""))
 
 
@@ -293,11 +217,28 @@ def _load_pretrained(run: _Run) -> None:
               "missing": report.missing})
 
 
+def _parallel(module: nn.Module, info: distributed.DistInfo) -> nn.Module:
+    """`module`, wrapped in DDP when there are several processes."""
+    if not info.distributed:
+        return module
+    return DistributedDataParallel(module, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+
+def _train_batches(run: _Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's training batches from the run's step on (the data order is the seed's, see the loader)."""
+    config, rt, info = run.config, run.config.train, run.info
+    loader = build_train_loader(run.train_set, TrainTransform(config.data.train_pipeline), rt.batch_size, rt.seed,
+                                info.rank, info.world_size, start=run.start_step * run.accum * rt.batch_size,
+                                num_workers=config.data.num_workers, pin_memory=info.device.type == "cuda")
+    return _batches(loader, info.device, rt.channels_last)
+
+
 def _setup(config: TrainConfig, work_dir: Path, accum: int, resume_from: Optional[Path], claim: RunClaim,
            callback: Optional[Callable[[dict[str, Any]], None]], info: distributed.DistInfo,
-           given: Optional[nn.Module]) -> _Run:
-    """Everything the loop uses, in a fixed order (the seed is set before the model draws its weights). Nothing is
-    written to the run directory yet (`RunLog` keeps it back until the first step is done)."""
+           given: Optional[nn.Module], minutes: Optional[float], called: float) -> _Run:
+    """Everything the loop uses, in a fixed order (the seed is set before the model draws its weights); with a time
+    budget, the schedule fitted to it (`_fit_budget`). Nothing is written to the run directory yet (`RunLog` keeps it
+    back until the first step is done)."""
     rt, device = config.train, info.device
     log = RunLog(work_dir, info.is_main, rt.tensorboard, callback, defer=True)
     for note in claim.notes:
@@ -306,37 +247,76 @@ def _setup(config: TrainConfig, work_dir: Path, accum: int, resume_from: Optiona
         torch.set_num_threads(rt.threads)
     seed_everything(rt.seed)
     train_set, val_set = build_datasets(config)
-    module = _build_model(config, given, train_set, val_set, info)
+    module = build_model(config, given, train_set, val_set, info)
     check_step_fits(config, module, device)
     dtype = autocast_dtype(rt.precision, device)
-    optimizer = torch.optim.AdamW(param_groups(module, config.optim.weight_decay), lr=config.optim.lr,
-                                  betas=config.optim.betas, eps=config.optim.eps, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    optimizer, scaler = build_optimizer(config, module, device, dtype)
     loss_fn = SeMaskLoss(config.loss.prior_weight, ignore_index=config.data.train_pipeline.ignore_index,
                          ohem_min_kept=config.loss.ohem_min_kept, class_weight=config.loss.class_weight)
     run = _Run(config, info, work_dir, log, module, optimizer, scaler, loss_fn, dtype, accum, train_set, val_set)
+    precision = precision_record(rt.precision, device)
     if resume_from is not None:
-        _resume(run, resume_from)
-    elif config.model.pretrained:
-        _load_pretrained(run)
-    log.write_config(to_dict(config))
+        _resume(run, resume_from, keep_schedule=minutes is not None)
+    else:  # a new run: what it runs in, and with a budget the schedule fitted to it, head the log
+        record = {"kind": "run", "iter": 0, "device": str(device), "precision": precision}
+        if minutes is not None:
+            record["budget"] = _fit_budget(run, minutes, called)
+        run.emit(record)
+        if config.model.pretrained:
+            _load_pretrained(run)
+    log.write_config(to_dict(run.config))
 
-    run.model = module
-    if info.distributed:
-        run.model = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-    loader = build_train_loader(train_set, TrainTransform(config.data.train_pipeline), rt.batch_size, rt.seed,
-                                info.rank, info.world_size, start=run.start_step * accum * rt.batch_size,
-                                num_workers=config.data.num_workers, pin_memory=device.type == "cuda")
-    run.batches = _batches(loader, device, rt.channels_last)
+    run.model = _parallel(module, info)
+    run.batches = _train_batches(run)
     if config.eval.prior_metrics and not _prior_metrics(config):
         log.print("eval.prior_metrics: the semantic priors are scored in whole mode only (sliding windows have no one "
                   "prior per image); the evaluation records of this run (eval.mode=slide) leave them out")
     params = sum(p.numel() for p in module.parameters())
     log.print(f"{config.name}: {module.name} ({params / 1e6:.2f}M parameters, {module.num_classes} classes) on "
-              f"{info.world_size} x {device}, {dtype or 'fp32'}; {len(train_set)} training / {len(val_set)} "
-              f"validation images; {rt.global_batch} images per step = {rt.batch_size} x {info.world_size} "
-              f"process(es) x {accum} accumulation step(s); {config.schedule.iters} steps")
+              f"{info.world_size} x {device}, precision {precision_text(precision)}; {len(train_set)} training / "
+              f"{len(val_set)} validation images; {rt.global_batch} images per step = {rt.batch_size} x "
+              f"{info.world_size} process(es) x {accum} accumulation step(s); {run.config.schedule.iters} steps")
     return run
+
+
+def _fit_budget(run: _Run, minutes: float, called: float) -> dict[str, Any]:
+    """Fit ``run.config``'s schedule to `minutes` counted from `called` (`semask.engine.budget`) and print how.
+
+    The probe steps run on a throwaway copy of the model, optimizer and data iterator, with the random generators
+    given back afterwards, so the run itself stays a function of its config and seed. Under torchrun every process
+    probes (they share the machine as in the run) and the slowest one's times fit one schedule for all.
+
+    Returns:
+        The budget record of the log (`semask.engine.budget.fit_budget`).
+    """
+    info, device = run.info, run.info.device
+    with kept_rng_state(device):
+        probe = dataclasses.replace(run, module=copy.deepcopy(run.module))
+        probe.optimizer, probe.scaler = build_optimizer(run.config, probe.module, device, run.dtype)
+        probe.model, probe.batches = _parallel(probe.module, info).train(), _train_batches(run)
+
+        def step(i: int) -> None:
+            _optimizer_step(probe, i % run.config.schedule.iters, _Window())
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        try:
+            step_seconds, steps = time_steps(step, minutes * 60, lambda stop: distributed.any_process(stop, info))
+            images = min(run.config.eval.max_images or len(run.val_set), len(run.val_set))
+            probed = min(PROBE_EVAL_IMAGES, images)
+            eval_seconds = _validate(probe, probe.module, probed, progress=False).seconds / probed * images
+        finally:
+            probe.batches.close()  # its loader's workers end here
+    step_seconds, eval_seconds, elapsed = distributed.all_reduce_max(
+        [step_seconds, eval_seconds, time.perf_counter() - called], info)
+    run.config, record = fit_budget(run.config, minutes, minutes * 60 - elapsed, step_seconds, steps, eval_seconds)
+    where = "this CPU" if device.type == "cpu" and not info.distributed else f"{info.world_size} x {device}"
+    run.log.print(f"about {record['iters']} steps fit in {minutes:g} minutes on {where} ({step_seconds:.2f} s per step "
+                  f"measured over {steps} steps; {record['evaluations']} evaluations of about {eval_seconds:.1f} s): "
+                  f"schedule.iters={record['iters']} warmup_iters={record['warmup_iters']} "
+                  f"train.eval_interval={record['eval_interval']} checkpoint_interval={record['checkpoint_interval']}"
+                  f" (the config's {record['from_iters']}-step schedule, scaled)")
+    return record
 
 
 # --------------------------------------------------------------------------------------------- parts of a step
@@ -365,6 +345,44 @@ def _stop_if_nonfinite(nonfinite: bool, step: int, lr: float, terms: dict[str, f
             "instead of fp16; check the data for broken labels. The last checkpoint is untouched.")
 
 
+def _optimizer_step(run: _Run, step: int, window: _Window) -> tuple[float, Optional[float]]:
+    """Optimizer step ``step`` (0-based): set the learning rate -> for each accumulation step: batch, forward (under
+    autocast), loss, backward -> stop if the loss is not finite -> unscale and clip -> step.
+
+    Returns:
+        (learning rate, gradient norm before clipping, or None without clipping).
+    """
+    config, info, model, accum, rt = run.config, run.info, run.model, run.accum, run.config.train
+    optimizer, scaler = run.optimizer, run.scaler
+    lr = learning_rate(step, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    nonfinite = False
+    for micro in range(accum):
+        torch.manual_seed(sample_seed(rt.seed ^ DROPOUT_STREAM, step, info.rank * accum + micro))
+        t0 = time.perf_counter()
+        images, labels = next(run.batches)
+        window.data_time += time.perf_counter() - t0
+        sync = micro == accum - 1 or not info.distributed  # DDP synchronises the last backward only
+        with (contextlib.nullcontext() if sync else model.no_sync()):
+            with autocast(info.device, run.dtype):
+                out = model(images)
+                losses = run.loss_fn(out, labels)
+            scaler.scale(losses.total / accum).backward()
+        terms = losses.as_dict()  # one host sync per micro-batch: small next to a segmentation step
+        window.add(terms, accum)
+        nonfinite |= not math.isfinite(terms["loss"])
+    _stop_if_nonfinite(nonfinite, step, lr, terms, info)
+    grad_norm = None
+    if config.optim.clip_grad_norm is not None:
+        scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm))
+    scaler.step(optimizer)  # skipped by the fp16 scaler when gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, grad_norm
+
+
 def _train_record(run: _Run, window: _Window, done: int, lr: float, grad_norm: Optional[float]) -> dict[str, Any]:
     """The log record of the steps in ``window`` (their loss terms averaged over steps and processes)."""
     rt = run.config.train
@@ -380,15 +398,21 @@ def _train_record(run: _Run, window: _Window, done: int, lr: float, grad_norm: O
             "time": time.perf_counter() - run.started}
 
 
+def _validate(run: _Run, module: nn.Module, max_images: Optional[int], progress: bool) -> EvalResult:
+    """`module` on the validation split with the run's protocol (the first `max_images` images)."""
+    config = run.config
+    result = evaluate(module, run.val_set, mode=config.eval.mode, test_config=config.data.test_pipeline,
+                      crop_size=config.eval.crop_size, stride=config.eval.stride, max_images=max_images,
+                      progress=progress, prior_metrics=_prior_metrics(config))
+    module.train()
+    return result
+
+
 def _evaluate(run: _Run, done: int, progress: bool) -> None:
     """Validate after step ``done``, log the result and save best.pth when it is the best so far."""
     config, module = run.config, run.module
     distributed.broadcast_buffers(module, run.info)  # every process scores the weights best.pth / latest.pth hold
-    run.evaluation = result = evaluate(
-        module, run.val_set, mode=config.eval.mode, test_config=config.data.test_pipeline,
-        crop_size=config.eval.crop_size, stride=config.eval.stride, max_images=config.eval.max_images,
-        progress=progress, prior_metrics=_prior_metrics(config))
-    module.train()
+    run.evaluation = result = _validate(run, module, config.eval.max_images, progress)
     rec = {"kind": "eval", "iter": done, "mIoU": result.mIoU, "mAcc": result.metrics["mAcc"],
            "aAcc": result.metrics["aAcc"], "IoU": result.to_dict()["IoU"], "Acc": result.to_dict()["Acc"]}
     if result.prior_metrics is not None:
@@ -446,7 +470,7 @@ def _save_latest(run: _Run, done: int) -> None:
 # --------------------------------------------------------------------------------------------- the loop
 def train(config: TrainConfig, work_dir: Union[str, Path], *, resume: Union[bool, str] = False,
           callback: Optional[Callable[[dict[str, Any]], None]] = None, progress: bool = True,
-          model: Optional[nn.Module] = None) -> TrainResult:
+          model: Optional[nn.Module] = None, minutes: Optional[float] = None) -> TrainResult:
     """Train a model with a `TrainConfig` (one process, or one of several started by torchrun).
 
     Args:
@@ -462,9 +486,14 @@ def train(config: TrainConfig, work_dir: Union[str, Path], *, resume: Union[bool
         model: train this network instead of the one ``config.model`` names, with the same recipe, e.g. an outside
             baseline wrapped in `semask.model.segmentor.ExternalSegmentor` (fresh weights; it must predict the dataset's
             classes). ``config.model`` is then not used (``model.pretrained`` is an error).
+        minutes: a time budget for this call (setting up, training and evaluating): the config's schedule is
+            shortened or lengthened to the steps that fit, measured on a few probe steps, with its warm-up and
+            evaluation and checkpoint intervals scaled in proportion (`semask.engine.budget`); the fitted config is
+            the run's (config.json, checkpoints, ``TrainResult.config``) and the log's ``run`` record holds the fit.
+            A resume continues the stored schedule without fitting again. None (default): the config's schedule.
 
     Returns:
-        A `TrainResult` with the history, the best evaluation record and the trained model.
+        A `TrainResult` with the history, the best evaluation record, the trained model and the config that ran.
 
     Raises:
         TrainingError: non-finite loss (with the step and loss terms), CUDA or CPU out of memory (with what to
@@ -473,23 +502,26 @@ def train(config: TrainConfig, work_dir: Union[str, Path], *, resume: Union[bool
         FileNotFoundError: a dataset root or split that does not exist (the message shows the expected layout).
         ConfigError: a setting out of its range, settings that do not fit together (e.g. a global batch the
             processes cannot reach), or a step whose memory estimate exceeds the device's.
+        UsageError: ``minutes`` not above 0, not finite or above a week, or too short for one step.
     """
+    called = time.perf_counter()
+    minutes = None if minutes is None else check_minutes(minutes)
     info = distributed.setup(config.train.device)
     try:
-        return _train(config, Path(work_dir), resume, callback, progress, info, model)
+        return _train(config, Path(work_dir), resume, callback, progress, info, model, minutes, called)
     finally:
         distributed.cleanup(info)
 
 
 def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
            callback: Optional[Callable[[dict[str, Any]], None]], progress: bool, info: distributed.DistInfo,
-           given: Optional[nn.Module]) -> TrainResult:
+           given: Optional[nn.Module], minutes: Optional[float], called: float) -> TrainResult:
     validate(config)  # the sections are mutable: check the settings as they are now
     accum, resume_from, claim = _claim_work_dir(config, work_dir, resume, info)
     run = None
     try:
         try:
-            run = _setup(config, work_dir, accum, resume_from, claim, callback, info, given)
+            run = _setup(config, work_dir, accum, resume_from, claim, callback, info, given, minutes, called)
             try:
                 _loop(run, progress)
             finally:
@@ -502,19 +534,17 @@ def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
         distributed.barrier(info)
         run.module.eval()
         run.log.commit()  # a resume with no step left to do still records that it ran
-        run.log.print(f"done: {config.schedule.iters} steps, {time.perf_counter() - run.started:.0f} s in all"
+        run.log.print(f"done: {run.config.schedule.iters} steps, {time.perf_counter() - run.started:.0f} s in all"
                       + (f"; best mIoU {100 * run.best['mIoU']:.2f} at step {run.best['iter']}" if run.best else ""))
     finally:  # errors and KeyboardInterrupt too; a run that never did a step leaves no folder it created
         claim.release(started=run is not None and run.log.committed)
-    return TrainResult(work_dir=work_dir, history=run.history, best=run.best, model=run.module, config=config,
+    return TrainResult(work_dir=work_dir, history=run.history, best=run.best, model=run.module, config=run.config,
                        evaluation=run.evaluation)
 
 
 def _loop(run: _Run, progress: bool) -> None:
-    """Steps ``run.start_step`` .. ``schedule.iters`` - 1, each: lr -> forward -> loss -> backward -> clip ->
-    step -> log -> evaluate / checkpoint."""
-    config, info, model, accum = run.config, run.info, run.model, run.accum
-    optimizer, scaler, rt, iters = run.optimizer, run.scaler, config.train, config.schedule.iters
+    """Steps ``run.start_step`` .. ``schedule.iters`` - 1, each: `_optimizer_step` -> log -> evaluate / checkpoint."""
+    config, info, rt, iters = run.config, run.info, run.config.train, run.config.schedule.iters
     bar = None
     if progress and info.is_main:
         from tqdm.auto import tqdm
@@ -522,35 +552,11 @@ def _loop(run: _Run, progress: bool) -> None:
         bar = tqdm(total=iters, initial=run.start_step, desc="train", unit="step", dynamic_ncols=True)
     # a resumed run's clock continues from its last record, so that "time" is the run's total
     run.started = time.perf_counter() - max((r.get("time", 0.0) for r in run.history), default=0.0)
-    window, grad_norm = _Window(), None
-    model.train()
+    window = _Window()
+    run.model.train()
     try:
         for step in range(run.start_step, iters):
-            lr = learning_rate(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            nonfinite = False
-            for micro in range(accum):
-                torch.manual_seed(sample_seed(rt.seed ^ DROPOUT_STREAM, step, info.rank * accum + micro))
-                t0 = time.perf_counter()
-                images, labels = next(run.batches)
-                window.data_time += time.perf_counter() - t0
-                sync = micro == accum - 1 or not info.distributed  # DDP synchronises the last backward only
-                with (contextlib.nullcontext() if sync else model.no_sync()):
-                    with autocast(info.device, run.dtype):
-                        out = model(images)
-                        losses = run.loss_fn(out, labels)
-                    scaler.scale(losses.total / accum).backward()
-                terms = losses.as_dict()  # one host sync per micro-batch: small next to a segmentation step
-                window.add(terms, accum)
-                nonfinite |= not math.isfinite(terms["loss"])
-            _stop_if_nonfinite(nonfinite, step, lr, terms, info)
-            if config.optim.clip_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm))
-            scaler.step(optimizer)  # skipped by the fp16 scaler when gradients overflowed
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            lr, grad_norm = _optimizer_step(run, step, window)
             done = step + 1
             run.log.commit()  # the first step is done: from now on the run directory is written
             window.steps += 1

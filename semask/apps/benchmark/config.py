@@ -8,12 +8,12 @@ from typing import Optional
 import semask
 from semask.data.classes import ADE20K_CLASSES, CITYSCAPES_CLASSES, COCO_STUFF_CLASSES
 from semask.data.toy import TOY_CLASSES
+from semask.device import PRECISIONS, autocast_dtype, check_device, precision_name
 from semask.errors import UnknownNameError, UsageError
 
 __all__ = ["TASKS", "PRECISIONS", "BenchmarkConfig", "preset_config", "resolve_config"]
 
 TASKS = ("inference", "train", "data", "protocols", "eval_memory", "onnxruntime")
-PRECISIONS = ("fp32", "bf16", "fp16")
 # the class count of a training preset's dataset (a folder dataset has none of its own)
 DATASET_CLASSES = {"ade20k": len(ADE20K_CLASSES), "cityscapes": len(CITYSCAPES_CLASSES),
                    "coco_stuff10k": len(COCO_STUFF_CLASSES), "toy": len(TOY_CLASSES)}
@@ -29,7 +29,7 @@ class BenchmarkConfig:
     size: tuple[int, int] = (512, 512)  # input height, width of the model benchmarks
     batch_size: int = 1  # images per inference batch
     train_batch_size: int = 2  # images per training step
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for the last two)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast) | auto (resolved by resolve_config: semask.device)
     device: str = "cpu"  # cpu | cuda | cuda:N
     tasks: tuple[str, ...] = ("inference", "train")  # any of TASKS
     warmup: int = 2  # untimed runs before measuring
@@ -69,10 +69,12 @@ def preset_config(cfg: BenchmarkConfig) -> BenchmarkConfig:
 
 def resolve_config(cfg: BenchmarkConfig) -> BenchmarkConfig:
     """Check `cfg` and fill in what its preset or checkpoint decides (model, classes, and for a preset the crop
-    and the training batch).
+    and the training batch), and the precision that runs (``auto``: bf16 where the device has it natively, else
+    fp32 on the CPU; `semask.device.autocast_dtype`, which also warns once about emulated bf16).
 
     Raises:
-        UsageError: an unknown task or precision, or a size, batch or repeat count below 1.
+        UsageError: an unknown task or precision, a size, batch or repeat count below 1, or a device this machine
+            does not have.
         UnknownNameError: a model name the registry does not know.
     """
     unknown = sorted(set(cfg.tasks) - set(TASKS))
@@ -85,6 +87,7 @@ def resolve_config(cfg: BenchmarkConfig) -> BenchmarkConfig:
              if v < 1]
     if small:
         raise UsageError(f"these must be at least 1: {', '.join(small)}")
+    cfg = dataclasses.replace(cfg, precision=precision_name(autocast_dtype(cfg.precision, check_device(cfg.device))))
     if cfg.preset:  # the recipe decides the model, its classes, the crop and the per-GPU batch
         cfg = preset_config(cfg)
     if cfg.checkpoint:  # the file decides the architecture and the class count

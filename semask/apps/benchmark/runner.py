@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import sys
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -20,7 +21,7 @@ from semask.apps.benchmark.config import PRECISIONS, TASKS, BenchmarkConfig, res
 from semask.apps.benchmark.tasks import bench_data, run_task
 from semask.apps.benchmark.timing import environment, matmul_peak
 from semask.apps.export import EXPORT_PACKAGES
-from semask.device import autocast_dtype, check_device
+from semask.device import EmulatedPrecisionWarning, autocast_dtype, check_device, precision_record, precision_text
 from semask.errors import UsageError
 from semask.io import atomic_path, check_output_file
 
@@ -34,8 +35,12 @@ def _isolated(task: str, cfg: BenchmarkConfig, count: Optional[int] = None) -> d
     """`run_task` in a fresh spawned process, so that its peak memory and timing are its own."""
     import multiprocessing as mp
 
-    with mp.get_context("spawn").Pool(1) as pool:
+    with mp.get_context("spawn").Pool(1, initializer=_quiet_child) as pool:
         return pool.apply(run_task, (task, cfg, count))
+
+
+def _quiet_child() -> None:
+    warnings.simplefilter("ignore", EmulatedPrecisionWarning)  # the parent has given it once (resolve_config)
 
 
 def _check_onnxruntime_task(cfg: BenchmarkConfig, device: torch.device) -> None:
@@ -48,12 +53,14 @@ def _check_onnxruntime_task(cfg: BenchmarkConfig, device: torch.device) -> None:
                          "pip install 'semask[export]'")
 
 
-def _header(cfg: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
-    """The config, the machine and the model's parameter count."""
+def _header(cfg: BenchmarkConfig, device: torch.device, precision: str) -> dict[str, Any]:
+    """The config, the machine, the precision (as asked, e.g. ``auto``, and as it runs) and the model's parameter
+    count."""
     allocator = ("glibc malloc, freed memory kept (timings); default (evaluation memory)"
                  if device.type == "cpu" and cfg.keep_freed_memory else "default")
     result: dict[str, Any] = {"config": dataclasses.asdict(cfg),
-                              "environment": {**environment(device), "cpu_allocator": allocator}}
+                              "environment": {**environment(device), "cpu_allocator": allocator},
+                              "precision": precision_record(precision, device)}
     with torch.device("meta"):
         result["parameters"] = sum(p.numel() for p in
                                    semask.create_model(cfg.model, num_classes=cfg.num_classes).parameters())
@@ -111,12 +118,15 @@ def run_benchmark(cfg: BenchmarkConfig, progress: bool = True) -> dict[str, Any]
         progress: say on stderr which measurement runs.
 
     Returns:
-        ``config``, ``environment``, ``parameters`` and one entry per task (``matmul_peak`` with the model tasks).
+        ``config`` (its ``precision`` the one that ran), ``environment`` (versions; the CPU's model, capability
+        class and native bf16; the thread count), ``precision`` (`semask.device.precision_record`: as asked and
+        as it ran), ``parameters`` and one entry per task (``matmul_peak`` with the model tasks).
 
     Raises:
         UsageError: a bad setting (see `resolve_config`), a device this machine lacks, or an onnxruntime task
             off the CPU or without the export extra.
     """
+    asked = cfg.precision
     cfg = resolve_config(cfg)
     device = check_device(cfg.device)
     if "onnxruntime" in cfg.tasks:
@@ -124,7 +134,7 @@ def run_benchmark(cfg: BenchmarkConfig, progress: bool = True) -> dict[str, Any]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-    result = _header(cfg, device)
+    result = _header(cfg, device, asked)
     _measure(cfg, device, result, log)
     return result
 
@@ -170,8 +180,13 @@ def _protocols_line(p: dict[str, Any]) -> str:
 def summary(result: dict[str, Any]) -> str:
     """A few human-readable lines of a `run_benchmark` result."""
     cfg, env = result["config"], result["environment"]
-    lines = [f"{cfg['model']} {cfg['size'][0]}x{cfg['size'][1]} {cfg['precision']} on {cfg['device']} "
-             f"({env['cpu'] if cfg['device'] == 'cpu' else env.get('gpu')}, {env['torch_threads']} threads)"]
+    precision = precision_text(result["precision"], machine=False) if "precision" in result else cfg["precision"]
+    lines = [f"{cfg['model']} {cfg['size'][0]}x{cfg['size'][1]} {precision} on {cfg['device']} "
+             f"({(env['cpu'] or 'CPU model unknown') if cfg['device'] == 'cpu' else env.get('gpu')}, "
+             f"{env['torch_threads']} threads)"]
+    if "cpu_capability" in env:  # results recorded before these were measured lack them
+        lines.append(f"  CPU capability {env['cpu_capability']}, bf16 "
+                     f"{'native' if env['cpu_bf16_native'] else 'emulated (bf16 autocast is slow here)'}")
     if "matmul_peak" in result:
         lines.append(f"  matmul peak: {result['matmul_peak']['best_flops'] / 1e9:.1f} GFLOP/s")
     for task, key in (("inference", "latency"), ("train", "step")):
@@ -201,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input side, or height and width (default 512)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="inference batch")
     p.add_argument("--train-batch-size", type=int, default=d.train_batch_size, help="training batch")
-    p.add_argument("--precision", choices=list(PRECISIONS), default=d.precision)
+    p.add_argument("--precision", choices=list(PRECISIONS), default=d.precision,
+                   help="fp32 (default), bf16, fp16 (autocast), or auto: bf16 where the device has it natively "
+                        "(GPUs; CPUs with AVX512_BF16 or AMX), else fp32")
     p.add_argument("--device", default=d.device)
     p.add_argument("--tasks", nargs="+", choices=list(TASKS) + ["all"], default=list(d.tasks))
     p.add_argument("--warmup", type=int, default=d.warmup)

@@ -7,14 +7,15 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import semask
+from semask.device import cpu_capability, native_bf16
 
-__all__ = ["synchronize", "time_it", "count_flops", "matmul_peak", "environment"]
+__all__ = ["synchronize", "time_it", "count_flops", "matmul_peak", "cpu_model", "environment"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -80,20 +81,22 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int, repeats: int =
     return {"n": n, "best_flops": flops / stats["min_s"], "median_flops": flops / stats["median_s"]}
 
 
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
+def cpu_model() -> Optional[str]:
+    """The CPU's model name from /proc/cpuinfo (Linux on x86), None where it cannot be read."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+                return line.split(":", 1)[1].strip() or None
+    return None
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    """Machine and versions, for the record."""
+    """Machine and versions, for the record: the CPU's model (None where unreadable), its capability class for
+    PyTorch's kernels and whether it has native bf16 (`semask.device.cpu_capability`), PyTorch's thread count."""
     info: dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__, "semask": semask.__version__,
-        "platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(), "cpu": cpu_model(), "cpu_capability": cpu_capability(),
+        "cpu_bf16_native": native_bf16("cpu"), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
