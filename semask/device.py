@@ -103,8 +103,9 @@ def kept_rng_state(device: torch.device) -> Iterator[None]:
     """Give Python's, NumPy's and PyTorch's generators (the CPU's, and `device`'s when it is a GPU) back the states
     they had before the block: work inside it draws no number that the code after it would otherwise draw."""
     python, numpy = random.getstate(), np.random.get_state()
+    gpus = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=gpus):
             yield
     finally:
         random.setstate(python)

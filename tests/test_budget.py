@@ -153,6 +153,25 @@ def test_stored_schedule_takes_the_fitted_keys_only() -> None:
     assert stored_schedule(_shape(), {}).schedule.iters == 1000
 
 
+def test_the_probe_draws_no_number_the_run_would_draw() -> None:
+    import random
+
+    import numpy as np
+
+    from semask.device import kept_rng_state
+
+    def draws() -> tuple:
+        return torch.rand(2).tolist(), random.random(), np.random.rand()
+
+    semask.device.seed_everything(3)
+    with kept_rng_state(torch.device("cpu")):
+        inside = draws()
+        torch.manual_seed(99)  # the probe reseeds per step, as the loop does
+    after = draws()
+    semask.device.seed_everything(3)
+    assert after == draws() == inside
+
+
 # --------------------------------------------------------------------------------------------- real runs
 def _budget_config(root) -> semask.engine.config.TrainConfig:
     return apply_overrides(get_preset("toy"), tiny_overrides(root, **{
