@@ -329,8 +329,8 @@ def test_paired_differences_pair_runs_by_seed():
     lines = result.to_markdown().splitlines()
     assert lines[0] == ("| comparison | seeds | mIoU difference per seed (points) | mean ± std (points) "
                         "| 95% CI (points) |")
-    assert lines[2] == "| SeMask − Swin | 5 (0, 1, 2, 3, 4) | +1.00 / +2.00 / +3.00 / +2.00 / +2.00 | +2.00 ± 0.71 " \
-                       "| [+1.12, +2.88] |"
+    assert lines[2] == ("| SeMask − Swin | 5 (0, 1, 2, 3, 4) | +1.00 / +2.00 / +3.00 / +2.00 / +2.00 "
+                        "| +2.00 ± 0.71 | [+1.12, +2.88] |")
     assert str(result) == result.to_markdown() == result._repr_markdown_()
     with pytest.raises(ValueError, match=r"must have the same seeds to be paired: only 'SeMask' has \[4\], "
                                          r"only 'Swin' has \[\]"):
