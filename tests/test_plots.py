@@ -17,6 +17,8 @@ from semask.engine.metrics import mean_iou  # noqa: E402
 from semask.engine.rundir import read_training_log  # noqa: E402
 from semask.viz import (ERROR_PALETTE, ResultsTable, error_map, overlay, plot_class_iou,  # noqa: E402
                         plot_confusion, plot_evaluation_panel, plot_results, plot_training_log, results_table)
+from semask.viz import paired_differences  # noqa: E402
+from semask.viz.results import t_quantile  # noqa: E402
 
 LOGS = Path(__file__).parent / "data" / "training_logs"
 SEMASK_LOG = LOGS / "semask_toy" / "log.jsonl"
@@ -249,6 +251,109 @@ def test_plot_results_bars_error_bars_and_runs():
     assert np.allclose([p.get_height() for p in runs_fig.axes[0].patches], [72.0, 63.0, 55.0])
     with pytest.raises(ValueError, match=r"'mAcc' is not a metric of this table; it has \['mIoU'\]"):
         plot_results(results_table(RUNS), metric="mAcc")
+
+
+# 95% two-sided critical values t(0.975, df) as printed in standard tables (3 decimals)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 29: 2.045, 30: 2.042}
+
+
+def test_t_quantile_matches_the_published_table_and_the_closed_forms():
+    for df, value in T_975.items():
+        assert round(t_quantile(0.975, df), 3) == value, df
+    assert round(t_quantile(0.95, 10), 3) == 1.812 and round(t_quantile(0.995, 5), 3) == 4.032
+    assert round(t_quantile(0.9, 1), 3) == 3.078 and round(t_quantile(0.9995, 30), 3) == 3.646
+    for p in (0.6, 0.9, 0.975, 0.999):  # df 1 is Cauchy, df 2 has t = (2p - 1) / sqrt(2 p (1 - p))
+        assert t_quantile(p, 1) == pytest.approx(np.tan(np.pi * (p - 0.5)), rel=1e-12)
+        assert t_quantile(p, 2) == pytest.approx((2 * p - 1) / np.sqrt(2 * p * (1 - p)), rel=1e-12)
+    assert t_quantile(0.025, 4) == -t_quantile(0.975, 4)
+    assert t_quantile(0.975, 10_000) == pytest.approx(1.96, abs=1e-3)  # towards the normal's 1.95996
+    for bad_df in (0, -1, 2.5, True, None):
+        with pytest.raises(ValueError, match="degrees of freedom must be a positive int"):
+            t_quantile(0.975, bad_df)
+    for bad_p in (0, 1, 1.5, "0.9", None):
+        with pytest.raises(ValueError, match=r"probability must be a number in \(0, 1\)"):
+            t_quantile(bad_p, 3)
+
+
+FIVE = [0.70, 0.72, 0.74, 0.76, 0.78]  # mean 0.74, std sqrt(0.001); 95% half-width 2.7764 * 0.031623 / sqrt(5)
+
+
+def test_results_table_confidence_intervals_of_the_mean():
+    runs = [{"setting": "A", "seed": s, "mIoU": v, "entropy": 10 * v} for s, v in enumerate(FIVE)]
+    runs += RUNS[:2]  # SeMask: 0.60, 0.64 -> half-width t(0.975, 1) * 0.028284 / sqrt(2) = 12.7062 * 0.02
+    table = results_table(runs, metrics=("mIoU",), ci=0.95)
+    a, semask = table.rows
+    assert a["mIoU_ci"] == pytest.approx(2.776445 * np.sqrt(0.001) / np.sqrt(5), rel=1e-6)
+    assert semask["mIoU_ci"] == pytest.approx(12.706205 * 0.02, rel=1e-6)
+    lines = table.to_markdown().splitlines()
+    assert lines[0] == "| setting | seeds | mIoU (%), mean ± std [95% CI] |"
+    assert lines[2] == "| A | 5 (0, 1, 2, 3, 4) | 74.00 ± 3.16 [70.07, 77.93] |"
+    assert lines[3] == "| SeMask | 2 (0, 1) | 62.00 ± 2.83 [36.59, 87.41] |"
+    one = results_table(RUNS, ci=0.9).rows[2]  # FPN: one run, no interval
+    assert np.isnan(one["mIoU_std"]) and np.isnan(one["mIoU_ci"])
+    assert "| FPN | 1 (0) | 45.00 |" in results_table(RUNS, ci=0.9).to_markdown()
+    assert "mIoU_ci" not in results_table(RUNS).rows[0]  # no level, no interval
+    plain = results_table(runs[:5], metrics=("mIoU", "entropy"), plain=("entropy",), ci=0.95)
+    assert plain.to_markdown().splitlines()[2].endswith(" | 7.400 ± 0.316 [7.007, 7.793] |")
+    with pytest.raises(ValueError, match=r"ci must be a confidence level in \(0, 1\)"):
+        results_table(RUNS, ci=95)
+    with pytest.raises(ValueError, match=r"plain names \['mAcc'\], which are not among the metrics"):
+        results_table(RUNS, plain=("mAcc",))
+
+
+def test_results_table_leaves_out_runs_without_a_measure():
+    runs = [{"setting": "SeMask", "seed": 0, "prior": 0.5}, {"setting": "SeMask", "seed": 1, "prior": 0.7},
+            {"setting": "Swin", "seed": 0, "prior": None}, {"setting": "Swin", "seed": 1, "prior": None},
+            {"setting": "mixed", "seed": 0, "prior": None}, {"setting": "mixed", "seed": 1, "prior": 0.4}]
+    table = results_table(runs, metrics=("prior",), ci=0.95)
+    swin, mixed = table.rows[1], table.rows[2]
+    assert swin["n"] == 2 and swin["prior_values"] == [] and np.isnan(swin["prior_mean"])
+    assert mixed["prior_values"] == [0.4] and mixed["prior_mean"] == pytest.approx(0.4)
+    lines = table.to_markdown().splitlines()
+    assert lines[3] == "| Swin | 2 (0, 1) | n/a |" and lines[4] == "| mixed | 2 (0, 1) | 40.00 |"
+    with pytest.raises(ValueError, match="non-numeric 'params'"):  # None only for metrics
+        results_table([{"setting": "a", "mIoU": 0.5, "params": None}], columns=("params",))
+
+
+def test_paired_differences_pair_runs_by_seed():
+    a = [{"setting": "SeMask", "seed": s, "mIoU": v} for s, v in enumerate(FIVE)]
+    b = [{"setting": "Swin", "seed": s, "mIoU": v - d} for s, v, d in zip(range(5), FIVE, (.01, .02, .03, .02, .02))]
+    runs = b[::-1] + a  # pairing goes by seed, not by order
+    result = paired_differences(runs, [("SeMask", "Swin")])
+    (row,) = result.rows
+    assert row["seeds"] == [0, 1, 2, 3, 4] and np.allclose(row["differences"], [.01, .02, .03, .02, .02])
+    assert row["mean"] == pytest.approx(0.02) and row["std"] == pytest.approx(np.sqrt(0.00005))
+    assert row["ci"] == pytest.approx(2.776445 * np.sqrt(0.00005) / np.sqrt(5), rel=1e-6)
+    assert (row["low"], row["high"]) == pytest.approx((0.02 - row["ci"], 0.02 + row["ci"]))
+    lines = result.to_markdown().splitlines()
+    assert lines[0] == ("| comparison | seeds | mIoU difference per seed (points) | mean ± std (points) "
+                        "| 95% CI (points) |")
+    assert lines[2] == ("| SeMask − Swin | 5 (0, 1, 2, 3, 4) | +1.00 / +2.00 / +3.00 / +2.00 / +2.00 "
+                        "| +2.00 ± 0.71 | [+1.12, +2.88] |")
+    assert str(result) == result.to_markdown() == result._repr_markdown_()
+    with pytest.raises(ValueError, match=r"must have the same seeds to be paired: only 'SeMask' has \[4\], "
+                                         r"only 'Swin' has \[\]"):
+        paired_differences(a + b[:4], [("SeMask", "Swin")])
+    with pytest.raises(ValueError, match=r"no runs of 'FPN'; the settings are \['Swin', 'SeMask'\]"):
+        paired_differences(runs, [("SeMask", "FPN")])
+    with pytest.raises(ValueError, match="need one distinct 'seed' each"):
+        paired_differences(runs + [a[0]], [("SeMask", "Swin")])
+    with pytest.raises(TypeError, match="a comparison is a"):
+        paired_differences(runs, ["SeMask"])
+
+
+def test_plot_results_draws_the_confidence_interval():
+    runs = [{"setting": "A", "seed": s, "mIoU": v} for s, v in enumerate(FIVE)]
+    fig = plot_results(runs, ci=0.95)
+    ax = fig.axes[0]
+    (segment,) = ax.containers[1].lines[2][0].get_segments()
+    half = 100 * 2.776445 * np.sqrt(0.001) / np.sqrt(5)
+    assert segment[0][1] == pytest.approx(74.0 - half, rel=1e-6) and segment[1][1] == pytest.approx(74.0 + half,
+                                                                                                       rel=1e-6)
+    assert "mean ± 95% CI of the mean over 5 runs" in ax.get_title()
+    with pytest.raises(ValueError, match="differs from the table's level"):
+        plot_results(results_table(runs), ci=0.95)
 
 
 # --------------------------------------------------------------------------------------------- confusion

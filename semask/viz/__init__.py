@@ -6,7 +6,8 @@ results, and the Jupyter apps (explorer, comparison).
 - `semask.viz.stages`: `plot_stage_priors`, `plot_attention` and `stage_to_image`, the one mapping from a stage's
   feature grid to image pixels;
 - `semask.viz.training`: `plot_training_log`, `LiveTrainingPlot`;
-- `semask.viz.results`: `plot_class_iou`, `results_table` / `ResultsTable`, `plot_results`, `plot_confusion`;
+- `semask.viz.results`: `plot_class_iou`, `results_table` / `ResultsTable` (mean, spread and confidence interval
+  over seeds), `paired_differences` / `PairedDifferences`, `plot_results`, `plot_confusion`;
 - `semask.viz.analysis`: `analyse_image` / `ImageAnalysis`, one image through one model for the apps;
 - `semask.viz.analysis_plots`: `plot_stage_analysis`, `plot_class_attention`, the plots of `semask.analyze`;
 - `semask.viz.explorer`, `semask.viz.compare`: the ipywidgets apps `Explorer` and `compare` (the explorer's
@@ -25,7 +26,8 @@ from semask.viz.explorer import VIEWS, Explorer
 from semask.viz.labels import (ERROR_CLASSES, ERROR_PALETTE, class_legend, colorize, default_palette, denormalize,
                                error_map, overlay, save_label_map)
 from semask.viz.panels import plot_evaluation_panel, plot_samples, plot_segmentation
-from semask.viz.results import ResultsTable, plot_class_iou, plot_confusion, plot_results, results_table
+from semask.viz.results import (PairedDifferences, ResultsTable, paired_differences, plot_class_iou, plot_confusion,
+                                plot_results, results_table)
 from semask.viz.stages import plot_attention, plot_stage_priors, stage_to_image
 from semask.viz.training import LiveTrainingPlot, plot_training_log
 
@@ -50,6 +52,8 @@ __all__ = [
     "plot_class_iou",
     "ResultsTable",
     "results_table",
+    "PairedDifferences",
+    "paired_differences",
     "plot_results",
     "plot_confusion",
     "ImageAnalysis",

@@ -2,7 +2,8 @@
 
 - `plot_class_iou`: per-class IoU bars of one or several results;
 - `results_table` / `ResultsTable` and `plot_results`: several runs grouped by setting, mean and spread over
-  seeds;
+  seeds, optionally with Student-t confidence intervals of the mean (`t_quantile`);
+- `paired_differences` / `PairedDifferences`: one setting minus another, seed by seed, with its interval;
 - `plot_confusion`: a row-normalised confusion matrix.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["plot_class_iou", "ResultsTable", "results_table", "plot_results", "plot_confusion"]
+__all__ = ["plot_class_iou", "t_quantile", "ResultsTable", "results_table", "PairedDifferences",
+           "paired_differences", "plot_results", "plot_confusion"]
 
 
 def _metric_results(results: Mapping[str, Any], metric: str) -> list[tuple[Optional[str], Mapping]]:
@@ -94,6 +96,89 @@ def plot_class_iou(results: Mapping[str, Any], class_names: Optional[Sequence[st
     return fig
 
 
+# ----------------------------------------------------------------------------------------------- intervals
+def _t_central(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with `df` degrees of freedom (a positive integer).
+
+    For integer df the distribution function is a finite sum (Abramowitz & Stegun 26.7.3-4), with
+    theta = atan(t / sqrt(df)): 2 theta / pi for df = 1; (2 / pi) (theta + sin theta (cos theta + 2/3 cos^3 theta
+    + ... + (2.4...(df-3)) / (1.3...(df-2)) cos^(df-2) theta)) for odd df; sin theta (1 + 1/2 cos^2 theta + ...
+    + (1.3...(df-3)) / (2.4...(df-2)) cos^(df-2) theta) for even df. Exact up to floating-point rounding.
+    """
+    theta = math.atan(t / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    if df % 2 == 0:
+        term = total = 1.0
+        for j in range(2, df - 1, 2):
+            term *= (j - 1) / j * c2
+            total += term
+        return math.sin(theta) * total
+    if df == 1:
+        return 2.0 * theta / math.pi
+    term = total = math.cos(theta)
+    for j in range(3, df - 1, 2):
+        term *= (j - 1) / j * c2
+        total += term
+    return 2.0 / math.pi * (theta + math.sin(theta) * total)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The `p`-quantile of Student's t distribution with `df` degrees of freedom (no scipy needed).
+
+    The distribution function is evaluated exactly (a finite sum for integer df) and inverted by bisection to
+    double precision: ``t_quantile(0.975, 4)`` = 2.7764..., the 95% two-sided critical value for 5 runs.
+
+    Args:
+        p: the probability, 0 < p < 1.
+        df: degrees of freedom, a positive int (runs - 1 for the interval of a mean).
+
+    Returns:
+        t with P(T <= t) = p (negative for p < 0.5).
+
+    Raises:
+        UsageError: p outside (0, 1) or df not a positive int.
+    """
+    if isinstance(df, bool) or not isinstance(df, (int, np.integer)) or df < 1:
+        raise UsageError(f"degrees of freedom must be a positive int, got {df!r}")
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0.0 < p < 1.0:
+        raise UsageError(f"the probability must be a number in (0, 1), got {p!r}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    central = 2.0 * p - 1.0  # P(|T| <= t) at the quantile
+    low, high = 0.0, 1.0
+    while _t_central(high, int(df)) < central:
+        low, high = high, 2.0 * high
+    for _ in range(200):  # halves the bracket each time: double precision long before the end
+        mid = 0.5 * (low + high)
+        if mid in (low, high):
+            break
+        low, high = (mid, high) if _t_central(mid, int(df)) < central else (low, mid)
+    return 0.5 * (low + high)
+
+
+def _check_level(ci: Optional[float]) -> Optional[float]:
+    if ci is None:
+        return None
+    if isinstance(ci, bool) or not isinstance(ci, (int, float, np.floating)) or not 0.0 < ci < 1.0:
+        raise UsageError(f"ci must be a confidence level in (0, 1) such as 0.95, or None, got {ci!r}")
+    return float(ci)
+
+
+def _mean_std_interval(values: np.ndarray, ci: Optional[float]) -> tuple[float, float, float]:
+    """Mean, sample standard deviation (ddof 1) and the half-width of the level-`ci` Student-t interval of the
+    mean, t(1 - (1 - ci) / 2, n - 1) std / sqrt(n); NaN where undefined (no values; one value for std and
+    interval; no `ci`)."""
+    n = values.size
+    mean = float(values.mean()) if n else float("nan")
+    std = float(values.std(ddof=1)) if n > 1 else float("nan")
+    half = t_quantile(0.5 + ci / 2, n - 1) * std / math.sqrt(n) if ci is not None and n > 1 else float("nan")
+    return mean, std, half
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 # ----------------------------------------------------------------------------------------------- several runs
 @dataclass
 class ResultsTable:
@@ -102,30 +187,47 @@ class ResultsTable:
     Attributes:
         rows: one dict per setting, in first-appearance order: ``group_by`` (the setting), ``"n"`` (runs),
             ``"seeds"`` (their ``seed`` values, None where a run has none), per metric ``"{m}_mean"``,
-            ``"{m}_std"`` (sample std, ddof 1; NaN for one run) and ``"{m}_values"``, and per extra column
-            its mean under the column's own name.
-        metrics: the metric keys (fractions, shown in percent).
+            ``"{m}_std"`` (sample std, ddof 1; NaN for one value), ``"{m}_values"`` (the runs' values, None
+            left out) and, with `ci`, ``"{m}_ci"`` (the half-width of the interval of the mean; NaN for one
+            value), and per extra column its mean under the column's own name.
+        metrics: the metric keys (fractions, shown in percent, except those in `plain`).
         columns: the extra numeric columns (shown as means).
         group_by: the key that names a setting.
+        ci: the confidence level of the intervals (e.g. 0.95), or None for none.
+        plain: the metrics shown as they are instead of in percent (entropies, pixels, ratios).
     """
 
     rows: list[dict[str, Any]]
     metrics: tuple[str, ...]
     columns: tuple[str, ...]
     group_by: str
+    ci: Optional[float] = None
+    plain: tuple[str, ...] = ()
+
+    def scale(self, metric: str) -> float:
+        """What a metric's values are multiplied by for display: 100 (fractions in percent) or 1 (`plain`)."""
+        return 1.0 if metric in self.plain else 100.0
 
     def to_markdown(self, digits: int = 2) -> str:
-        """A markdown table: setting, seeds, each metric as ``mean ± std`` in percent, each extra column."""
-        header = [self.group_by, "seeds"] + [f"{m} (%)" for m in self.metrics] + list(self.columns)
+        """A markdown table: setting, seeds, each metric as ``mean ± std`` (and ``[low, high]``, the interval of
+        the mean, with `ci`) in percent or, for `plain` metrics, as they are with one more digit; "n/a" for a
+        setting without values; each extra column."""
+        level = "" if self.ci is None else f", mean ± std [{100 * self.ci:g}% CI]"
+        header = [self.group_by, "seeds"] + [(m if m in self.plain else f"{m} (%)") + level for m in self.metrics]
+        header += list(self.columns)
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
         for row in self.rows:
             seeds = [s for s in row["seeds"] if s is not None]
             cells = [str(row[self.group_by]), f"{row['n']}" + (f" ({', '.join(map(str, seeds))})" if seeds else "")]
             for m in self.metrics:
-                mean, std = row[f"{m}_mean"], row[f"{m}_std"]
-                cell = f"{100 * mean:.{digits}f}"
-                if row["n"] > 1:
-                    cell += f" ± {100 * std:.{digits}f}"
+                scale, places = self.scale(m), digits + (m in self.plain)
+                mean, std, count = scale * row[f"{m}_mean"], scale * row[f"{m}_std"], len(row[f"{m}_values"])
+                cell = "n/a" if count == 0 else f"{mean:.{places}f}"
+                if count > 1:
+                    cell += f" ± {std:.{places}f}"
+                    if self.ci is not None:
+                        half = scale * row[f"{m}_ci"]
+                        cell += f" [{mean - half:.{places}f}, {mean + half:.{places}f}]"
                 cells.append(cell)
             cells += [_format_column(c, row[c]) for c in self.columns]
             lines.append("| " + " | ".join(cells) + " |")
@@ -149,97 +251,237 @@ def _format_column(name: str, value: float) -> str:
     return f"{value:.4g}"
 
 
+def _check_runs(runs: Sequence[Mapping[str, Any]], group_by: str, keys: Sequence[str],
+                optional: Sequence[str] = ()) -> None:
+    """Every run a dict holding `group_by` and `keys`, each a number (None allowed for those in `optional`)."""
+    if not runs:
+        raise UsageError("no runs given")
+    for i, run in enumerate(runs):
+        if not isinstance(run, Mapping):
+            raise UsageTypeError(f"run {i} is a {type(run).__name__}, expected a dict like "
+                                 "{'setting': ..., 'seed': ..., 'mIoU': ...}")
+        missing = [k for k in (group_by, *keys) if k not in run]
+        if missing:
+            raise UsageError(f"run {i} ({run.get(group_by, '?')}) lacks {missing}; it has {sorted(run)}")
+        for key in keys:
+            if not _is_number(run[key]) and not (run[key] is None and key in optional):
+                raise UsageError(f"run {i} ({run[group_by]}) has a non-numeric {key!r}: {run[key]!r}")
+
+
 @names_caller("results_table")
 def results_table(runs: Sequence[Mapping[str, Any]], *, group_by: str = "setting",
-                  metrics: Sequence[str] = ("mIoU",), columns: Sequence[str] = ()) -> ResultsTable:
+                  metrics: Sequence[str] = ("mIoU",), columns: Sequence[str] = (), ci: Optional[float] = None,
+                  plain: Sequence[str] = ()) -> ResultsTable:
     """Group runs by setting and summarise each metric over the seeds.
 
     Args:
         runs: one flat dict per run, e.g. ``{"setting": "SeMask", "seed": 0, "mIoU": 0.612, "params": 2.9e6,
             "train_sec": 431.0}``; metric values are fractions (0..1) as `SegmentationMetric.compute()` gives.
+            A metric may be None for a run that does not have it (the prior of a model without semantic layers):
+            it is left out of its setting's summary.
         group_by: the key whose value names a run's setting (rows keep the order settings first appear in).
         metrics: keys summarised as mean and sample standard deviation over the runs of a setting.
         columns: further numeric keys reported as their mean (e.g. ``"params"``, ``"train_sec"``).
+        ci: also the confidence interval of each mean at this level (e.g. 0.95): Student's t with n - 1 degrees
+            of freedom, mean ± t(1 - (1 - ci) / 2, n - 1) std / sqrt(n) (`t_quantile`); None for none.
+        plain: the metrics that are not fractions (entropies, distances, ratios): shown as they are.
 
     Returns:
         A `ResultsTable` (``.rows`` list of dicts, ``.to_markdown()``; Jupyter shows it as a table).
 
     Raises:
-        UsageError: no runs, or a run without the `group_by` key, a metric or a column (named in the message).
+        UsageError: no runs, a run without the `group_by` key, a metric or a column (named in the message), a
+            level outside (0, 1), or `plain` naming something that is not a metric.
     """
-    if not runs:
-        raise UsageError("no runs given")
-    metrics, columns = tuple(metrics), tuple(columns)
+    metrics, columns, plain, ci = tuple(metrics), tuple(columns), tuple(plain), _check_level(ci)
+    unknown = [m for m in plain if m not in metrics]
+    if unknown:
+        raise UsageError(f"plain names {unknown}, which are not among the metrics {list(metrics)}")
+    _check_runs(runs, group_by, (*metrics, *columns), optional=metrics)
     groups: dict[Any, list[Mapping[str, Any]]] = {}
-    for i, run in enumerate(runs):
-        if not isinstance(run, Mapping):
-            raise UsageTypeError(f"run {i} is a {type(run).__name__}, expected a dict like "
-                                 "{'setting': ..., 'seed': ..., 'mIoU': ...}")
-        missing = [k for k in (group_by, *metrics, *columns) if k not in run]
-        if missing:
-            raise UsageError(f"run {i} ({run.get(group_by, '?')}) lacks {missing}; it has {sorted(run)}")
-        for key in (*metrics, *columns):
-            if not isinstance(run[key], (int, float, np.integer, np.floating)) or isinstance(run[key], bool):
-                raise UsageError(f"run {i} ({run[group_by]}) has a non-numeric {key!r}: {run[key]!r}")
+    for run in runs:
         groups.setdefault(run[group_by], []).append(run)
     rows = []
     for setting, members in groups.items():
         row: dict[str, Any] = {group_by: setting, "n": len(members), "seeds": [r.get("seed") for r in members]}
         for m in metrics:
-            values = np.asarray([float(r[m]) for r in members])
+            values = np.asarray([float(r[m]) for r in members if r[m] is not None])
             row[f"{m}_values"] = values.tolist()
-            row[f"{m}_mean"] = float(values.mean())
-            row[f"{m}_std"] = float(values.std(ddof=1)) if values.size > 1 else float("nan")
+            row[f"{m}_mean"], row[f"{m}_std"], half = _mean_std_interval(values, ci)
+            if ci is not None:
+                row[f"{m}_ci"] = half
         for c in columns:
             row[c] = float(np.mean([float(r[c]) for r in members]))
         rows.append(row)
-    return ResultsTable(rows=rows, metrics=metrics, columns=columns, group_by=group_by)
+    return ResultsTable(rows=rows, metrics=metrics, columns=columns, group_by=group_by, ci=ci, plain=plain)
+
+
+@dataclass
+class PairedDifferences:
+    """Settings compared with baselines seed by seed (see `paired_differences`).
+
+    Attributes:
+        rows: one dict per comparison: ``"setting"``, ``"baseline"``, ``"seeds"`` (the paired seeds, sorted),
+            ``"differences"`` (setting minus baseline, per seed), ``"n"``, ``"mean"``, ``"std"`` (ddof 1),
+            ``"ci"`` (the half-width of the interval of the mean difference), ``"low"`` and ``"high"``; NaN where
+            undefined (one pair).
+        metric: the metric compared (a fraction unless `plain`).
+        ci: the confidence level.
+        plain: whether the metric is shown as it is instead of in percentage points.
+    """
+
+    rows: list[dict[str, Any]]
+    metric: str
+    ci: float
+    plain: bool = False
+
+    def to_markdown(self, digits: int = 2) -> str:
+        """A markdown table: comparison, seeds, the difference per seed, mean ± std and the interval (percentage
+        points for a fraction)."""
+        scale, places = (1.0, digits + 1) if self.plain else (100.0, digits)
+        unit = "" if self.plain else " (points)"
+        header = ["comparison", "seeds", f"{self.metric} difference per seed{unit}", f"mean ± std{unit}",
+                  f"{100 * self.ci:g}% CI{unit}"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+        for row in self.rows:
+            mean, std, low, high = (scale * row[k] for k in ("mean", "std", "low", "high"))
+            per_seed = " / ".join(f"{scale * d:+.{places}f}" for d in row["differences"])
+            spread = f" ± {std:.{places}f}" if row["n"] > 1 else ""
+            interval = f"[{low:+.{places}f}, {high:+.{places}f}]" if row["n"] > 1 else "n/a"
+            lines.append(f"| {row['setting']} − {row['baseline']} | {row['n']} ({', '.join(map(str, row['seeds']))})"
+                         f" | {per_seed} | {mean:+.{places}f}{spread} | {interval} |")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
+
+def _by_seed(runs: Sequence[Mapping[str, Any]], group_by: str, setting: Any, metric: str) -> dict[Any, float]:
+    """{seed: metric} of one setting's runs; every run needs a seed of its own."""
+    members = [r for r in runs if r[group_by] == setting]
+    if not members:
+        settings = list(dict.fromkeys(r[group_by] for r in runs))
+        raise UsageError(f"no runs of {setting!r}; the settings are {settings}")
+    values: dict[Any, float] = {}
+    for run in members:
+        seed = run.get("seed")
+        if seed is None or seed in values:
+            raise UsageError(f"the runs of {setting!r} need one distinct 'seed' each to be paired, got seeds "
+                             f"{[r.get('seed') for r in members]}")
+        values[seed] = float(run[metric])
+    return values
+
+
+@names_caller("paired_differences")
+def paired_differences(runs: Sequence[Mapping[str, Any]], comparisons: Sequence[tuple[Any, Any]], *,
+                       metric: str = "mIoU", group_by: str = "setting", ci: float = 0.95,
+                       plain: bool = False) -> PairedDifferences:
+    """Each setting minus its baseline, seed by seed, and the Student-t interval of the mean difference.
+
+    Runs with the same seed share their initialisation, data order and augmentation, so the difference within a
+    seed removes much of what varies between seeds: its interval is often far narrower than the two settings'
+    own intervals suggest (and it is the test of "does A beat B": the interval excludes 0).
+
+    Args:
+        runs: one flat dict per run with `group_by`, ``"seed"`` and `metric` (as for `results_table`).
+        comparisons: ``[(setting, baseline), ...]``, e.g. ``[("SeMask", "plain Swin")]``.
+        metric: the metric compared (a fraction, shown in percentage points, unless `plain`).
+        group_by: the key that names a run's setting.
+        ci: the confidence level of the interval.
+        plain: the metric is not a fraction: differences shown as they are.
+
+    Returns:
+        A `PairedDifferences` (``.rows``, ``.to_markdown()``; Jupyter shows it as a table).
+
+    Raises:
+        UsageError: no runs, a run without its keys or with a non-numeric metric, a setting without runs, runs of
+            a setting without distinct seeds, or seeds that one of the two settings lacks (named).
+    """
+    ci = _check_level(ci)
+    if ci is None:
+        raise UsageError("ci must be a confidence level in (0, 1) such as 0.95, got None")
+    _check_runs(runs, group_by, (metric,))
+    rows = []
+    for pair in comparisons:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise UsageTypeError(f"a comparison is a (setting, baseline) pair, got {pair!r}")
+        setting, baseline = pair
+        a, b = _by_seed(runs, group_by, setting, metric), _by_seed(runs, group_by, baseline, metric)
+        if set(a) != set(b):
+            raise UsageError(f"{setting!r} and {baseline!r} must have the same seeds to be paired: only "
+                             f"{setting!r} has {sorted(set(a) - set(b), key=str)}, only {baseline!r} has "
+                             f"{sorted(set(b) - set(a), key=str)}")
+        seeds = sorted(a, key=lambda s: (str(type(s)), s))
+        differences = np.asarray([a[s] - b[s] for s in seeds])
+        mean, std, half = _mean_std_interval(differences, ci)
+        rows.append({"setting": setting, "baseline": baseline, "seeds": seeds, "differences": differences.tolist(),
+                     "n": len(seeds), "mean": mean, "std": std, "ci": half, "low": mean - half,
+                     "high": mean + half})
+    return PairedDifferences(rows=rows, metric=metric, ci=ci, plain=plain)
 
 
 @names_caller("plot_results")
 def plot_results(results: Union[ResultsTable, Sequence[Mapping[str, Any]]], metric: str = "mIoU", *,
-                 group_by: str = "setting", show_runs: bool = True, ax: Optional["Axes"] = None) -> "Figure":
-    """One bar per setting: the mean of `metric` over its runs, the standard deviation as error bar.
+                 group_by: str = "setting", ci: Optional[float] = None, show_runs: bool = True,
+                 ax: Optional["Axes"] = None) -> "Figure":
+    """One bar per setting: the mean of `metric` over its runs, the standard deviation (or the confidence
+    interval of the mean) as error bar.
 
     Args:
-        results: a `ResultsTable`, or the runs themselves (grouped with `results_table(runs, group_by=...)`).
-        metric: a metric of the table (a fraction, drawn in percent).
+        results: a `ResultsTable`, or the runs themselves (grouped with `results_table(runs, group_by=..., ci=...)`).
+        metric: a metric of the table (a fraction, drawn in percent, unless the table shows it `plain`).
         group_by: the setting key when `results` are runs.
+        ci: when grouping runs, draw the interval of the mean at this level instead of the standard deviation;
+            a table's own level (`results_table(..., ci=...)`) is used as it is.
         show_runs: also draw each run's value as a dot.
         ax: axes to draw into; a new figure when None.
 
     Returns:
         The figure (bars in setting order; settings with one run have no error bar).
+
+    Raises:
+        UsageError: a metric the table lacks, or a `ci` other than the given table's.
     """
-    table = results if isinstance(results, ResultsTable) else results_table(results, group_by=group_by,
-                                                                             metrics=(metric,))
+    if isinstance(results, ResultsTable):
+        if ci is not None and _check_level(ci) != results.ci:
+            raise UsageError(f"ci={ci!r} differs from the table's level {results.ci!r}; set it in results_table")
+        table = results
+    else:
+        table = results_table(results, group_by=group_by, metrics=(metric,), ci=ci)
     if metric not in table.metrics:
         raise UsageError(f"{metric!r} is not a metric of this table; it has {list(table.metrics)}")
     fig, ax = single_axes(ax, (max(4.0, 1.1 * len(table.rows) + 1.5), 3.6))
+    scale, percent = table.scale(metric), metric not in table.plain
     names = [str(r[table.group_by]) for r in table.rows]
-    means = np.asarray([100 * r[f"{metric}_mean"] for r in table.rows])
-    stds = np.asarray([100 * r[f"{metric}_std"] for r in table.rows])
+    means = np.asarray([scale * r[f"{metric}_mean"] for r in table.rows])
+    spread_key = f"{metric}_ci" if table.ci is not None else f"{metric}_std"
+    errors = np.asarray([scale * r[spread_key] for r in table.rows])
     x = np.arange(len(names))
     colours = [f"C{i % 10}" for i in range(len(names))]
     ax.bar(x, means, color=colours, alpha=0.8, width=0.6)
-    spread = ~np.isnan(stds)
+    spread = ~np.isnan(errors)
     if spread.any():
-        ax.errorbar(x[spread], means[spread], yerr=stds[spread], fmt="none", ecolor="black", capsize=5,
+        ax.errorbar(x[spread], means[spread], yerr=errors[spread], fmt="none", ecolor="black", capsize=5,
                     linewidth=1.2)
     if show_runs:
         for xi, row in zip(x, table.rows):
-            values = 100 * np.asarray(row[f"{metric}_values"])
+            values = scale * np.asarray(row[f"{metric}_values"])
             ax.plot(np.full(values.size, xi, dtype=float), values, linestyle="none", marker="o", markersize=4,
                     color="black", alpha=0.7)
-    for xi, m, s in zip(x, means, stds):  # the value above the error bar
-        ax.annotate(f"{m:.1f}" + (f" ± {s:.1f}" if not np.isnan(s) else ""), (xi, m + np.nan_to_num(s)),
+    for xi, m, e in zip(x, means, errors):  # the value above the error bar
+        ax.annotate(f"{m:.1f}" + (f" ± {e:.1f}" if not np.isnan(e) else ""), (xi, m + np.nan_to_num(e)),
                     xytext=(0, 5), textcoords="offset points", ha="center", va="bottom", fontsize="small")
     ax.set_xticks(x, names, rotation=20 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
-    ax.set_ylabel(f"{metric} (%)")
-    ax.set_ylim(0, min(100.0, max(float(np.nanmax(means + np.nan_to_num(stds))) * 1.2, 1.0)))
+    ax.set_ylabel(f"{metric} (%)" if percent else metric)
+    top = float(np.nanmax(means + np.nan_to_num(errors))) * 1.2
+    ax.set_ylim(0, min(100.0, max(top, 1.0)) if percent else max(top, 1e-9))
     ax.grid(True, axis="y", alpha=0.3)
     n = sorted({r["n"] for r in table.rows})
-    ax.set_title(f"{metric}: mean ± std over {'/'.join(map(str, n))} runs per setting", fontsize="medium")
+    what = "std" if table.ci is None else f"{100 * table.ci:g}% CI of the mean"
+    ax.set_title(f"{metric}: mean ± {what} over {'/'.join(map(str, n))} runs per setting", fontsize="medium")
     return fig
 
 
