@@ -38,6 +38,15 @@ def _resolve_config(name_or_path: str, overrides: Sequence[str]):
     return apply_overrides(config, overrides)
 
 
+def _report(result: Any, header: str, json_path: Optional[str], what: str) -> None:
+    """Print `header` and the result's table; with `json_path`, write the result there and say so."""
+    print(header)
+    print(result.table())
+    if json_path:
+        result.save_json(json_path)
+        print(f"{what} written to {json_path}")
+
+
 def cmd_configs(args: argparse.Namespace) -> int:
     from semask.engine.config import PRESETS, list_presets, to_dict
 
@@ -105,12 +114,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         if info.is_main:
             protocol = (("multi-scale + flip" if args.aug_test else "single scale") + f", {result.mode}, "
                         + precision_text(precision_record(args.precision, info.device)))
-            print(f"{args.checkpoint} on {val_set!r} ({result.num_images} images, {protocol}, "
-                  f"{result.num_images / result.seconds:.2f} img/s)")
-            print(result.table())
-            if args.json:
-                result.save_json(args.json)
-                print(f"metrics written to {args.json}")
+            _report(result, f"{args.checkpoint} on {val_set!r} ({result.num_images} images, {protocol}, "
+                            f"{result.num_images / result.seconds:.2f} img/s)", args.json, "metrics")
     finally:
         distributed.cleanup(info)
     return 0
@@ -151,12 +156,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         result = analyze(model, val_set, max_images=max_images, test_config=config.data.test_pipeline,
                          amp_dtype=autocast_dtype(args.precision, info.device), progress=not args.no_progress)
         if info.is_main:
-            print(f"{args.checkpoint} on {val_set!r} ({result.num_images} images, whole image at the test scale, "
-                  f"{result.seconds:.1f} s)")
-            print(result.table())
-            if args.json:
-                result.save_json(args.json)
-                print(f"analysis written to {args.json}")
+            _report(result, f"{args.checkpoint} on {val_set!r} ({result.num_images} images, whole image at the test "
+                            f"scale, {result.seconds:.1f} s)", args.json, "analysis")
             if views is not None:
                 path = write_page(args.html, views, result.to_dict())
                 print(f"explorer page ({len(views.data['images'])} images) written to {path}")
