@@ -174,6 +174,7 @@ def test_explorer_label_views_draw_the_expected_pixels_and_legends(model, toy_va
 
 def test_explorer_semantic_prior_follows_stage_and_class(model, toy_val):
     explorer = Explorer(model, toy_val, test_preset=PRESET)
+    panel = explorer.view_figure  # the one-view figure, whose artists are checked below
     a = explorer.analysis()
     explorer.view.value = "semantic prior"
     assert not explorer.stage.disabled and not explorer.class_name.disabled
@@ -182,35 +183,36 @@ def test_explorer_semantic_prior_follows_stage_and_class(model, toy_val):
     explorer.class_name.value = TOY_CLASSES.index("water")
     water = _heat(explorer)
     assert np.allclose(water, a.prior_map(0, 1))
-    assert explorer._colorbar.ax.get_ylabel() == "P(water) in the stage 1 prior"
-    assert explorer._heat.get_clim() == (0.0, 1.0)
+    assert panel._colorbar.ax.get_ylabel() == "P(water) in the stage 1 prior"
+    assert panel._heat.get_clim() == (0.0, 1.0)
     explorer.stage.value = 2
     stage3 = _heat(explorer)
     assert np.allclose(stage3, a.prior_map(2, 1)) and not np.allclose(stage3, water)
-    assert explorer._colorbar.ax.get_ylabel() == "P(water) in the stage 3 prior"
+    assert panel._colorbar.ax.get_ylabel() == "P(water) in the stage 3 prior"
     assert "stage 3 semantic prior: water" in explorer.ax.get_title()
     assert not np.array_equal(_rendered(explorer.figure), before)  # and the pixels on the canvas changed
 
 
 def test_explorer_attention_follows_stage_query_and_clicks(model, toy_val):
     explorer = Explorer(model, toy_val, test_preset=PRESET)
+    panel = explorer.view_figure  # the one-view figure, whose artists are checked below
     a = explorer.analysis()
     explorer.view.value = "semantic attention"
     assert explorer.class_name.disabled and not explorer.stage.disabled
     assert (explorer.row.value, explorer.col.value) == (32, 32)  # the centre of the 64x64 scene
     assert np.allclose(_heat(explorer), a.attention_map(0, 32, 32))
-    assert explorer._window.get_visible()  # stage 1 is windowed: the 7x7 window of cell (8, 8) is cells 7..13
-    x, y = explorer._window.get_xy()
-    assert (x, y, explorer._window.get_width()) == (7 * 4 - 0.5, 7 * 4 - 0.5, 7 * 4)
-    assert explorer._marker.get_xdata()[0] == 32 and explorer._marker.get_ydata()[0] == 32
-    drawn = explorer._heat.get_array()  # zero weights, outside the window, are masked: the image shows there
+    assert panel._window.get_visible()  # stage 1 is windowed: the 7x7 window of cell (8, 8) is cells 7..13
+    x, y = panel._window.get_xy()
+    assert (x, y, panel._window.get_width()) == (7 * 4 - 0.5, 7 * 4 - 0.5, 7 * 4)
+    assert panel._marker.get_xdata()[0] == 32 and panel._marker.get_ydata()[0] == 32
+    drawn = panel._heat.get_array()  # zero weights, outside the window, are masked: the image shows there
     assert np.array_equal(np.ma.getmaskarray(drawn), a.attention_map(0, 32, 32) == 0) and drawn.mask.any()
-    assert explorer._colorbar.mappable.get_cmap().name == "inferno"
-    assert explorer._colorbar.mappable.get_clim() == (0.0, pytest.approx(a.attention_map(0, 32, 32).max()))
+    assert panel._colorbar.mappable.get_cmap().name == "inferno"
+    assert panel._colorbar.mappable.get_clim() == (0.0, pytest.approx(a.attention_map(0, 32, 32).max()))
 
     explorer.stage.value = 3  # global
     assert np.allclose(_heat(explorer), a.attention_map(3, 32, 32))
-    assert not explorer._window.get_visible() and explorer._cell.get_visible()
+    assert not panel._window.get_visible() and panel._cell.get_visible()
     assert "global" in explorer.ax.get_title()
 
     explorer.stage.value = 2
@@ -230,6 +232,7 @@ def test_explorer_images_of_other_sizes_without_labels(model, toy_val):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (48, 80, 3), dtype=np.uint8), rng.integers(0, 256, (64, 40, 3), dtype=np.uint8)]
     explorer = Explorer(model, images, test_preset=PRESET)
+    panel = explorer.view_figure  # the one-view figure, whose artists are checked below
     assert explorer.image.options == (("0: #0", 0), ("1: #1", 1))
     explorer.view.value = "ground truth"
     assert np.array_equal(_picture(explorer), images[0])
@@ -241,7 +244,7 @@ def test_explorer_images_of_other_sizes_without_labels(model, toy_val):
     assert (explorer.row.max, explorer.col.max) == (63, 39)
     assert explorer.col.value <= 39  # the query was moved inside the new image
     assert _heat(explorer).shape == (64, 40)
-    assert explorer._picture.get_extent() == [-0.5, 39.5, 63.5, -0.5]
+    assert panel._picture.get_extent() == [-0.5, 39.5, 63.5, -0.5]
     with pytest.raises(IndexError, match=r"pixel \(64, 0\) outside the 64x40 image"):
         explorer.select_pixel(64, 0)
     labelled = Explorer(model, images, labels=[None, np.zeros((64, 40), np.int64)], titles=["a", "b"],
@@ -372,6 +375,7 @@ def test_plot_stage_priors_plot_attention_and_the_explorer_draw_the_same_pixels(
     image = np.random.default_rng(3).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     preset = TestPipelineConfig(scale=(150, 60))  # 50x70 -> a 60x84 input; stage 4 is a 2x3 grid, padded
     explorer = Explorer(model, image, test_preset=preset, opacity=0.5)
+    panel = explorer.view_figure  # the one-view figure, whose artists are checked below
     a = explorer.analysis()
     assert a.input_size == (60, 84)
     _, out = Predictor(model, test_config=preset).predict_with_output(image, return_attention=True)
@@ -398,7 +402,7 @@ def test_plot_stage_priors_plot_attention_and_the_explorer_draw_the_same_pixels(
         assert np.allclose(fig.axes[0].images[1].get_array(), _heat(explorer))
         if out.attentions[stage].window_size is not None:
             (window,) = fig.axes[0].patches
-            assert window.get_xy() == explorer._window.get_xy()
-            assert (window.get_width(), window.get_height()) == (explorer._window.get_width(),
-                                                                 explorer._window.get_height())
+            assert window.get_xy() == panel._window.get_xy()
+            assert (window.get_width(), window.get_height()) == (panel._window.get_width(),
+                                                                 panel._window.get_height())
     matplotlib.pyplot.close("all")

@@ -10,10 +10,11 @@
 Each step, in nanoGPT's order: set the learning rate -> for each accumulation step: batch, forward (under
 autocast), loss, backward -> unscale and clip -> optimizer step -> log -> evaluate and checkpoint. Everything the
 loop uses is built from the `TrainConfig` before it starts; there are no hooks. What the run directory holds is
-`semask.engine.rundir`'s; why a resumed run computes exactly the steps of an uninterrupted one is in
-docs/design.md ("Engine: training, evaluation, inference"). Each evaluation also scores the semantic priors of
-its own forward (``eval.prior_metrics``), and ``train.snapshot_interval`` keeps the weights every N steps, so that
-what the semantic layers learn can be followed over the run.
+`semask.engine.rundir`'s, the evaluations and checkpoints the loop writes into it `semask.engine.records`'; why a
+resumed run computes exactly the steps of an uninterrupted one is in docs/design.md ("Engine: training, evaluation,
+inference"). Each evaluation also scores the semantic priors of its own forward (``eval.prior_metrics``), and
+``train.snapshot_interval`` keeps the weights every N steps, so that what the semantic layers learn can be followed
+over the run.
 """
 from __future__ import annotations
 
@@ -30,22 +31,22 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from semask.checkpoint import is_url, load_pretrained_backbone, load_training_state, save_checkpoint
-from semask.data.datasets import SegmentationDataset
+from semask.checkpoint import is_url, load_pretrained_backbone
 from semask.data.loader import build_train_loader, sample_seed
 from semask.data.transforms import TrainTransform
 from semask.device import (autocast, autocast_dtype, kept_rng_state, peak_memory_bytes, precision_record,
                            precision_text, seed_everything)
 from semask.engine import distributed
-from semask.engine.budget import PROBE_EVAL_IMAGES, check_minutes, fit_budget, stored_schedule, time_steps
+from semask.engine.budget import PROBE_EVAL_IMAGES, check_minutes, fit_budget, time_steps
 from semask.engine.build import (build_datasets, build_model, build_optimizer, learning_rate, model_from_config,
                                  param_groups)
 from semask.engine.config import ConfigError, TrainConfig, to_dict, validate
-from semask.engine.evaluate import EvalResult, data_inputs, evaluate
+from semask.engine.evaluate import EvalResult, data_inputs
 from semask.engine.losses import SeMaskLoss
 from semask.engine.memory import check_step_fits, out_of_memory_error
-from semask.engine.rundir import (BEST, LATEST, RunClaim, RunLog, TrainingError, check_work_dir, planned_snapshots,
-                                  records_upto, snapshot_name)
+from semask.engine.records import (Run, evaluate_on_val, record_evaluation, resume_run, save_latest, save_snapshot,
+                                   scores_priors)
+from semask.engine.rundir import RunClaim, RunLog, TrainingError, check_work_dir, planned_snapshots
 from semask.io import check_output_files, check_output_folder
 from semask.model.segmentor import SeMaskFPN
 
@@ -98,17 +99,6 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------------- set-up
-def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
-    return out
-
-
 def _batches(loader: Any, device: torch.device, channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
@@ -158,56 +148,7 @@ def _claim_work_dir(config: TrainConfig, work_dir: Path, resume: Union[bool, str
     return rt.global_batch // per_step, resume_from, claim
 
 
-@dataclass
-class _Run:
-    """What the loop works with, built from the config before it starts, and what it has produced so far."""
-
-    config: TrainConfig
-    info: distributed.DistInfo
-    work_dir: Path
-    log: RunLog
-    module: nn.Module  # the network; `model` is it, or its DDP wrapper
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    loss_fn: SeMaskLoss
-    dtype: Optional[torch.dtype]  # autocast dtype (None: fp32)
-    accum: int  # forward/backward passes per optimizer step
-    train_set: SegmentationDataset
-    val_set: SegmentationDataset
-    model: Optional[nn.Module] = None
-    batches: Optional[Iterator[tuple[torch.Tensor, torch.Tensor]]] = None
-    start_step: int = 0
-    best: Optional[dict[str, Any]] = None  # the best evaluation so far: iter, mIoU, mAcc, aAcc
-    history: list[dict[str, Any]] = field(default_factory=list)
-    evaluation: Optional[EvalResult] = None
-    started: float = 0.0  # perf_counter at the run's time 0 (earlier than now for a resumed run)
-
-    def emit(self, rec: dict[str, Any]) -> None:
-        self.history.append(rec)
-        self.log.record(rec)
-
-
-def _resume(run: _Run, checkpoint: Path, keep_schedule: bool) -> None:
-    """Restore weights, optimizer, scaler, step and best evaluation; keep the log up to the checkpoint's step. With
-    ``keep_schedule`` (a time budget), continue the schedule stored in the checkpoint instead of fitting it again."""
-    state = load_training_state(checkpoint, run.module, run.optimizer,
-                                scaler=run.scaler if run.scaler.is_enabled() else None,
-                                map_location=run.info.device, restore_rng=False)
-    run.start_step = int(state.get("iteration", 0))
-    run.best = (state.get("extra") or {}).get("best")
-    run.history = records_upto(run.work_dir, run.start_step)
-    if keep_schedule:
-        run.config = stored_schedule(run.config, state.get("train_config") or {})
-    changed = _diff(state.get("train_config") or {}, to_dict(run.config))
-    # drop what the steps after the checkpoint logged: they are redone
-    run.log.rewind(run.history, run.start_step, (state.get("extra") or {}).get("text_log_bytes"))
-    run.log.print(f"resuming {run.work_dir} at step {run.start_step}/{run.config.schedule.iters}"
-                  + ("; the time budget does not refit a resumed run: it continues the stored schedule"
-                     if keep_schedule else "")
-                  + (f"; config changed since the checkpoint: {'; '.join(changed)}" if changed else ""))
-
-
-def _load_pretrained(run: _Run) -> None:
+def _load_pretrained(run: Run) -> None:
     """Load the ImageNet Swin weights of ``model.pretrained`` into the backbone and log what was loaded."""
     source = run.config.model.pretrained
     report = load_pretrained_backbone(run.module, source)  # raises when mostly unloaded
@@ -224,7 +165,7 @@ def _parallel(module: nn.Module, info: distributed.DistInfo) -> nn.Module:
     return DistributedDataParallel(module, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
 
-def _train_batches(run: _Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _train_batches(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This process's training batches from the run's step on (the data order is the seed's, see the loader)."""
     config, rt, info = run.config, run.config.train, run.info
     loader = build_train_loader(run.train_set, TrainTransform(config.data.train_pipeline), rt.batch_size, rt.seed,
@@ -235,7 +176,7 @@ def _train_batches(run: _Run) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 def _setup(config: TrainConfig, work_dir: Path, accum: int, resume_from: Optional[Path], claim: RunClaim,
            callback: Optional[Callable[[dict[str, Any]], None]], info: distributed.DistInfo,
-           given: Optional[nn.Module], minutes: Optional[float], called: float) -> _Run:
+           given: Optional[nn.Module], minutes: Optional[float], called: float) -> Run:
     """Everything the loop uses, in a fixed order (the seed is set before the model draws its weights); with a time
     budget, the schedule fitted to it (`_fit_budget`). Nothing is written to the run directory yet (`RunLog` keeps it
     back until the first step is done)."""
@@ -253,10 +194,10 @@ def _setup(config: TrainConfig, work_dir: Path, accum: int, resume_from: Optiona
     optimizer, scaler = build_optimizer(config, module, device, dtype)
     loss_fn = SeMaskLoss(config.loss.prior_weight, ignore_index=config.data.train_pipeline.ignore_index,
                          ohem_min_kept=config.loss.ohem_min_kept, class_weight=config.loss.class_weight)
-    run = _Run(config, info, work_dir, log, module, optimizer, scaler, loss_fn, dtype, accum, train_set, val_set)
+    run = Run(config, info, work_dir, log, module, optimizer, scaler, loss_fn, dtype, accum, train_set, val_set)
     precision = precision_record(rt.precision, device)
     if resume_from is not None:
-        _resume(run, resume_from, keep_schedule=minutes is not None)
+        resume_run(run, resume_from, keep_schedule=minutes is not None)
     else:  # a new run: what it runs in, and with a budget the schedule fitted to it, head the log
         record = {"kind": "run", "iter": 0, "device": str(device), "precision": precision}
         if minutes is not None:
@@ -268,7 +209,7 @@ def _setup(config: TrainConfig, work_dir: Path, accum: int, resume_from: Optiona
 
     run.model = _parallel(module, info)
     run.batches = _train_batches(run)
-    if config.eval.prior_metrics and not _prior_metrics(config):
+    if config.eval.prior_metrics and not scores_priors(config):
         log.print("eval.prior_metrics: the semantic priors are scored in whole mode only (sliding windows have no one "
                   "prior per image); the evaluation records of this run (eval.mode=slide) leave them out")
     params = sum(p.numel() for p in module.parameters())
@@ -279,7 +220,7 @@ def _setup(config: TrainConfig, work_dir: Path, accum: int, resume_from: Optiona
     return run
 
 
-def _fit_budget(run: _Run, minutes: float, called: float) -> dict[str, Any]:
+def _fit_budget(run: Run, minutes: float, called: float) -> dict[str, Any]:
     """Fit ``run.config``'s schedule to `minutes` counted from `called` (`semask.engine.budget`) and print how.
 
     The probe steps run on a throwaway copy of the model, optimizer and data iterator, with the random generators
@@ -304,7 +245,7 @@ def _fit_budget(run: _Run, minutes: float, called: float) -> dict[str, Any]:
             step_seconds, steps = time_steps(step, minutes * 60, lambda stop: distributed.any_process(stop, info))
             images = min(run.config.eval.max_images or len(run.val_set), len(run.val_set))
             probed = min(PROBE_EVAL_IMAGES, images)
-            eval_seconds = _validate(probe, probe.module, probed, progress=False).seconds / probed * images
+            eval_seconds = evaluate_on_val(probe, probe.module, probed, progress=False).seconds / probed * images
         finally:
             probe.batches.close()  # its loader's workers end here
     step_seconds, eval_seconds, elapsed = distributed.all_reduce_max(
@@ -345,7 +286,7 @@ def _stop_if_nonfinite(nonfinite: bool, step: int, lr: float, terms: dict[str, f
             "instead of fp16; check the data for broken labels. The last checkpoint is untouched.")
 
 
-def _optimizer_step(run: _Run, step: int, window: _Window) -> tuple[float, Optional[float]]:
+def _optimizer_step(run: Run, step: int, window: _Window) -> tuple[float, Optional[float]]:
     """Optimizer step ``step`` (0-based): set the learning rate -> for each accumulation step: batch, forward (under
     autocast), loss, backward -> stop if the loss is not finite -> unscale and clip -> step.
 
@@ -383,7 +324,7 @@ def _optimizer_step(run: _Run, step: int, window: _Window) -> tuple[float, Optio
     return lr, grad_norm
 
 
-def _train_record(run: _Run, window: _Window, done: int, lr: float, grad_norm: Optional[float]) -> dict[str, Any]:
+def _train_record(run: Run, window: _Window, done: int, lr: float, grad_norm: Optional[float]) -> dict[str, Any]:
     """The log record of the steps in ``window`` (their loss terms averaged over steps and processes)."""
     rt = run.config.train
     means = distributed.all_reduce_mean({k: v / window.steps for k, v in window.sums.items()}, run.info)
@@ -396,75 +337,6 @@ def _train_record(run: _Run, window: _Window, done: int, lr: float, grad_norm: O
             "images_per_s": rt.global_batch * window.steps / elapsed,
             "peak_memory_mb": (peak_memory_bytes(run.info.device) or 0) / 2**20,
             "time": time.perf_counter() - run.started}
-
-
-def _validate(run: _Run, module: nn.Module, max_images: Optional[int], progress: bool) -> EvalResult:
-    """`module` on the validation split with the run's protocol (the first `max_images` images)."""
-    config = run.config
-    result = evaluate(module, run.val_set, mode=config.eval.mode, test_config=config.data.test_pipeline,
-                      crop_size=config.eval.crop_size, stride=config.eval.stride, max_images=max_images,
-                      progress=progress, prior_metrics=_prior_metrics(config))
-    module.train()
-    return result
-
-
-def _evaluate(run: _Run, done: int, progress: bool) -> None:
-    """Validate after step ``done``, log the result and save best.pth when it is the best so far."""
-    config, module = run.config, run.module
-    distributed.broadcast_buffers(module, run.info)  # every process scores the weights best.pth / latest.pth hold
-    run.evaluation = result = _validate(run, module, config.eval.max_images, progress)
-    rec = {"kind": "eval", "iter": done, "mIoU": result.mIoU, "mAcc": result.metrics["mAcc"],
-           "aAcc": result.metrics["aAcc"], "IoU": result.to_dict()["IoU"], "Acc": result.to_dict()["Acc"]}
-    if result.prior_metrics is not None:
-        rec.update(prior_mIoU=result.prior_mIoU, decoder_prior_mIoU=result.decoder_prior_mIoU)
-    rec.update(eval_sec=result.seconds, num_images=result.num_images, time=time.perf_counter() - run.started)
-    is_best = run.best is None or rec["mIoU"] > run.best["mIoU"]
-    if is_best:
-        run.best = {k: rec[k] for k in ("iter", "mIoU", "mAcc", "aAcc")}
-    best = run.best
-    run.emit(rec)
-    run.log.print(f"step {done}: mIoU {100 * rec['mIoU']:.2f}  mAcc {100 * rec['mAcc']:.2f}  aAcc "
-                  f"{100 * rec['aAcc']:.2f}" + ("  (best)" if is_best else f"  (best {100 * best['mIoU']:.2f} "
-                                                                           f"at step {best['iter']})")
-                  + _prior_line(rec))
-    if is_best and run.info.is_main:
-        save_checkpoint(run.work_dir / BEST, module, iteration=done, train_config=to_dict(config),
-                        extra={"metrics": {k: rec[k] for k in ("mIoU", "mAcc", "aAcc")}})
-
-
-def _prior_metrics(config: TrainConfig) -> bool:
-    """Whether the evaluations score the semantic priors: ``eval.prior_metrics`` in whole mode (sliding windows
-    have no one prior per image)."""
-    return config.eval.prior_metrics and config.eval.mode == "whole"
-
-
-def _prior_line(rec: dict[str, Any]) -> str:
-    """The priors' part of an evaluation's printed line: ``prior mIoU 12.3/-/45.6/50.1 (stages), decoder 52.0``."""
-    stages = rec.get("prior_mIoU") or []
-    if all(v is None for v in stages):
-        return ""
-    shown = "/".join("-" if v is None else f"{100 * v:.1f}" for v in stages)
-    decoder = rec.get("decoder_prior_mIoU")
-    return f"  prior mIoU {shown} (stages)" + (f", decoder {100 * decoder:.1f}" if decoder is not None else "")
-
-
-def _save_snapshot(run: _Run, done: int) -> None:
-    """Write iter_NNNNNN.pth: the weights after step ``done`` with the model's config, classes and the step (no
-    optimizer state; `semask.load_checkpoint` reads it). A resume rewrites the snapshots of the steps it redoes
-    with the weights it computes (the same ones: docs/design.md, "Engine"); earlier ones are never touched."""
-    if run.info.is_main:
-        save_checkpoint(run.work_dir / snapshot_name(done), run.module, iteration=done,
-                        train_config=to_dict(run.config))
-
-
-def _save_latest(run: _Run, done: int) -> None:
-    """Write latest.pth (weights, optimizer, scaler, step, best evaluation): what a resume continues from."""
-    if run.info.is_main:
-        scaler = run.scaler if run.scaler.is_enabled() else None
-        # train.log's size: a resume from this checkpoint cuts the log back to it
-        save_checkpoint(run.work_dir / LATEST, run.module, optimizer=run.optimizer, scaler=scaler, iteration=done,
-                        train_config=to_dict(run.config),
-                        extra={"best": run.best, "text_log_bytes": run.log.text_size()})
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -542,7 +414,7 @@ def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
                        evaluation=run.evaluation)
 
 
-def _loop(run: _Run, progress: bool) -> None:
+def _loop(run: Run, progress: bool) -> None:
     """Steps ``run.start_step`` .. ``schedule.iters`` - 1, each: `_optimizer_step` -> log -> evaluate / checkpoint."""
     config, info, rt, iters = run.config, run.info, run.config.train, run.config.schedule.iters
     bar = None
@@ -570,14 +442,14 @@ def _loop(run: _Run, progress: bool) -> None:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
                 window.reset()
             if (rt.eval_interval and done % rt.eval_interval == 0) or done == iters:
-                _evaluate(run, done, progress)
+                record_evaluation(run, done, progress)
                 window.start = time.perf_counter()  # evaluation time is not training time
             # the snapshot before latest.pth: a resume from latest.pth never misses a snapshot
             if rt.snapshot_interval and done % rt.snapshot_interval == 0:
-                _save_snapshot(run, done)
+                save_snapshot(run, done)
                 window.start = time.perf_counter()
             if (rt.checkpoint_interval and done % rt.checkpoint_interval == 0) or done == iters:
-                _save_latest(run, done)
+                save_latest(run, done)
                 window.start = time.perf_counter()
     finally:
         if bar is not None:

@@ -3,14 +3,14 @@
 Pick an image and a view — the prediction, the ground truth, the error map, a stage's semantic prior (one
 class's probability or the argmax over classes) or where one query pixel's token attends in a stage's semantic
 layer — and the figure redraws in place, with a legend of class names for label maps and a colour bar for heat
-maps. Each semantic layer's learned gate `gamma` (``out = gamma * f + x``, initialised to 0) is shown beside the
-stage. The "all stages" view draws the query's attention and the prior of every stage side by side, the query
-marked on each stage's own token (`semask.viz.explorer_figures.StageGrid`); beside the view, the image's own
-`semask.analyze` numbers (per-stage prior mIoU, same-class attention against chance, entropy). Given a run's
-snapshots (`snapshots=` or `Explorer.from_run`), a timeline slider shows the same image, view and query with the
-model at each snapshot (`semask.viz.timeline.Timeline`: loaded when first shown, a few kept). The model runs once
-per image and snapshot (`analyse_image`, cached); a control only redraws. docs/design.md ("Visualisation and
-widgets") says why the app is built this way.
+maps (`semask.viz.explorer_figures.ViewFigure`). Each semantic layer's learned gate `gamma` (``out = gamma * f +
+x``, initialised to 0) is shown beside the stage. The "all stages" view draws the query's attention and the prior
+of every stage side by side, the query marked on each stage's own token (`semask.viz.explorer_figures.StageGrid`);
+beside the view, the image's own `semask.analyze` numbers (per-stage prior mIoU, same-class attention against
+chance, entropy). Given a run's snapshots (`snapshots=` or `Explorer.from_run`), a timeline slider shows the same
+image, view and query with the model at each snapshot (`semask.viz.timeline.Timeline`: loaded when first shown, a
+few kept). The model runs once per image and snapshot (`analyse_image`, cached); a control only redraws.
+docs/design.md ("Visualisation and widgets") says why the app is built this way.
 """
 from __future__ import annotations
 
@@ -31,10 +31,9 @@ from semask.errors import UsageError
 from semask.model.util import LRUCache
 from semask.viz.analysis import ImageAnalysis, TestPreset, analyse_image, semantic_gammas
 from semask.viz.appkit import (ImagesInput, ImageSource, class_metadata, display_bundle, image_options,
-                               ipympl_figure, ipywidgets_module, snapshot_bytes)
-from semask.viz.explorer_figures import MeasuresPanel, StageGrid
+                               ipywidgets_module, snapshot_bytes)
+from semask.viz.explorer_figures import MeasuresPanel, StageGrid, ViewFigure
 from semask.viz.inputs import names_caller
-from semask.viz.labels import ERROR_CLASSES, ERROR_PALETTE, class_legend, error_map, error_percentages, overlay
 from semask.viz.timeline import Snapshots, Timeline
 
 if TYPE_CHECKING:
@@ -99,6 +98,8 @@ class Explorer:
         gamma, info: HTML widgets with the semantic layers' gammas and a summary of the current image and view.
         model_runs: how many times the model has run (once per analysed image and snapshot).
         model: the model shown now (with a timeline: at the slider's snapshot).
+        view_figure: the figure of every view but "all stages" (`ViewFigure`; ``figure``, ``ax`` and ``cax`` are
+            its own).
         grid, measures: the "all stages" figure (`StageGrid`) and the panel of the image's numbers
             (`MeasuresPanel`), or None. snapshots, timeline: the `Timeline` (``steps``, ``paths``, ``loads``) and
             its slider (value: the index of the step shown), or None.
@@ -136,7 +137,9 @@ class Explorer:
         self._holding = False
         self._make_controls(w, opacity)
         first, _ = self.images.get(0)
-        self._make_figure(first, dpi)
+        self.view_figure = ViewFigure(first, dpi, self.palette, self.class_names, max_legend)
+        self.figure, self.ax, self.cax = self.view_figure.figure, self.view_figure.ax, self.view_figure.cax
+        self.figure.canvas.mpl_connect("button_press_event", self.on_click)
         self.grid = StageGrid(len(stage_gammas(model)), dpi) if self._semantic else None
         if self.grid is not None:  # every panel shows the image at its own pixel coordinates
             self.grid.figure.canvas.mpl_connect("button_press_event", self.on_click)
@@ -197,30 +200,6 @@ class Explorer:
             control.observe(self._on_change, names="value")
         self.image.observe(self._on_image, names="value")
 
-    def _make_figure(self, first: np.ndarray, dpi: int) -> None:
-        """The figure and the artists `update` redraws: the picture, the heat map, the query marks, the colour bar."""
-        from matplotlib.cm import ScalarMappable
-        from matplotlib.colors import Normalize
-        from matplotlib.patches import Rectangle
-
-        self.figure = ipympl_figure((6.8, 5.0), dpi)
-        self.ax = self.figure.add_axes((0.01, 0.02, 0.66, 0.86))
-        self.cax = self.figure.add_axes((0.71, 0.12, 0.03, 0.7))
-        self.ax.set_axis_off()
-        self._picture = self.ax.imshow(first, interpolation="nearest")
-        self._heat = self.ax.imshow(np.zeros(first.shape[:2], np.float32), cmap="viridis", vmin=0.0, vmax=1.0,
-                                    interpolation="nearest", visible=False)
-        (self._marker,) = self.ax.plot([0], [0], linestyle="none", marker="x", color="cyan", markersize=11,
-                                       markeredgewidth=2.5, visible=False)
-        self._window = Rectangle((0, 0), 1, 1, fill=False, edgecolor="cyan", linestyle="--", linewidth=1.4,
-                                 visible=False)
-        self._cell = Rectangle((0, 0), 1, 1, fill=False, edgecolor="white", linewidth=1.2, visible=False)
-        self.ax.add_patch(self._window)
-        self.ax.add_patch(self._cell)
-        self._scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap="viridis")  # the colour bar, opaque
-        self._colorbar = self.figure.colorbar(self._scale, cax=self.cax)
-        self.figure.canvas.mpl_connect("button_press_event", self.on_click)
-
     def _layout(self, w: Any) -> "ipywidgets.VBox":
         def label(text: str) -> "ipywidgets.Label":  # the toggle buttons' captions, aligned with the others'
             return w.Label(text, layout=w.Layout(width="74px", justify_content="flex-end", padding="0 4px 0 0"))
@@ -272,13 +251,13 @@ class Explorer:
     @property
     def picture(self) -> np.ndarray:
         """(H, W, 3) uint8: what the figure shows under any heat map (the image, or a label map over it)."""
-        return np.asarray(self._picture.get_array())
+        return self.view_figure.picture
 
     @property
     def heat(self) -> Optional[np.ndarray]:
         """(H, W) float32: the heat map drawn over the picture (a class probability or attention weights), or
         None in the label views."""
-        return np.ma.getdata(self._heat.get_array()) if self._heat.get_visible() else None
+        return self.view_figure.heat
 
     # ------------------------------------------------------------------------------------------- callbacks
     @contextlib.contextmanager
@@ -341,47 +320,6 @@ class Explorer:
             self.select_pixel(row, col)
 
     # ------------------------------------------------------------------------------------------- drawing
-    def _view(self, a: ImageAnalysis, view: str, stage: int, class_index: Optional[int],
-              alpha: float) -> tuple[np.ndarray, Optional[tuple[Any, str, float]], Any, str, str, str]:
-        """What a view draws: (picture, heat (data, cmap, vmax) or None, legend, colour-bar label, title line,
-        note)."""
-        picture, heat, legend, colorbar_label, note = a.image, None, None, "", ""
-        if view == "prediction":
-            picture = overlay(a.image, a.prediction, self.palette, alpha)
-            legend = self._label_legend(a.prediction)
-            detail = "prediction"
-        elif view in ("ground truth", "error map") and a.label is None:
-            detail = f"{view}: no ground truth for this image"
-            note = "This image has no label: the ground-truth and error-map views need one."
-        elif view == "ground truth":
-            picture = overlay(a.image, a.label, self.palette, alpha)
-            legend = self._label_legend(a.label)
-            detail = "ground truth (black: ignored)" if (a.label == 255).any() else "ground truth"
-        elif view == "error map":
-            picture = error_map(a.prediction, a.label, image=a.image, alpha=alpha)
-            legend = self._error_legend(a.prediction, a.label)
-            detail = "error map"
-        elif view == "semantic prior":
-            name = f"stage {stage + 1}"
-            if class_index is None:
-                labels = a.prior_map(stage)
-                picture = overlay(a.image, labels, self.palette, alpha)
-                legend = self._label_legend(labels)
-                detail = f"{name} semantic prior: argmax over classes"
-            else:
-                heat = (a.prior_map(stage, class_index), "viridis", 1.0)
-                colorbar_label = f"P({self.class_names[class_index]}) in the {name} prior"
-                detail = f"{name} semantic prior: {self.class_names[class_index]}"
-        else:  # semantic attention
-            weights = a.attention_map(stage, self.row.value, self.col.value)
-            # zero weight (outside a windowed layer's window) is left uncoloured: the image shows through
-            heat = (np.ma.masked_equal(weights, 0.0), "inferno", max(float(weights.max()), 1e-6))
-            colorbar_label = "attention weight"
-            amap = a.attentions[stage]
-            kind = f"{amap.window_size}x{amap.window_size} windows" if amap.window_size else "global"
-            detail = f"stage {stage + 1} semantic attention ({kind}, {amap.height}x{amap.width} tokens)"
-        return picture, heat, legend, colorbar_label, detail, note
-
     def update(self) -> None:
         """Redraw the figure, the gamma table, the summary and the image's measures from the current control
         values."""
@@ -398,7 +336,7 @@ class Explorer:
             self.grid.draw(a, stage_gammas(self.model), row, col, class_index, alpha, self.palette, self.class_names,
                            self.max_legend, f"{caption}\nall stages: query pixel ({row}, {col})")
         else:
-            note = self._draw_view(a, view, stage, class_index, alpha, caption)
+            note = self.view_figure.draw(a, view, stage, class_index, alpha, self.row.value, self.col.value, caption)
         self.figure.canvas.layout.display = "none" if view == "all stages" else None
         if self.grid is not None:
             self.grid.figure.canvas.layout.display = None if view == "all stages" else "none"
@@ -419,69 +357,6 @@ class Explorer:
         if self.measures is not None:  # redrawn for a new image or snapshot only
             title = "measured on this image" + ("" if self.step is None else f", step {self.step}")
             self.measures.show((self._point(), self.image.value), a.measures, title)
-
-    def _draw_view(self, a: ImageAnalysis, view: str, stage: int, class_index: Optional[int], alpha: float,
-                   caption: str) -> str:
-        """Draw a one-panel view into the main figure; returns the view's note for the summary."""
-        H, W = a.size
-        picture, heat, legend, colorbar_label, detail, note = self._view(a, view, stage, class_index, alpha)
-        if picture.shape[:2] != self._picture.get_array().shape[:2]:
-            for artist in (self._picture, self._heat):
-                artist.set_extent((-0.5, W - 0.5, H - 0.5, -0.5))
-            self.ax.set_xlim(-0.5, W - 0.5)
-            self.ax.set_ylim(H - 0.5, -0.5)
-        self._picture.set_data(picture)
-        self._draw_heat(heat, alpha, colorbar_label)
-        if legend is None:
-            class_legend(self.ax, [], self.palette)
-        self._draw_query(a, view, stage)
-        self.ax.set_title(f"{caption}\n{detail}", fontsize="medium")
-        return note
-
-    def _draw_heat(self, heat: Optional[tuple[Any, str, float]], alpha: float, colorbar_label: str) -> None:
-        if heat is None:
-            self._heat.set_visible(False)
-            self.cax.set_visible(False)
-            return
-        data, cmap, vmax = heat
-        self._heat.set_data(data)
-        self._heat.set_cmap(cmap)
-        self._heat.set_clim(0.0, vmax)
-        self._heat.set_alpha(alpha)
-        self._heat.set_visible(True)
-        self.cax.set_visible(True)
-        self._scale.set_cmap(cmap)
-        self._scale.set_clim(0.0, vmax)
-        self._colorbar.update_normal(self._scale)
-        self._colorbar.set_label(colorbar_label)
-
-    def _label_legend(self, labels: np.ndarray) -> Any:
-        present = [int(k) for k in np.unique(labels) if k != 255]
-        return class_legend(self.ax, present, self.palette, self.class_names, self.max_legend)
-
-    def _error_legend(self, prediction: np.ndarray, label: np.ndarray) -> Any:
-        right, wrong = error_percentages(prediction, label)
-        names = [f"{ERROR_CLASSES[0]} {right:.1f}%", f"{ERROR_CLASSES[1]} {wrong:.1f}%",
-                 f"{ERROR_CLASSES[2]} (not scored)"]
-        classes = [0, 1] + ([2] if (label == 255).any() else [])
-        return class_legend(self.ax, classes, ERROR_PALETTE, names)
-
-    def _draw_query(self, a: ImageAnalysis, view: str, stage: int) -> None:
-        show = view == "semantic attention"
-        row, col = self.row.value, self.col.value
-        self._marker.set_data([col], [row])
-        self._marker.set_visible(show)
-        self._window.set_visible(False)
-        self._cell.set_visible(False)
-        if not show:
-            return
-        r, c = a.query_cell(stage, row, col)
-        self._cell.set_bounds(*a.cell_box(stage, r, c, 1, 1))
-        self._cell.set_visible(True)
-        ws = a.attentions[stage].window_size
-        if ws is not None:
-            self._window.set_bounds(*a.cell_box(stage, r // ws * ws, c // ws * ws, ws, ws))
-            self._window.set_visible(True)
 
     def _gamma_html(self, stage: int, active: bool) -> str:
         if not self._gammas:

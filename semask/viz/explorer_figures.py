@@ -1,5 +1,9 @@
-"""The `Explorer`'s further figures (SeMask, arXiv 2112.12782): every stage at once, and the image's measures.
+"""The `Explorer`'s figures (SeMask, arXiv 2112.12782): the one view, every stage at once, and the image's measures.
 
+- `ViewFigure`, every view but "all stages": the picture (the image, the prediction, the ground truth or the error
+  map over it, a stage's argmax prior), a heat map over it with its colour bar (one class's prior probability, or
+  where the query's token attends in a stage's semantic layer, zero weights left uncoloured), the query pixel
+  marked with its token and, for a windowed layer, its window, and a legend of the classes shown.
 - `StageGrid`, the "all stages" view: per backbone stage, where the query pixel's token attends in the stage's
   semantic layer (top row) and the stage's semantic prior (bottom row). The one query pixel lands on a different
   token in each stage (cells of 4, 8, 16, 32 input pixels); each panel marks that stage's token, found and drawn
@@ -10,7 +14,7 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Hashable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Hashable, Optional, Sequence
 
 import numpy as np
 
@@ -18,12 +22,12 @@ from semask.engine.analysis import Analysis
 from semask.viz.analysis import ImageAnalysis
 from semask.viz.analysis_plots import plot_stage_analysis
 from semask.viz.appkit import ipympl_figure
-from semask.viz.labels import class_legend, overlay
+from semask.viz.labels import ERROR_CLASSES, ERROR_PALETTE, class_legend, error_map, error_percentages, overlay
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-__all__ = ["StageGrid", "MeasuresPanel"]
+__all__ = ["ViewFigure", "StageGrid", "MeasuresPanel"]
 
 _RIGHT = 1.5  # inches right of the panels: the legend or the colour bars
 
@@ -50,6 +54,160 @@ def _no_layer(ax: "Axes", image: np.ndarray, title: str) -> None:
     ax.text(0.5, 0.5, "no semantic layer", transform=ax.transAxes, ha="center", va="center", fontsize="small",
             color="dimgray")
     ax.set_title(title, fontsize="small")
+
+
+class ViewFigure:
+    """The explorer's one-view figure: the picture (the image, or a label map over it), a heat map over it with
+    its colour bar, the query's marks and a legend of the classes shown.
+
+    Args:
+        first: (H, W, 3) uint8, the image shown first.
+        dpi: resolution.
+        palette, class_names: the classes' colours and names.
+        max_legend: at most this many classes in the legend.
+
+    Attributes:
+        figure, ax, cax: the figure (on an ipympl canvas), its image axes and its colour-bar axes.
+    """
+
+    def __init__(self, first: np.ndarray, dpi: int, palette: np.ndarray, class_names: Sequence[str],
+                 max_legend: int):
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+        from matplotlib.patches import Rectangle
+
+        self.palette, self.class_names, self.max_legend = palette, class_names, max_legend
+        self.figure = ipympl_figure((6.8, 5.0), dpi)
+        self.ax = self.figure.add_axes((0.01, 0.02, 0.66, 0.86))
+        self.cax = self.figure.add_axes((0.71, 0.12, 0.03, 0.7))
+        self.ax.set_axis_off()
+        self._picture = self.ax.imshow(first, interpolation="nearest")
+        self._heat = self.ax.imshow(np.zeros(first.shape[:2], np.float32), cmap="viridis", vmin=0.0, vmax=1.0,
+                                    interpolation="nearest", visible=False)
+        (self._marker,) = self.ax.plot([0], [0], linestyle="none", marker="x", color="cyan", markersize=11,
+                                       markeredgewidth=2.5, visible=False)
+        self._window = Rectangle((0, 0), 1, 1, fill=False, edgecolor="cyan", linestyle="--", linewidth=1.4,
+                                 visible=False)
+        self._cell = Rectangle((0, 0), 1, 1, fill=False, edgecolor="white", linewidth=1.2, visible=False)
+        self.ax.add_patch(self._window)
+        self.ax.add_patch(self._cell)
+        self._scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap="viridis")  # the colour bar, opaque
+        self._colorbar = self.figure.colorbar(self._scale, cax=self.cax)
+
+    @property
+    def picture(self) -> np.ndarray:
+        """(H, W, 3) uint8: what the figure shows under any heat map (the image, or a label map over it)."""
+        return np.asarray(self._picture.get_array())
+
+    @property
+    def heat(self) -> Optional[np.ndarray]:
+        """(H, W) float32: the heat map drawn over the picture (a class probability or attention weights), or
+        None in the label views."""
+        return np.ma.getdata(self._heat.get_array()) if self._heat.get_visible() else None
+
+    def draw(self, a: ImageAnalysis, view: str, stage: int, class_index: Optional[int], alpha: float, row: int,
+             col: int, caption: str) -> str:
+        """Draw a one-panel view (any of `semask.viz.explorer.VIEWS` but "all stages") for image pixel (row, col) as
+        the query; returns the view's note for the explorer's summary."""
+        H, W = a.size
+        picture, heat, legend, colorbar_label, detail, note = self._view(a, view, stage, class_index, alpha, row, col)
+        if picture.shape[:2] != self._picture.get_array().shape[:2]:
+            for artist in (self._picture, self._heat):
+                artist.set_extent((-0.5, W - 0.5, H - 0.5, -0.5))
+            self.ax.set_xlim(-0.5, W - 0.5)
+            self.ax.set_ylim(H - 0.5, -0.5)
+        self._picture.set_data(picture)
+        self._draw_heat(heat, alpha, colorbar_label)
+        if legend is None:
+            class_legend(self.ax, [], self.palette)
+        self._draw_query(a, view, stage, row, col)
+        self.ax.set_title(f"{caption}\n{detail}", fontsize="medium")
+        return note
+
+    def _draw_heat(self, heat: Optional[tuple[Any, str, float]], alpha: float, colorbar_label: str) -> None:
+        if heat is None:
+            self._heat.set_visible(False)
+            self.cax.set_visible(False)
+            return
+        data, cmap, vmax = heat
+        self._heat.set_data(data)
+        self._heat.set_cmap(cmap)
+        self._heat.set_clim(0.0, vmax)
+        self._heat.set_alpha(alpha)
+        self._heat.set_visible(True)
+        self.cax.set_visible(True)
+        self._scale.set_cmap(cmap)
+        self._scale.set_clim(0.0, vmax)
+        self._colorbar.update_normal(self._scale)
+        self._colorbar.set_label(colorbar_label)
+
+    def _label_legend(self, labels: np.ndarray) -> Any:
+        present = [int(k) for k in np.unique(labels) if k != 255]
+        return class_legend(self.ax, present, self.palette, self.class_names, self.max_legend)
+
+    def _error_legend(self, prediction: np.ndarray, label: np.ndarray) -> Any:
+        right, wrong = error_percentages(prediction, label)
+        names = [f"{ERROR_CLASSES[0]} {right:.1f}%", f"{ERROR_CLASSES[1]} {wrong:.1f}%",
+                 f"{ERROR_CLASSES[2]} (not scored)"]
+        classes = [0, 1] + ([2] if (label == 255).any() else [])
+        return class_legend(self.ax, classes, ERROR_PALETTE, names)
+
+    def _draw_query(self, a: ImageAnalysis, view: str, stage: int, row: int, col: int) -> None:
+        show = view == "semantic attention"
+        self._marker.set_data([col], [row])
+        self._marker.set_visible(show)
+        self._window.set_visible(False)
+        self._cell.set_visible(False)
+        if not show:
+            return
+        r, c = a.query_cell(stage, row, col)
+        self._cell.set_bounds(*a.cell_box(stage, r, c, 1, 1))
+        self._cell.set_visible(True)
+        ws = a.attentions[stage].window_size
+        if ws is not None:
+            self._window.set_bounds(*a.cell_box(stage, r // ws * ws, c // ws * ws, ws, ws))
+            self._window.set_visible(True)
+
+    def _view(self, a: ImageAnalysis, view: str, stage: int, class_index: Optional[int], alpha: float, row: int,
+              col: int) -> tuple[np.ndarray, Optional[tuple[Any, str, float]], Any, str, str, str]:
+        """What a view draws: (picture, heat (data, cmap, vmax) or None, legend, colour-bar label, title line,
+        note)."""
+        picture, heat, legend, colorbar_label, note = a.image, None, None, "", ""
+        if view == "prediction":
+            picture = overlay(a.image, a.prediction, self.palette, alpha)
+            legend = self._label_legend(a.prediction)
+            detail = "prediction"
+        elif view in ("ground truth", "error map") and a.label is None:
+            detail = f"{view}: no ground truth for this image"
+            note = "This image has no label: the ground-truth and error-map views need one."
+        elif view == "ground truth":
+            picture = overlay(a.image, a.label, self.palette, alpha)
+            legend = self._label_legend(a.label)
+            detail = "ground truth (black: ignored)" if (a.label == 255).any() else "ground truth"
+        elif view == "error map":
+            picture = error_map(a.prediction, a.label, image=a.image, alpha=alpha)
+            legend = self._error_legend(a.prediction, a.label)
+            detail = "error map"
+        elif view == "semantic prior":
+            name = f"stage {stage + 1}"
+            if class_index is None:
+                labels = a.prior_map(stage)
+                picture = overlay(a.image, labels, self.palette, alpha)
+                legend = self._label_legend(labels)
+                detail = f"{name} semantic prior: argmax over classes"
+            else:
+                heat = (a.prior_map(stage, class_index), "viridis", 1.0)
+                colorbar_label = f"P({self.class_names[class_index]}) in the {name} prior"
+                detail = f"{name} semantic prior: {self.class_names[class_index]}"
+        else:  # semantic attention
+            weights = a.attention_map(stage, row, col)
+            # zero weight (outside a windowed layer's window) is left uncoloured: the image shows through
+            heat = (np.ma.masked_equal(weights, 0.0), "inferno", max(float(weights.max()), 1e-6))
+            colorbar_label = "attention weight"
+            amap = a.attentions[stage]
+            kind = f"{amap.window_size}x{amap.window_size} windows" if amap.window_size else "global"
+            detail = f"stage {stage + 1} semantic attention ({kind}, {amap.height}x{amap.width} tokens)"
+        return picture, heat, legend, colorbar_label, detail, note
 
 
 class StageGrid:
