@@ -35,7 +35,7 @@ COMMON = {
     "schedule.iters": "optimizer steps (iteration-based, no epochs)",
     "schedule.power": "poly decay power",
     "schedule.min_lr": "learning rate at the last step",
-    "train.precision": "bf16 autocast on GPUs that support it, fp16 on older ones, fp32 on the CPU (§7)",
+    "train.precision": "bf16 autocast on GPUs that support it, fp16 on older ones; on the CPU bf16 where it is native (AVX512_BF16, AMX), else fp32 (§7)",
     "train.seed": "seeds initialisation, data order, augmentation, dropout and drop-path",
     "train.eval_interval": "steps between validations",
     "train.checkpoint_interval": "steps between writes of latest.pth",
