@@ -146,3 +146,13 @@ def test_summary_formats_the_recorded_runs() -> None:
            f"{r['images_per_s']:.2f} img/s, " in inference
     assert f"batch 1, {o['latency']['median_s'] * 1e3:.1f} ms (IQR {o['latency']['iqr_s'] * 1e3:.1f}), " \
            f"{o['images_per_s']:.2f} img/s, {o['speedup_vs_pytorch']:.2f}x PyTorch's speed" in onnx
+
+
+@pytest.mark.parametrize("flag, value", [("--size", "256"), ("--model", "swin_toy_fpn"), ("--num-classes", "4"),
+                                         ("--train-batch-size", "2")])
+def test_an_explicit_setting_beside_a_preset_is_refused_not_replaced(flag, value, capsys) -> None:
+    """--preset sets the model, classes, crop and batch: an explicit one of those beside it would be silently
+    replaced by the preset's (a 256-pixel benchmark that measured 128), so it is refused before any work."""
+    with pytest.raises(ValueError, match=f"--preset toy sets the model, classes, size and training batch; leave "
+                                         f"out {flag}"):
+        main(["--preset", "toy", flag, value, "--tasks", "train"])

@@ -209,13 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `semask benchmark`."""
     d = BenchmarkConfig()
     p = argparse.ArgumentParser(prog="semask benchmark", description=DESCRIPTION)
-    p.add_argument("--model", default=d.model, help=f"registry name (default {d.model})")
+    # --model, --num-classes, --size and --train-batch-size default to None so that main can tell them from a
+    # --preset, which sets all four (an explicit one beside it is refused rather than silently replaced)
+    p.add_argument("--model", default=None, help=f"registry name (default {d.model})")
     p.add_argument("--checkpoint", default=None, help="load these weights (official or semask checkpoint)")
-    p.add_argument("--num-classes", type=int, default=d.num_classes)
-    p.add_argument("--size", type=int, nargs="+", default=list(d.size), metavar="PX",
+    p.add_argument("--num-classes", type=int, default=None, help=f"default {d.num_classes}")
+    p.add_argument("--size", type=int, nargs="+", default=None, metavar="PX",
                    help="input side, or height and width (default 512)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="inference batch")
-    p.add_argument("--train-batch-size", type=int, default=d.train_batch_size, help="training batch")
+    p.add_argument("--train-batch-size", type=int, default=None, help=f"training batch (default {d.train_batch_size})")
     p.add_argument("--precision", choices=list(PRECISIONS), default=d.precision,
                    help="fp32 (default), bf16, fp16 (autocast), or auto: bf16 where the device has it natively "
                         "(GPUs; CPUs with AVX512_BF16 or AMX), else fp32")
@@ -254,6 +256,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             (without --overwrite) or cannot be written, before anything is measured.
     """
     args = build_parser().parse_args(argv)
+    given = [f"--{name.replace('_', '-')}" for name in ("model", "num_classes", "size", "train_batch_size")
+             if getattr(args, name) is not None]
+    if args.preset and given:
+        raise UsageError(f"--preset {args.preset} sets the model, classes, size and training batch; leave out "
+                         f"{', '.join(given)}, or leave out --preset and give --model and --num-classes")
+    d = BenchmarkConfig()
+    args.model = d.model if args.model is None else args.model
+    args.num_classes = d.num_classes if args.num_classes is None else args.num_classes
+    args.size = list(d.size) if args.size is None else args.size
+    args.train_batch_size = d.train_batch_size if args.train_batch_size is None else args.train_batch_size
     if len(args.size) not in (1, 2):
         raise UsageError(f"--size takes one or two numbers, got {args.size}")
     if args.json:  # before minutes of measuring: never an input, replaced only with --overwrite, writable
