@@ -140,7 +140,7 @@ def test_transform_is_applied(tmp_path):
     base = _ade_tree(tmp_path, size=(40, 50))
     ds = ADE20K(base, "training", transform=TrainTransform(train_preset("toy")))
     sample = ds[0]
-    assert sample["image"].shape == (3, 256, 256) and sample["label"].dtype == torch.int64
+    assert sample["image"].shape == (3, 128, 128) and sample["label"].dtype == torch.int64
 
 
 # --------------------------------------------------------------------------------------------- Cityscapes
