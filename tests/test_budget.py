@@ -273,7 +273,9 @@ def test_under_torchrun_every_process_fits_the_same_schedule(tiny_toy_root, tmp_
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    fitted = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("FITTED ")]
+    # torchrun may prefix each worker's lines (e.g. "[default0]:"), so the marker is looked for anywhere in a line
+    lines = (done.stdout + done.stderr).splitlines()
+    fitted = [json.loads(line.split("FITTED ", 1)[1]) for line in lines if "FITTED " in line]
     assert len(fitted) == 2 and fitted[0] == fitted[1], fitted  # one schedule for both processes
     records = _records(run)
     fit = records[0]["budget"]
