@@ -19,15 +19,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 from semask.bounds import SettingError, check_pixels, check_settings, setting
 from semask.data.datasets import IGNORE_INDEX
 from semask.device import PRECISIONS
-from semask.errors import UsageError
+from semask.engine.coerce import ConfigError, build_dataclass, coerce, fail, field_types, unwrap_optional
 from semask.data.transforms import TEST_PRESETS, TRAIN_PRESETS, TestPipelineConfig, TrainPipelineConfig
 
 __all__ = [
@@ -53,10 +51,6 @@ __all__ = [
 ]
 
 DATASETS = ("ade20k", "cityscapes", "coco_stuff10k", "toy", "folder")
-
-
-class ConfigError(UsageError):
-    """A configuration key or value that cannot be used; the message names the key and what is valid."""
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -174,10 +168,6 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------- validation
-def _fail(key: str, expected: str, got: Any) -> None:
-    raise ConfigError(f"config key {key!r}: expected {expected}, got {got!r}")
-
-
 SECTIONS = ("model", "data", "loss", "optim", "schedule", "train", "eval")
 
 
@@ -191,31 +181,31 @@ def validate(config: TrainConfig) -> None:
             try:
                 check_settings(obj)
             except SettingError as exc:
-                _fail(f"{prefix}.{exc.field}", exc.expected, exc.got)
+                fail(f"{prefix}.{exc.field}", exc.expected, exc.got)
     if config.model.name not in list_models():
-        _fail("model.name", f"a registered model ({', '.join(list_models())})", config.model.name)
+        fail("model.name", f"a registered model ({', '.join(list_models())})", config.model.name)
     if config.data.dataset not in DATASETS:
-        _fail("data.dataset", f"one of {', '.join(DATASETS)}", config.data.dataset)
+        fail("data.dataset", f"one of {', '.join(DATASETS)}", config.data.dataset)
     if config.data.dataset == "folder" and not config.data.class_names:
-        _fail("data.class_names", "one name per class for a folder dataset (e.g. data.class_names=sky,road,car)",
+        fail("data.class_names", "one name per class for a folder dataset (e.g. data.class_names=sky,road,car)",
               config.data.class_names)
     if config.train.precision not in PRECISIONS:
-        _fail("train.precision", f"one of {', '.join(PRECISIONS)}", config.train.precision)
+        fail("train.precision", f"one of {', '.join(PRECISIONS)}", config.train.precision)
     if config.eval.mode not in ("whole", "slide"):
-        _fail("eval.mode", "whole or slide (multi-scale + flip is `semask test --aug-test`)", config.eval.mode)
+        fail("eval.mode", "whole or slide (multi-scale + flip is `semask test --aug-test`)", config.eval.mode)
     if config.train.global_batch % config.train.batch_size:
-        _fail("train.global_batch", f"a multiple of train.batch_size ({config.train.batch_size})",
+        fail("train.global_batch", f"a multiple of train.batch_size ({config.train.batch_size})",
               config.train.global_batch)
     if config.schedule.min_lr > config.optim.lr:
-        _fail("schedule.min_lr", f"at most optim.lr ({config.optim.lr:g}): the rate would rise while it decays",
+        fail("schedule.min_lr", f"at most optim.lr ({config.optim.lr:g}): the rate would rise while it decays",
               config.schedule.min_lr)
     if config.eval.stride > config.eval.crop_size:
-        _fail("eval.stride", f"at most eval.crop_size ({config.eval.crop_size}; windows farther apart leave pixels "
+        fail("eval.stride", f"at most eval.crop_size ({config.eval.crop_size}; windows farther apart leave pixels "
               "uncovered): set both", config.eval.stride)
     # one ignore index: the datasets mark unlabelled pixels with it, the pipeline pads with it, the loss and the
     # metric skip it; another value would pad with a real class and train on it
     if config.data.train_pipeline.ignore_index != IGNORE_INDEX:
-        _fail("data.train_pipeline.ignore_index", f"{IGNORE_INDEX}, the ignore label of every dataset, of the loss "
+        fail("data.train_pipeline.ignore_index", f"{IGNORE_INDEX}, the ignore label of every dataset, of the loss "
               "and of the metric (semask.data.IGNORE_INDEX)", config.data.train_pipeline.ignore_index)
     try:
         check_pixels(f"eval.crop_size {config.eval.crop_size}", config.eval.crop_size, config.eval.crop_size)
@@ -336,115 +326,9 @@ def to_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    """(inner type, optional?) of ``Optional[X]`` / ``X | None``."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return tp, False
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Bring a JSON value or a command-line string to type ``tp``, or raise `ConfigError` naming ``key``."""
-    inner, optional = _unwrap_optional(tp)
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
-        if optional:
-            return None
-        _fail(key, _type_name(tp), value)
-    tp = inner
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            _fail(key, f"a {tp.__name__} section (set its fields with {key}.FIELD=VALUE)", value)
-        return _build(tp, value, key)
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if isinstance(value, str):
-            text = value.strip().strip("[]()")
-            value = [v.strip() for v in text.split(",") if v.strip()] if text else []
-        if not isinstance(value, (list, tuple)):
-            _fail(key, _type_name(tp), value)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key) for v in value)
-        if len(value) != len(args):
-            _fail(key, _type_name(tp), value)
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-            return value.strip().lower() in ("true", "yes", "on", "1")
-        _fail(key, "true or false", value)
-    if tp is int:
-        if isinstance(value, bool):
-            _fail(key, "an integer", value)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip().replace("_", ""))
-            except ValueError:
-                pass
-        _fail(key, "an integer", value)
-    if tp is float:
-        if isinstance(value, bool):
-            _fail(key, "a number", value)
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        _fail(key, "a number", value)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        _fail(key, "a string", value)
-    raise ConfigError(f"config key {key!r}: unsupported type {tp!r}")  # a programming error in a section
-
-
-def _type_name(tp: Any) -> str:
-    inner, optional = _unwrap_optional(tp)
-    if typing.get_origin(inner) is tuple:
-        args = typing.get_args(inner)
-        name = (f"comma-separated {args[0].__name__}s" if len(args) == 2 and args[1] is Ellipsis
-                else f"{len(args)} comma-separated values")
-    else:
-        name = getattr(inner, "__name__", str(inner))
-    return f"{name} or none" if optional else name
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        where = f"section {prefix!r}" if prefix else "the config"
-        raise ConfigError(f"unknown key(s) {', '.join(f'{prefix}.{u}' if prefix else u for u in unknown)} in {where}; "
-                          f"valid keys: {', '.join(f'{prefix}.{n}' if prefix else n for n in names)}")
-    kwargs = {n: _coerce(values[n], hints[n], f"{prefix}.{n}" if prefix else n) for n in names if n in values}
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except SettingError as exc:  # the pipeline dataclasses validate themselves: name the full key
-        raise ConfigError(f"config key {prefix + '.' + exc.field!r}: {exc}") from exc
-    except ValueError as exc:
-        raise ConfigError(f"config section {prefix or cls.__name__!r}: {exc}") from exc
-
-
 def from_dict(values: dict[str, Any]) -> TrainConfig:
     """Rebuild a `TrainConfig` from `to_dict` output (missing keys take their defaults)."""
-    return _build(TrainConfig, values)
+    return build_dataclass(TrainConfig, values)
 
 
 def load_config(path: Union[str, os.PathLike]) -> TrainConfig:
@@ -467,10 +351,10 @@ def load_config(path: Union[str, os.PathLike]) -> TrainConfig:
 def flat_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
     """Every settable dotted key of a config class, e.g. ``["model.name", ..., "data.train_pipeline.crop_size"]``."""
     keys = []
-    hints = _hints(cls)
+    hints = field_types(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
-        inner, _ = _unwrap_optional(hints[f.name])
+        inner, _ = unwrap_optional(hints[f.name])
         keys += flat_keys(inner, key) if dataclasses.is_dataclass(inner) else [key]
     return keys
 
@@ -481,17 +365,17 @@ def _set_in(values: dict[str, Any], key: str, value: Any) -> None:
     node: Any = values
     cls: Any = TrainConfig
     for i, part in enumerate(parts):
-        hints = _hints(cls)
+        hints = field_types(cls)
         if part not in hints:
             section = ".".join(parts[:i])
             valid = [k for k in flat_keys() if not section or k.startswith(section + ".")]
             raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
-        tp, _ = _unwrap_optional(hints[part])
+        tp, _ = unwrap_optional(hints[part])
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
                 raise ConfigError(f"config key {key!r} is a section; set its fields: "
                                   f"{', '.join(flat_keys(tp, key))}")
-            node[part] = json.loads(json.dumps(_coerce(value, hints[part], key)))
+            node[part] = json.loads(json.dumps(coerce(value, hints[part], key)))
         else:
             if not dataclasses.is_dataclass(tp):
                 raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[:i + 1])} is not a section")

@@ -2,7 +2,7 @@
 
 - `plot_class_iou`: per-class IoU bars of one or several results;
 - `results_table` / `ResultsTable` and `plot_results`: several runs grouped by setting, mean and spread over
-  seeds, optionally with Student-t confidence intervals of the mean (`t_quantile`);
+  seeds, optionally with Student-t confidence intervals of the mean (`semask.viz.stats`);
 - `paired_differences` / `PairedDifferences`: one setting minus another, seed by seed, with its interval;
 - `plot_confusion`: a row-normalised confusion matrix.
 """
@@ -17,6 +17,7 @@ import numpy as np
 from semask.errors import UsageError, UsageTypeError
 from semask.viz.figures import class_matrix, single_axes
 from semask.viz.inputs import ArrayLike, names_caller, to_numpy
+from semask.viz.stats import check_level, mean_std_interval, t_quantile
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -94,85 +95,6 @@ def plot_class_iou(results: Mapping[str, Any], class_names: Optional[Sequence[st
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize="small", loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=n, frameon=False)
     return fig
-
-
-# ----------------------------------------------------------------------------------------------- intervals
-def _t_central(t: float, df: int) -> float:
-    """P(|T| <= t) for Student's t with `df` degrees of freedom (a positive integer).
-
-    For integer df the distribution function is a finite sum (Abramowitz & Stegun 26.7.3-4), with
-    theta = atan(t / sqrt(df)): 2 theta / pi for df = 1; (2 / pi) (theta + sin theta (cos theta + 2/3 cos^3 theta
-    + ... + (2.4...(df-3)) / (1.3...(df-2)) cos^(df-2) theta)) for odd df; sin theta (1 + 1/2 cos^2 theta + ...
-    + (1.3...(df-3)) / (2.4...(df-2)) cos^(df-2) theta) for even df. Exact up to floating-point rounding.
-    """
-    theta = math.atan(t / math.sqrt(df))
-    c2 = math.cos(theta) ** 2
-    if df % 2 == 0:
-        term = total = 1.0
-        for j in range(2, df - 1, 2):
-            term *= (j - 1) / j * c2
-            total += term
-        return math.sin(theta) * total
-    if df == 1:
-        return 2.0 * theta / math.pi
-    term = total = math.cos(theta)
-    for j in range(3, df - 1, 2):
-        term *= (j - 1) / j * c2
-        total += term
-    return 2.0 / math.pi * (theta + math.sin(theta) * total)
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The `p`-quantile of Student's t distribution with `df` degrees of freedom (no scipy needed).
-
-    The distribution function is evaluated exactly (a finite sum for integer df) and inverted by bisection to
-    double precision: ``t_quantile(0.975, 4)`` = 2.7764..., the 95% two-sided critical value for 5 runs.
-
-    Args:
-        p: the probability, 0 < p < 1.
-        df: degrees of freedom, a positive int (runs - 1 for the interval of a mean).
-
-    Returns:
-        t with P(T <= t) = p (negative for p < 0.5).
-
-    Raises:
-        UsageError: p outside (0, 1) or df not a positive int.
-    """
-    if isinstance(df, bool) or not isinstance(df, (int, np.integer)) or df < 1:
-        raise UsageError(f"degrees of freedom must be a positive int, got {df!r}")
-    if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0.0 < p < 1.0:
-        raise UsageError(f"the probability must be a number in (0, 1), got {p!r}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    central = 2.0 * p - 1.0  # P(|T| <= t) at the quantile
-    low, high = 0.0, 1.0
-    while _t_central(high, int(df)) < central:
-        low, high = high, 2.0 * high
-    for _ in range(200):  # halves the bracket each time: double precision long before the end
-        mid = 0.5 * (low + high)
-        if mid in (low, high):
-            break
-        low, high = (mid, high) if _t_central(mid, int(df)) < central else (low, mid)
-    return 0.5 * (low + high)
-
-
-def _check_level(ci: Optional[float]) -> Optional[float]:
-    if ci is None:
-        return None
-    if isinstance(ci, bool) or not isinstance(ci, (int, float, np.floating)) or not 0.0 < ci < 1.0:
-        raise UsageError(f"ci must be a confidence level in (0, 1) such as 0.95, or None, got {ci!r}")
-    return float(ci)
-
-
-def _mean_std_interval(values: np.ndarray, ci: Optional[float]) -> tuple[float, float, float]:
-    """Mean, sample standard deviation (ddof 1) and the half-width of the level-`ci` Student-t interval of the
-    mean, t(1 - (1 - ci) / 2, n - 1) std / sqrt(n); NaN where undefined (no values; one value for std and
-    interval; no `ci`)."""
-    n = values.size
-    mean = float(values.mean()) if n else float("nan")
-    std = float(values.std(ddof=1)) if n > 1 else float("nan")
-    half = t_quantile(0.5 + ci / 2, n - 1) * std / math.sqrt(n) if ci is not None and n > 1 else float("nan")
-    return mean, std, half
 
 
 def _is_number(value: Any) -> bool:
@@ -293,7 +215,7 @@ def results_table(runs: Sequence[Mapping[str, Any]], *, group_by: str = "setting
         UsageError: no runs, a run without the `group_by` key, a metric or a column (named in the message), a
             level outside (0, 1), or `plain` naming something that is not a metric.
     """
-    metrics, columns, plain, ci = tuple(metrics), tuple(columns), tuple(plain), _check_level(ci)
+    metrics, columns, plain, ci = tuple(metrics), tuple(columns), tuple(plain), check_level(ci)
     unknown = [m for m in plain if m not in metrics]
     if unknown:
         raise UsageError(f"plain names {unknown}, which are not among the metrics {list(metrics)}")
@@ -307,7 +229,7 @@ def results_table(runs: Sequence[Mapping[str, Any]], *, group_by: str = "setting
         for m in metrics:
             values = np.asarray([float(r[m]) for r in members if r[m] is not None])
             row[f"{m}_values"] = values.tolist()
-            row[f"{m}_mean"], row[f"{m}_std"], half = _mean_std_interval(values, ci)
+            row[f"{m}_mean"], row[f"{m}_std"], half = mean_std_interval(values, ci)
             if ci is not None:
                 row[f"{m}_ci"] = half
         for c in columns:
@@ -400,7 +322,7 @@ def paired_differences(runs: Sequence[Mapping[str, Any]], comparisons: Sequence[
         UsageError: no runs, a run without its keys or with a non-numeric metric, a setting without runs, runs of
             a setting without distinct seeds, or seeds that one of the two settings lacks (named).
     """
-    ci = _check_level(ci)
+    ci = check_level(ci)
     if ci is None:
         raise UsageError("ci must be a confidence level in (0, 1) such as 0.95, got None")
     _check_runs(runs, group_by, (metric,))
@@ -416,7 +338,7 @@ def paired_differences(runs: Sequence[Mapping[str, Any]], comparisons: Sequence[
                              f"{sorted(set(b) - set(a), key=str)}")
         seeds = sorted(a, key=lambda s: (str(type(s)), s))
         differences = np.asarray([a[s] - b[s] for s in seeds])
-        mean, std, half = _mean_std_interval(differences, ci)
+        mean, std, half = mean_std_interval(differences, ci)
         rows.append({"setting": setting, "baseline": baseline, "seeds": seeds, "differences": differences.tolist(),
                      "n": len(seeds), "mean": mean, "std": std, "ci": half, "low": mean - half,
                      "high": mean + half})
@@ -446,7 +368,7 @@ def plot_results(results: Union[ResultsTable, Sequence[Mapping[str, Any]]], metr
         UsageError: a metric the table lacks, or a `ci` other than the given table's.
     """
     if isinstance(results, ResultsTable):
-        if ci is not None and _check_level(ci) != results.ci:
+        if ci is not None and check_level(ci) != results.ci:
             raise UsageError(f"ci={ci!r} differs from the table's level {results.ci!r}; set it in results_table")
         table = results
     else:
