@@ -42,7 +42,7 @@ import torch.nn as nn
 from semask.data.transforms import TestPipelineConfig
 from semask.engine.attention_stats import (SUM_NAMES, PriorConfusions, attention_sums, attention_summary,
                                            token_classes)
-from semask.engine.distributed import shard
+from semask.engine.distributed import progress_bar, shard
 from semask.engine.evaluate import check_classes, dataset_sample
 from semask.engine.grid import grid_stride
 from semask.engine.inference import Predictor
@@ -340,11 +340,7 @@ def analyze(model: nn.Module, dataset: Any, *, max_images: Optional[int] = None,
         raise UsageError(f"analyze: the dataset {dataset!r} has no images")
     sums = _Sums(module, module.num_classes, getattr(dataset, "ignore_index", 255), predictor.device)
     indices, rank, world = shard(n)
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc="analyze", unit="img", dynamic_ncols=True)
+    bar = progress_bar(n, "analyze", "img", progress and rank == 0)
     start = time.perf_counter()
     try:
         for i in indices:
@@ -359,11 +355,9 @@ def analyze(model: nn.Module, dataset: Any, *, max_images: Optional[int] = None,
             except UsageError as exc:  # a label the metrics refuse: say which image
                 raise UsageError(f"analyze: image {i} ({sample.get('path', 'no path')}): {exc}") from exc
             del output
-            if bar is not None:
-                bar.update(min(world, n - bar.n))
+            bar.update(min(world, n - bar.n))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     seconds = time.perf_counter() - start
     if world > 1:
         sums.all_reduce()

@@ -146,6 +146,14 @@ def all_reduce_max(values: list[float], info: DistInfo) -> list[float]:
     return t.tolist()
 
 
+def progress_bar(total: int, desc: str, unit: str, enabled: bool, initial: int = 0):
+    """A tqdm bar for long work; callers enable it on the first process only. A disabled bar's calls do nothing,
+    so the loops update and close it without checking."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled)
+
+
 def cleanup(info: DistInfo) -> None:
     """End the process group if `setup` started it."""
     if info.started_here and dist.is_initialized():

@@ -36,7 +36,7 @@ import torch.nn as nn
 from semask.data.transforms import TestPipelineConfig
 from semask.device import check_tensor
 from semask.engine.attention_stats import PriorConfusions
-from semask.engine.distributed import shard
+from semask.engine.distributed import progress_bar, shard
 from semask.engine.inference import Predictor
 from semask.engine.metrics import confusion_matrix, format_table, metric_value, metrics_from_confusion
 from semask.errors import UsageError
@@ -225,11 +225,7 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
     records: list[dict[str, Any]] = []
     if show_dir is not None:
         Path(show_dir).mkdir(parents=True, exist_ok=True)
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc="evaluate", unit="img", dynamic_ncols=True)
+    bar = progress_bar(n, "evaluate", "img", progress and rank == 0)
     start = time.perf_counter()
     try:
         for i in indices:
@@ -248,11 +244,9 @@ def evaluate(model: nn.Module, dataset: Any, *, mode: str = "whole", aug_test: b
             records.append({"index": i, "path": str(sample.get("path", i)), "mIoU": one["mIoU"], "aAcc": one["aAcc"]})
             if show_dir is not None:
                 _save_panel(Path(show_dir), sample, pred.cpu().numpy(), module, class_names, ignore, one["mIoU"])
-            if bar is not None:
-                bar.update(min(world, n - bar.n))
+            bar.update(min(world, n - bar.n))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         module.train(was_training)
     seconds = time.perf_counter() - start
     if world > 1:

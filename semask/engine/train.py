@@ -417,11 +417,7 @@ def _train(config: TrainConfig, work_dir: Path, resume: Union[bool, str],
 def _loop(run: Run, progress: bool) -> None:
     """Steps ``run.start_step`` .. ``schedule.iters`` - 1, each: `_optimizer_step` -> log -> evaluate / checkpoint."""
     config, info, rt, iters = run.config, run.info, run.config.train, run.config.schedule.iters
-    bar = None
-    if progress and info.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=iters, initial=run.start_step, desc="train", unit="step", dynamic_ncols=True)
+    bar = distributed.progress_bar(iters, "train", "step", progress and info.is_main, initial=run.start_step)
     # a resumed run's clock continues from its last record, so that "time" is the run's total
     run.started = time.perf_counter() - max((r.get("time", 0.0) for r in run.history), default=0.0)
     window = _Window()
@@ -432,14 +428,12 @@ def _loop(run: Run, progress: bool) -> None:
             done = step + 1
             run.log.commit()  # the first step is done: from now on the run directory is written
             window.steps += 1
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
 
             if done % rt.log_interval == 0 or done == iters:
                 rec = _train_record(run, window, done, lr, grad_norm)
                 run.emit(rec)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
                 window.reset()
             if (rt.eval_interval and done % rt.eval_interval == 0) or done == iters:
                 record_evaluation(run, done, progress)
@@ -452,5 +446,4 @@ def _loop(run: Run, progress: bool) -> None:
                 save_latest(run, done)
                 window.start = time.perf_counter()
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
