@@ -14,6 +14,7 @@ import base64
 import hashlib
 import io
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,17 +78,24 @@ def test_the_page_from_disk_in_chromium(tmp_path: Path) -> None:
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(path.as_uri())
             canvas = page.locator("#semask-canvas")
-            draws = lambda: int(canvas.get_attribute("data-draws"))  # noqa: E731
-            page.wait_for_function("Number(document.getElementById('semask-canvas').dataset.draws) > 0",
-                                   timeout=TIMEOUT_MS)
+            draws = lambda: int(canvas.get_attribute("data-draws") or 0)  # noqa: E731
+
+            def wait_for_draws_above(count: int) -> None:
+                """Poll from Python: the page's CSP forbids eval, which page.wait_for_function's polling uses once
+                its first check fails (so it failed only when a redraw was slower than that check)."""
+                deadline = time.monotonic() + TIMEOUT_MS / 1000
+                while draws() <= count:
+                    assert time.monotonic() < deadline, f"no redraw: draws {draws()}, wanted more than {count}"
+                    page.wait_for_timeout(10)
+
+            wait_for_draws_above(0)
             hashes: dict[str, str] = {}
 
             def step(name: str, action) -> str:
                 """Operate a control, wait for the redraw, keep a screenshot; the canvas's hash."""
                 before = draws()
                 action()
-                page.wait_for_function(f"Number(document.getElementById('semask-canvas').dataset.draws) > {before}",
-                                       timeout=TIMEOUT_MS)
+                wait_for_draws_above(before)
                 page.screenshot(path=str(artifacts / f"{len(hashes) + 1}-{name}.png"), full_page=True)
                 digest = hashlib.sha256(page.evaluate("document.getElementById('semask-canvas').toDataURL()")
                                         .encode()).hexdigest()
