@@ -188,25 +188,25 @@ def validate(config: TrainConfig) -> None:
         fail("data.dataset", f"one of {', '.join(DATASETS)}", config.data.dataset)
     if config.data.dataset == "folder" and not config.data.class_names:
         fail("data.class_names", "one name per class for a folder dataset (e.g. data.class_names=sky,road,car)",
-              config.data.class_names)
+             config.data.class_names)
     if config.train.precision not in PRECISIONS:
         fail("train.precision", f"one of {', '.join(PRECISIONS)}", config.train.precision)
     if config.eval.mode not in ("whole", "slide"):
         fail("eval.mode", "whole or slide (multi-scale + flip is `semask test --aug-test`)", config.eval.mode)
     if config.train.global_batch % config.train.batch_size:
         fail("train.global_batch", f"a multiple of train.batch_size ({config.train.batch_size})",
-              config.train.global_batch)
+             config.train.global_batch)
     if config.schedule.min_lr > config.optim.lr:
         fail("schedule.min_lr", f"at most optim.lr ({config.optim.lr:g}): the rate would rise while it decays",
-              config.schedule.min_lr)
+             config.schedule.min_lr)
     if config.eval.stride > config.eval.crop_size:
         fail("eval.stride", f"at most eval.crop_size ({config.eval.crop_size}; windows farther apart leave pixels "
-              "uncovered): set both", config.eval.stride)
+             "uncovered): set both", config.eval.stride)
     # one ignore index: the datasets mark unlabelled pixels with it, the pipeline pads with it, the loss and the
     # metric skip it; another value would pad with a real class and train on it
     if config.data.train_pipeline.ignore_index != IGNORE_INDEX:
         fail("data.train_pipeline.ignore_index", f"{IGNORE_INDEX}, the ignore label of every dataset, of the loss "
-              "and of the metric (semask.data.IGNORE_INDEX)", config.data.train_pipeline.ignore_index)
+             "and of the metric (semask.data.IGNORE_INDEX)", config.data.train_pipeline.ignore_index)
     try:
         check_pixels(f"eval.crop_size {config.eval.crop_size}", config.eval.crop_size, config.eval.crop_size)
     except SettingError as exc:
