@@ -10,7 +10,7 @@ from typing import Any, Union
 from semask.bounds import SettingError
 from semask.errors import UsageError
 
-__all__ = ["ConfigError", "fail", "field_types", "unwrap_optional", "coerce", "type_name", "build_dataclass"]
+__all__ = ["ConfigError", "fail", "unwrap_optional", "coerce", "type_name", "build_dataclass"]
 
 
 class ConfigError(UsageError):
@@ -19,10 +19,6 @@ class ConfigError(UsageError):
 
 def fail(key: str, expected: str, got: Any) -> None:
     raise ConfigError(f"config key {key!r}: expected {expected}, got {got!r}")
-
-
-def field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -109,7 +105,7 @@ def type_name(tp: Any) -> str:
 
 
 def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    hints = field_types(cls)
+    hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
     if unknown:

@@ -19,13 +19,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 from semask.bounds import SettingError, check_pixels, check_settings, setting
 from semask.data.datasets import IGNORE_INDEX
 from semask.device import PRECISIONS
-from semask.engine.coerce import ConfigError, build_dataclass, coerce, fail, field_types, unwrap_optional
+from semask.engine.coerce import ConfigError, build_dataclass, coerce, fail, unwrap_optional
 from semask.data.transforms import TEST_PRESETS, TRAIN_PRESETS, TestPipelineConfig, TrainPipelineConfig
 
 __all__ = [
@@ -351,7 +352,7 @@ def load_config(path: Union[str, os.PathLike]) -> TrainConfig:
 def flat_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
     """Every settable dotted key of a config class, e.g. ``["model.name", ..., "data.train_pipeline.crop_size"]``."""
     keys = []
-    hints = field_types(cls)
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
         inner, _ = unwrap_optional(hints[f.name])
@@ -365,7 +366,7 @@ def _set_in(values: dict[str, Any], key: str, value: Any) -> None:
     node: Any = values
     cls: Any = TrainConfig
     for i, part in enumerate(parts):
-        hints = field_types(cls)
+        hints = typing.get_type_hints(cls)
         if part not in hints:
             section = ".".join(parts[:i])
             valid = [k for k in flat_keys() if not section or k.startswith(section + ".")]

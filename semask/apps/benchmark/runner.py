@@ -256,16 +256,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             (without --overwrite) or cannot be written, before anything is measured.
     """
     args = build_parser().parse_args(argv)
-    given = [f"--{name.replace('_', '-')}" for name in ("model", "num_classes", "size", "train_batch_size")
-             if getattr(args, name) is not None]
+    d = BenchmarkConfig()
+    defaults = {"model": d.model, "num_classes": d.num_classes, "size": list(d.size),
+                "train_batch_size": d.train_batch_size}
+    given = [f"--{name.replace('_', '-')}" for name in defaults if getattr(args, name) is not None]
     if args.preset and given:
         raise UsageError(f"--preset {args.preset} sets the model, classes, size and training batch; leave out "
                          f"{', '.join(given)}, or leave out --preset and give --model and --num-classes")
-    d = BenchmarkConfig()
-    args.model = d.model if args.model is None else args.model
-    args.num_classes = d.num_classes if args.num_classes is None else args.num_classes
-    args.size = list(d.size) if args.size is None else args.size
-    args.train_batch_size = d.train_batch_size if args.train_batch_size is None else args.train_batch_size
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if len(args.size) not in (1, 2):
         raise UsageError(f"--size takes one or two numbers, got {args.size}")
     if args.json:  # before minutes of measuring: never an input, replaced only with --overwrite, writable
