@@ -29,7 +29,21 @@ def test_time_it_and_matmul_peak() -> None:
     assert len(calls) == 7 and len(stats["times_s"]) == 5
     assert stats["min_s"] <= stats["median_s"] <= stats["max_s"]
     peak = matmul_peak(torch.float32, torch.device("cpu"), n=256, repeats=2)
-    assert peak["best_flops"] >= peak["median_flops"] > 0
+    assert peak["best_flops"] >= peak["median_flops"] > 0 and peak["n"] == peak["n_asked"] == 256
+
+
+def test_matmul_peak_shrinks_a_product_that_would_take_too_long() -> None:
+    # emulated bf16 on an AVX2 CPU runs a 4096^3 product in minutes; the side is halved until the 512^3 probe's
+    # extrapolation fits the limit, never below the probe's own side
+    cpu = torch.device("cpu")
+    kept = matmul_peak(torch.float32, cpu, n=1024, repeats=1, max_seconds=float("inf"))
+    assert kept["n"] == kept["n_asked"] == 1024
+    shrunk = matmul_peak(torch.float32, cpu, n=2048, repeats=1, max_seconds=0.0)
+    assert shrunk["n"] == 512 and shrunk["n_asked"] == 2048 and shrunk["best_flops"] > 0
+    assert shrunk["layout"] in ("a @ b", "a @ b.T")
+    result = {"config": {"model": "m", "size": [64, 64], "device": "cpu", "precision": "bf16"},
+              "environment": {"cpu": "x", "torch_threads": 2}, "matmul_peak": shrunk}
+    assert "(512^3, not the 2048^3 asked)" in summary(result)
 
 
 @pytest.mark.slow

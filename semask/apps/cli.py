@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("demo", help="the main job: train SeMask on the built-in toy data, evaluate, draw (~3 min "
-                                     "on a 2-core AVX-512 CPU)")
+                                     "on a 2-core AVX-512 CPU, ~4 without AVX-512)")
     p.add_argument("--work-dir", default=None, help="run directory (default: runs/demo-<date>-<time>)")
     p.add_argument("--data-root", default="data/toy", help="the toy dataset (written there when missing)")
     p.add_argument("--minutes", type=float, default=None, metavar="N",

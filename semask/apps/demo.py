@@ -5,7 +5,7 @@ On a fresh install, with no data and no GPU: write the built-in toy dataset if i
 and save into one run directory the checkpoints, ``log.jsonl``, the loss and mIoU curves, prediction panels of
 validation images and the per-stage semantic priors; then print where they are and the final mIoU.
 
-    semask demo                                   # about 3 minutes on a 2-core AVX-512 CPU
+    semask demo                                   # about 3 minutes on a 2-core AVX-512 CPU, 4 on an AVX2 one
     semask demo --minutes 3                       # the toy schedule fitted to 3 minutes (semask.engine.budget)
     semask demo --set schedule.iters=100          # a shorter run
 """

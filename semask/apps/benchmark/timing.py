@@ -71,14 +71,41 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int, repeats: int = 5) -> dict[str, float]:
-    """The machine's matrix-multiply throughput in `dtype`: best and median FLOP/s of an n x n x n product."""
+PROBE_SIDE = 512  # the products timed first, to choose the layout and whether the asked side fits the time limit
+# the two operand layouts of a product: CPU kernels can differ by 20x between them where bf16 is emulated (plain
+# row-major operands hit a slow path that nn.Linear's transposed weight avoids); in fp32 they run alike
+_LAYOUTS = {"a @ b": lambda a, b: torch.mm(a, b), "a @ b.T": lambda a, b: torch.nn.functional.linear(a, b)}
+
+
+def _square_pair(n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-    stats = time_it(lambda: torch.mm(a, b), warmup=2, repeats=repeats, device=device)
-    flops = 2.0 * n ** 3
-    return {"n": n, "best_flops": flops / stats["min_s"], "median_flops": flops / stats["median_s"]}
+    return (torch.randn(n, n, generator=g).to(device=device, dtype=dtype),
+            torch.randn(n, n, generator=g).to(device=device, dtype=dtype))
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int, repeats: int = 5,
+                max_seconds: float = 5.0) -> dict[str, Any]:
+    """The machine's matrix-multiply throughput in `dtype`: best and median FLOP/s of an n x n x n product.
+
+    Both operand layouts (``a @ b``, and ``a @ b.T`` as `nn.Linear` computes it) are timed on a 512 x 512 product
+    first and the faster is measured. Where one n x n product would take longer than `max_seconds` (extrapolated
+    from that probe), the side is halved until it fits, down to 512. ``n`` is the side measured, ``n_asked`` the
+    one asked, ``layout`` the layout measured.
+    """
+    a, b = _square_pair(min(n, PROBE_SIDE), dtype, device)
+    probes = {name: time_it(lambda f=f: f(a, b), warmup=1, repeats=1, device=device)["min_s"]
+              for name, f in _LAYOUTS.items()}
+    layout = min(probes, key=probes.get)
+    side = n
+    while side > PROBE_SIDE and probes[layout] * (side / PROBE_SIDE) ** 3 > max_seconds:
+        side //= 2
+    side = max(side, min(n, PROBE_SIDE))
+    a, b = _square_pair(side, dtype, device)
+    product = _LAYOUTS[layout]
+    stats = time_it(lambda: product(a, b), warmup=2, repeats=repeats, device=device)
+    flops = 2.0 * side ** 3
+    return {"n": side, "n_asked": n, "layout": layout, "best_flops": flops / stats["min_s"],
+            "median_flops": flops / stats["median_s"]}
 
 
 def cpu_model() -> Optional[str]:
