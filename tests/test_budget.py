@@ -274,7 +274,7 @@ def test_under_torchrun_every_process_fits_the_same_schedule(tiny_toy_root, tmp_
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    # each worker writes its own file: torchrun's relaying of worker output to the console loses lines at exit
+    # each worker writes its own file: on a shared stdout, unbuffered (PYTHONUNBUFFERED) prints interleave mid-line
     fitted = [json.loads((tmp_path / f"fitted-{rank}.json").read_text()) for rank in (0, 1)]
     assert fitted[0] == fitted[1], fitted  # one schedule for both processes
     records = _records(run)
